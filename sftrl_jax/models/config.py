@@ -1,0 +1,193 @@
+"""Model configuration read from (and written back to) a Hugging Face ``config.json``.
+
+One :class:`ModelConfig` describes every supported family; the family differences are fields:
+
+=============  ==========  =====================  ========  =====================
+model_type     qkv bias    q/k RMSNorm per head   tied      RoPE scaling
+=============  ==========  =====================  ========  =====================
+``qwen2``      yes         no                     either    none
+``llama``      config      no                     either    none/linear/llama3
+``qwen3``      config      yes                    either    none/linear/llama3
+=============  ==========  =====================  ========  =====================
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen2", "llama", "qwen3")
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # ("linear", factor) / ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos) / None
+    rope_scaling: tuple | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # The checkpoint's own config.json, kept so that an export writes back every field it had.
+    hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+    # Directory the weights came from (tokenizer files are copied along on export).
+    source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+    # ------------------------------------------------------------------ HF conversion
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], *, source_dir: str | None = None) -> ModelConfig:
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}"
+                + (f" in {source_dir}/config.json" if source_dir else "")
+                + f"; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        where = f"{source_dir}/config.json" if source_dir else "config.json"
+
+        def need(key):
+            if key not in hf:
+                raise KeyError(f"{where}: missing required key {key!r}")
+            return hf[key]
+
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{where}: hidden_act {act!r} is not supported (only 'silu')")
+        if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or ()):
+            raise ValueError(f"{where}: sliding-window attention is not supported")
+
+        num_heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        rope_theta, rope_scaling = _parse_rope(hf, where)
+        if model_type == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+        eos = hf.get("eos_token_id")
+        return cls(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(hf.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
+            qk_norm=model_type == "qwen3",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=hf.get("pad_token_id"),
+            hf_config=copy.deepcopy(dict(hf)),
+            source_dir=source_dir,
+        )
+
+    def to_hf_dict(self, dtype: str | None = None) -> dict[str, Any]:
+        """A ``config.json`` that ``transformers`` reads back into an equivalent model."""
+        out = copy.deepcopy(self.hf_config)
+        out.update(
+            model_type=self.model_type,
+            architectures=[_ARCHITECTURES[self.model_type]],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        if self.model_type != "qwen2":
+            out["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        # Write RoPE both ways: the pre-v5 keys (rope_theta/rope_scaling) and v5's rope_parameters.
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        scaling = None
+        if self.rope_scaling is not None:
+            kind, factor, *rest = self.rope_scaling
+            scaling = {"rope_type": kind, "factor": factor}
+            if kind == "llama3":
+                low, high, orig = rest
+                scaling.update(low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=orig)
+            rope.update(scaling)
+        out["rope_theta"] = self.rope_theta
+        out["rope_scaling"] = scaling
+        out["rope_parameters"] = rope
+        if dtype is not None:
+            out["torch_dtype"] = dtype
+            out["dtype"] = dtype
+        return out
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+
+def _parse_rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
+    # transformers >= 5 writes ``rope_parameters``; older checkpoints ``rope_theta`` + ``rope_scaling``.
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or params
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{where}: RoPE scaling type {kind!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    if kind == "default":
+        return theta, None
+    try:
+        factor = float(scaling["factor"])
+        if kind == "linear":
+            return theta, ("linear", factor)
+        return theta, (
+            "llama3",
+            factor,
+            float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]),
+            int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as err:
+        raise KeyError(f"{where}: RoPE scaling {kind!r} needs key {err.args[0]!r}") from None
+

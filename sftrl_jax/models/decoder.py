@@ -1,0 +1,265 @@
+"""One decoder-only transformer for Qwen2/2.5, Llama-3.x and Qwen3.
+
+Layer weights are stacked along a leading ``layers`` axis and applied with ``jax.lax.scan``, so a
+28-layer model compiles one layer body, and rematerialisation is one ``jax.checkpoint`` around it.
+Weights are stored in "x @ W" layout with heads split out (``q_proj: [layers, embed, heads,
+head_dim]``) so tensor parallelism can shard heads; :mod:`sftrl_jax.models.hf_io` converts to
+and from the Hugging Face ``[out, in]`` layout.
+
+Calling conventions (all integer arrays int32):
+
+* ``model(input_ids, attention_mask=None, positions=None, segment_ids=None)`` -> float32 logits
+  ``[batch, seq, vocab]``. ``attention_mask`` marks real tokens (left padding for sampling);
+  ``segment_ids`` marks packed sequences (attention never crosses a segment, and positions
+  restart per segment unless given).
+* ``model.prefill(input_ids, attention_mask, cache)`` and ``model.decode(tokens, cache)`` run the
+  same layers against a :class:`KVCache` for sampling.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from ..sharding import DEFAULT_RULES, Rules, named_sharding
+from .config import ModelConfig
+from .layers import apply_rope, attention, default_positions, rms_norm, rope_inv_freq, rope_tables
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values ``[layers, batch, max_len, kv_heads, head_dim]``.
+
+    ``valid [batch, max_len]`` marks filled, non-padding slots; ``index`` is the next slot written
+    (shared by all rows: prompts are left-padded to a common length).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype="float32") -> KVCache:
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, as_dtype(dtype)),
+        v=jnp.zeros(shape, as_dtype(dtype)),
+        valid=jnp.zeros((batch, max_len), jnp.bool_),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, *, fan_in: int | None = None, value: float | None = None):
+    if value is not None:
+        data = jnp.full(shape, value, dtype)
+    else:
+        std = 0.02 if fan_in is None else fan_in**-0.5
+        data = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)).astype(dtype)
+    return nnx.Param(data, logical_axes=tuple(axes))
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on the leading ``layers`` axis."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+        c = config
+        L, E, H, KV, D, M = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                             c.intermediate_size)
+        p = lambda shape, axes, **kw: _param(rngs, shape, axes, param_dtype, **kw)  # noqa: E731
+        self.input_norm = p((L, E), ("layers", "norm"), value=1.0)
+        self.q_proj = p((L, E, H, D), ("layers", "embed", "heads", "head_dim"), fan_in=E)
+        self.k_proj = p((L, E, KV, D), ("layers", "embed", "kv_heads", "head_dim"), fan_in=E)
+        self.v_proj = p((L, E, KV, D), ("layers", "embed", "kv_heads", "head_dim"), fan_in=E)
+        self.o_proj = p((L, H, D, E), ("layers", "heads", "head_dim", "embed"), fan_in=H * D)
+        if c.qkv_bias:
+            self.q_bias = p((L, H, D), ("layers", "heads", "head_dim"), value=0.0)
+            self.k_bias = p((L, KV, D), ("layers", "kv_heads", "head_dim"), value=0.0)
+            self.v_bias = p((L, KV, D), ("layers", "kv_heads", "head_dim"), value=0.0)
+        if c.o_bias:
+            self.o_bias = p((L, E), ("layers", "embed"), value=0.0)
+        if c.qk_norm:
+            self.q_norm = p((L, D), ("layers", "norm"), value=1.0)
+            self.k_norm = p((L, D), ("layers", "norm"), value=1.0)
+        self.post_norm = p((L, E), ("layers", "norm"), value=1.0)
+        self.gate_proj = p((L, E, M), ("layers", "embed", "mlp"), fan_in=E)
+        self.up_proj = p((L, E, M), ("layers", "embed", "mlp"), fan_in=E)
+        self.down_proj = p((L, M, E), ("layers", "mlp", "embed"), fan_in=M)
+        if c.mlp_bias:
+            self.gate_bias = p((L, M), ("layers", "mlp"), value=0.0)
+            self.up_bias = p((L, M), ("layers", "mlp"), value=0.0)
+            self.down_bias = p((L, E), ("layers", "embed"), value=0.0)
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, mask, cache_kv, cache_index):
+    """One pre-norm decoder block. ``w`` holds this layer's weights (no ``layers`` axis)."""
+    c = config
+    cast = lambda name: w[name].astype(dtype)  # noqa: E731
+    h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
+    q = jnp.einsum("bte,ehd->bthd", h, cast("q_proj"))
+    k = jnp.einsum("bte,ehd->bthd", h, cast("k_proj"))
+    v = jnp.einsum("bte,ehd->bthd", h, cast("v_proj"))
+    if c.qkv_bias:
+        q, k, v = q + cast("q_bias"), k + cast("k_bias"), v + cast("v_bias")
+    if c.qk_norm:
+        q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache_kv is not None:
+        cache_k, cache_v = cache_kv
+        k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
+        new_kv = (k, v)
+        k, v = k.astype(dtype), v.astype(dtype)
+    else:
+        new_kv = None
+    attn = attention(q, k, v, mask)
+    out = jnp.einsum("bthd,hde->bte", attn, cast("o_proj"))
+    if c.o_bias:
+        out = out + cast("o_bias")
+    x = x + out
+    h = rms_norm(x, w["post_norm"], c.rms_norm_eps)
+    gate = jnp.einsum("bte,em->btm", h, cast("gate_proj"))
+    up = jnp.einsum("bte,em->btm", h, cast("up_proj"))
+    if c.mlp_bias:
+        gate, up = gate + cast("gate_bias"), up + cast("up_bias")
+    down = jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, cast("down_proj"))
+    if c.mlp_bias:
+        down = down + cast("down_bias")
+    return x + down, new_kv
+
+
+class Decoder(nnx.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype="float32",
+        dtype=None,
+        remat: str = "none",
+        mesh: Mesh | None = None,
+        rules: Rules = DEFAULT_RULES,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        self.config = config
+        self.param_dtype = as_dtype(param_dtype)
+        self.dtype = as_dtype(dtype if dtype is not None else param_dtype)
+        self.remat = remat
+        self.mesh = mesh
+        self.rules = tuple(rules)
+        c = config
+        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.param_dtype)
+        self.layers = DecoderLayers(c, rngs=rngs, param_dtype=self.param_dtype)
+        self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), self.param_dtype, value=1.0)
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.param_dtype, fan_in=c.hidden_size
+            )
+
+    # ------------------------------------------------------------------ public entry points
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
+        hidden, _ = self.forward(input_ids, attention_mask=attention_mask, positions=positions,
+                                 segment_ids=segment_ids)
+        return self.logits(hidden)
+
+    def prefill(self, input_ids, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run a left-padded prompt batch into ``cache``; returns the last position's logits ``[B, V]``."""
+        hidden, cache = self.forward(input_ids, attention_mask=attention_mask, cache=cache)
+        return self.logits(hidden[:, -1:])[:, 0], cache
+
+    def decode(self, tokens, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Append one token per row (``tokens [B]``); returns next-token logits ``[B, V]``."""
+        ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
+        hidden, cache = self.forward(tokens[:, None], attention_mask=ones, cache=cache)
+        return self.logits(hidden)[:, 0], cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits from final hidden states (matmul in the compute dtype, fp32 accumulation)."""
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("bte,ve->btv", hidden, self.embed[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("bte,ev->btv", hidden, self.lm_head[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def forward(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
+                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states ``[B, T, E]`` (compute dtype) and the updated cache."""
+        c = self.config
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        attention_mask = attention_mask.astype(jnp.bool_)
+        if cache is None:
+            if positions is None:
+                positions = default_positions(attention_mask, segment_ids)
+            q_slot = k_slot = jnp.arange(length)
+            key_valid = attention_mask
+            cache_index = None
+        else:
+            if positions is None:
+                past = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+                positions = past + default_positions(attention_mask, None)
+            cache_index = cache.index
+            q_slot = cache_index + jnp.arange(length)
+            k_slot = jnp.arange(cache.max_len)
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache_index, axis=1)
+        mask = (q_slot[:, None] >= k_slot[None, :])[None] & key_valid[:, None, :]
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        cos, sin = rope_tables(positions, rope_inv_freq(c))
+
+        x = self.embed[...][input_ids].astype(self.dtype)
+        x = self._constrain(x)
+
+        def body(carry, scanned):
+            w, kv = scanned
+            out, new_kv = _decoder_layer(carry, w, config=c, dtype=self.dtype, cos=cos, sin=sin, mask=mask,
+                                         cache_kv=kv, cache_index=cache_index)
+            return self._constrain(out), new_kv
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = jax.lax.scan(body, x, (self.layers.arrays(), kv_in))
+        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+        if cache is not None:
+            cache = KVCache(k=kv_out[0], v=kv_out[1], valid=key_valid, index=cache_index + length)
+        return x, cache
+
+    def _constrain(self, x: jax.Array) -> jax.Array:
+        """Keep activations split over the data-parallel axes (so FSDP all-gathers weights instead)."""
+        if self.mesh is None or self.mesh.size == 1:
+            return x
+        return jax.lax.with_sharding_constraint(x, named_sharding(("batch", "length", None), self.mesh,
+                                                                  self.rules, x.shape))

@@ -1,0 +1,90 @@
+"""Pure functions the decoder is built from: RMSNorm, RoPE, masks and grouped-query attention.
+
+Norms, softmax and RoPE tables are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """``weight * x / rms(x)`` over the last axis, in float32, returned in ``x.dtype``."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float32), with linear or llama3 scaling applied.
+
+    Computed in float32 like ``transformers`` does, so the tables match it bit for bit.
+    """
+    dim = config.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)).astype(np.float32)
+    if config.rope_scaling is None:
+        return inv_freq
+    kind, factor, *rest = config.rope_scaling
+    if kind == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by ``factor``, interpolate in between.
+    low_freq_factor, high_freq_factor, original_max_pos = rest
+    low_freq_wavelen = original_max_pos / low_freq_factor
+    high_freq_wavelen = original_max_pos / high_freq_factor
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
+    smooth = (original_max_pos / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables ``[batch, seq, head_dim]`` (float32) for integer ``positions [batch, seq]``."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [batch, seq, heads, head_dim]`` (the half-split convention of HF Llama/Qwen)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Positions for left-padded rows (count of real tokens before) or packed rows (restart per segment)."""
+    if segment_ids is not None:
+        seq = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+        starts = segment_ids != jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+        start_index = jax.lax.cummax(jnp.where(starts, seq, 0), axis=1)
+        return seq - start_index
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q ``[B, T, H, D]``, k/v ``[B, S, KV, D]`` with ``H % KV == 0``, mask ``[B, T, S]`` (True = attend).
+    Scores and softmax in float32; a query row with nothing to attend to returns a finite value.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    q = q.reshape(batch, q_len, num_kv, num_heads // num_kv, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(head_dim))
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(v.dtype)

@@ -1,0 +1,120 @@
+"""Device mesh and logical-axis sharding rules.
+
+Every parameter declares *logical* axis names (``("embed", "mlp")``); a rules table maps each
+logical axis to zero or more *mesh* axes. The same model code therefore runs on one CPU, on 8
+simulated CPU devices and on a TPU pod: only the mesh shape changes.
+
+Mesh axes, outermost first:
+- ``data``   pure data parallelism (parameters replicated),
+- ``fsdp``   data parallelism with parameters and optimizer state sharded (ZeRO-3 style),
+- ``tensor`` tensor (model) parallelism over heads / MLP width / vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def make_mesh(spec: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build a mesh from e.g. ``{"data": 1, "fsdp": -1, "tensor": 1}``.
+
+    One axis may be ``-1``: it takes all devices left over. Missing axes have size 1.
+    """
+    spec = dict(spec or {"fsdp": -1})
+    unknown = sorted(set(spec) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh: unknown axis {unknown[0]!r}; mesh axes are {list(MESH_AXES)}")
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = {axis: int(spec.get(axis, 1)) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {free}")
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ValueError(f"mesh.{axis}: size must be a positive integer or -1, got {size}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"mesh: {len(devices)} devices cannot be split with fixed axes {sizes} (product {fixed})"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(f"mesh: axis sizes {sizes} multiply to {total}, but there are {len(devices)} devices")
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    try:
+        from jax.experimental import mesh_utils
+
+        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # pragma: no cover - topologies mesh_utils does not know
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def logical_to_pspec(
+    logical_axes: Sequence[str | None],
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec on ``mesh``.
+
+    A dimension whose size is not divisible by the mesh axes it maps to is replicated instead
+    (tiny test models, odd vocabularies), and a mesh axis is never used twice in one spec.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    out: list[str | tuple[str, ...] | None] = []
+    for dim, name in enumerate(logical_axes):
+        target = table.get(name) if name is not None else None
+        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
+        if axes and shape is not None and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+            axes = ()
+        used.update(axes)
+        out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+    return PartitionSpec(*out)
+
+
+def named_sharding(
+    logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES, shape: Sequence[int] | None = None
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_pspec(logical_axes, mesh, rules, shape))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a ``[batch, ...]`` input: rows split over the data-parallel axes."""
+    return named_sharding(("batch",) + (None,) * (ndim - 1), mesh, rules)
+
+
+def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Put a host array on devices with ``sharding``; each process supplies only its own shards."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

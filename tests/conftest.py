@@ -1,0 +1,35 @@
+"""Test set-up: 8 simulated CPU devices (so sharding is exercised), tiny HF checkpoints."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from hf_checkpoints import FAMILIES, make_hf_checkpoint  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (set before jax is imported)"
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """``hf_checkpoint(name)`` -> directory of a tiny random HF checkpoint (built once per session)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = make_hf_checkpoint(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
