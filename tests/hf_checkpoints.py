@@ -55,6 +55,14 @@ def load_hf(directory, dtype=torch.float32):
     return transformers.AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=dtype).eval()
 
 
+def read_tensors(directory) -> dict:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, by name."""
+    from sftrl_jax.models.hf_io import SafetensorsReader
+
+    reader = SafetensorsReader(Path(directory))
+    return {name: reader.get(name) for name in sorted(reader.names())}
+
+
 def hf_logits(model, input_ids, attention_mask=None):
     """float32 logits of the PyTorch model; left padding handled with explicit position ids."""
     ids = torch.as_tensor(input_ids, dtype=torch.long)
@@ -64,3 +72,27 @@ def hf_logits(model, input_ids, attention_mask=None):
         kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     with torch.no_grad():
         return model(ids, **kwargs).logits.float().numpy()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(directory: Path) -> Path:
+    """A tiny character-level tokenizer with Qwen-style special tokens and a chat template (< 96 ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 \n.,+-*/=()\\{}^_?:")
+    vocab = {tok: i for i, tok in enumerate(specials + chars + ["[UNK]"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(specials)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return Path(directory)

@@ -1,0 +1,71 @@
+"""Orbax checkpoints of a model: ``config.json`` (Hugging Face style) + ``params/`` (orbax).
+
+This is the format ``sftrl-jax convert`` writes; the trainers' step checkpoints (parameters,
+optimizer state, data position) build on the same orbax machinery. Restoring places every array
+directly in its sharding on the current mesh, which may differ from the mesh that saved it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from .models.config import ModelConfig
+from .models.decoder import Decoder, as_dtype
+from .models.hf_io import abstract_model, copy_tokenizer_files, param_sharding
+from .sharding import DEFAULT_RULES, Rules, single_device_mesh
+
+PARAMS_DIR = "params"
+
+
+def is_orbax_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / PARAMS_DIR).is_dir() and (Path(path) / "config.json").exists()
+
+
+def save_model(model: Decoder, path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` as an orbax checkpoint directory (all processes must call this)."""
+    directory = Path(path).absolute()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / PARAMS_DIR, params, force=True)
+        checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        config = model.config.to_hf_dict(dtype=model.param_dtype.name)
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        source = tokenizer_dir or model.config.source_dir
+        if source is not None and Path(source).resolve() != directory.resolve():
+            copy_tokenizer_files(source, directory)
+    return directory
+
+
+def load_model(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh: Mesh | None = None,
+               rules: Rules = DEFAULT_RULES, remat: str = "none") -> tuple[Decoder, ModelConfig]:
+    """Restore a model written by :func:`save_model`, sharded on ``mesh``.
+
+    ``dtype`` defaults to the dtype the checkpoint was saved in.
+    """
+    directory = Path(path).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    if not is_orbax_model_dir(directory):
+        raise FileNotFoundError(f"{directory} is not a model checkpoint (needs config.json and {PARAMS_DIR}/)")
+    hf = json.loads((directory / "config.json").read_text())
+    config = ModelConfig.from_hf_dict(hf, source_dir=str(directory))
+    param_dtype = as_dtype(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    mesh = mesh or single_device_mesh()
+    model = abstract_model(config, dtype=param_dtype, compute_dtype=compute_dtype, remat=remat, mesh=mesh,
+                           rules=rules)
+    graphdef, state = nnx.split(model)
+    target = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, param_dtype, sharding=param_sharding(v, mesh, rules)),
+        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(directory / PARAMS_DIR, nnx.to_pure_dict(target))
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state), config

@@ -1,0 +1,73 @@
+"""The ``sftrl-jax`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _mesh_arg(text: str) -> dict[str, int]:
+    """``"fsdp=-1,tensor=1"`` -> ``{"fsdp": -1, "tensor": 1}``."""
+    spec = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"mesh: expected axis=size, got {part!r}")
+        try:
+            spec[key.strip()] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"mesh.{key.strip()}: expected an integer, got {value!r}") from None
+    return spec
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpointing import is_orbax_model_dir, load_model, save_model
+    from .models import load_pretrained, save_pretrained
+    from .sharding import make_mesh
+
+    mesh = make_mesh(args.mesh)
+    target = args.to or ("hf" if is_orbax_model_dir(args.src) else "orbax")
+    start = time.time()
+    if target == "orbax":
+        model, _ = load_pretrained(args.src, dtype=args.dtype or "float32", mesh=mesh)
+        out = save_model(model, args.dst)
+    else:
+        model, _ = load_model(args.src, dtype=args.dtype, mesh=mesh)
+        out = save_pretrained(model, args.dst, max_shard_size=args.max_shard_size)
+    print(f"wrote {target} checkpoint {out} ({time.time() - start:.1f}s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sftrl-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face directory to an orbax checkpoint, or back",
+                       description="Convert between a Hugging Face model directory (config.json + safetensors) "
+                                   "and an orbax checkpoint (config.json + params/). The direction is "
+                                   "detected from SRC unless --to is given.")
+    p.add_argument("src", help="source directory")
+    p.add_argument("dst", help="destination directory")
+    p.add_argument("--to", choices=["orbax", "hf"], help="target format (default: the other one)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype (default: float32 from HF; the saved dtype from orbax)")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size for --to hf (default 5GB)")
+    p.add_argument("--mesh", type=_mesh_arg, default={"fsdp": -1},
+                   help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default fsdp=-1: all devices)")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"sftrl-jax {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
