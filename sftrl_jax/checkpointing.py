@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from .models.config import ModelConfig
 from .models.decoder import Decoder, as_dtype
-from .models.hf_io import abstract_model, copy_tokenizer_files, param_sharding
+from .models.hf_io import abstract_model, copy_tokenizer_files, param_shardings
 from .sharding import DEFAULT_RULES, Rules, single_device_mesh
 
 PARAMS_DIR = "params"
@@ -61,11 +61,49 @@ def load_model(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh:
     mesh = mesh or single_device_mesh()
     model = abstract_model(config, dtype=param_dtype, compute_dtype=compute_dtype, remat=remat, mesh=mesh,
                            rules=rules)
-    graphdef, state = nnx.split(model)
-    target = jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct(v.shape, param_dtype, sharding=param_sharding(v, mesh, rules)),
-        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, param_dtype, sharding=s),
+                          nnx.to_pure_dict(nnx.state(model)), param_shardings(model))
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(directory / PARAMS_DIR, nnx.to_pure_dict(target))
-    nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state), config
+        restored = checkpointer.restore(directory / PARAMS_DIR, target)
+    return nnx.merge(nnx.graphdef(model), restored), config
+
+
+class TrainCheckpointer:
+    """Step checkpoints of a training run with orbax's ``CheckpointManager``.
+
+    Each checkpoint holds the train state (parameters, optimizer state, step) and a JSON ``meta``
+    item (data-iterator position, RNG, anything the trainer needs to continue exactly). Saves are
+    asynchronous; ``keep_last`` checkpoints are kept; a save whose step is not a multiple of
+    ``save_every`` is skipped unless forced (the final step always is).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep_last: int = 3,
+                 async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last, save_interval_steps=max(save_every, 1),
+            enable_async_checkpointing=async_save, create=True)
+        self.save_every = save_every
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+        if not force and (self.save_every <= 0 or step % self.save_every):
+            return False
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                               meta=ocp.args.JsonSave(meta)), force=force)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state) -> tuple[object, dict]:
+        """Restore onto ``abstract_state`` (ShapeDtypeStructs with the target shardings)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

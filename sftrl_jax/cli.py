@@ -39,6 +39,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .sft import SFTConfig, run_sft
+
+    config = load_config(SFTConfig, args.config, args.overrides)
+    result = run_sft(config, resume=args.resume)
+    print(f"sft: {result.steps} steps; metrics {result.output_dir / 'metrics.jsonl'}; model {result.final_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftrl-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,14 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", type=_mesh_arg, default={"fsdp": -1},
                    help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default fsdp=-1: all devices)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning",
+                       description="Supervised fine-tuning with exact global-token-mean gradient accumulation. "
+                                   "Config keys: see configs/tiny_sft.yaml and docs/config.md.")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
+    p.set_defaults(func=cmd_sft)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, FloatingPointError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"sftrl-jax {args.command}: error: {message}", file=sys.stderr)
         return 2

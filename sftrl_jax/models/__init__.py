@@ -8,13 +8,14 @@ from .hf_io import (
     load_pretrained,
     load_tokenizer,
     param_items,
+    param_shardings,
     read_config,
     save_pretrained,
 )
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "ModelConfig", "Decoder", "KVCache", "init_cache", "abstract_model", "init_model",
-    "load_pretrained", "load_tokenizer", "param_items", "read_config", "save_pretrained", "count_params",
+    "load_pretrained", "load_tokenizer", "param_items", "param_shardings", "read_config", "save_pretrained", "count_params",
 ]
 
 

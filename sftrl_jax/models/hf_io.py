@@ -160,7 +160,7 @@ def abstract_model(config: ModelConfig, *, dtype="float32", compute_dtype=None, 
                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
     """A :class:`Decoder` whose parameters are shapes only (nothing allocated)."""
     return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype,
-                                          remat=remat, mesh=mesh, rules=rules))
+                                          remat=remat, mesh=mesh or single_device_mesh(), rules=rules))
 
 
 def param_items(model: nnx.Module) -> Iterator[tuple[tuple[str, ...], nnx.Param]]:
@@ -173,23 +173,25 @@ def param_sharding(var: nnx.Param, mesh: Mesh, rules: Rules) -> NamedSharding:
     return named_sharding(var.get_metadata()["logical_axes"], mesh, rules, var.shape)
 
 
+def param_shardings(model: Decoder) -> dict:
+    """Pure dict (like ``nnx.to_pure_dict(nnx.state(model))``) of each parameter's NamedSharding."""
+    state = nnx.state(model, nnx.Param)
+    return nnx.to_pure_dict(jax.tree.map(lambda v: param_sharding(v, model.mesh, model.rules), state,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 def init_model(config: ModelConfig, *, seed: int = 0, dtype="float32", compute_dtype=None, remat="none",
                mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
     """A randomly initialised model, created directly in its sharded layout."""
     mesh = mesh or single_device_mesh()
     kwargs = dict(param_dtype=dtype, dtype=compute_dtype, remat=remat, mesh=mesh, rules=rules)
-    abstract = abstract_model(config, dtype=dtype, compute_dtype=compute_dtype, remat=remat, mesh=mesh, rules=rules)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = jax.tree.map(lambda v: param_sharding(v, mesh, rules), abstract_state,
-                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed), **kwargs))
 
-    @functools.partial(jax.jit, out_shardings=nnx.to_pure_dict(shardings))
+    @functools.partial(jax.jit, out_shardings=param_shardings(abstract))
     def create():
         return nnx.to_pure_dict(nnx.state(Decoder(config, rngs=nnx.Rngs(seed), **kwargs)))
 
-    state = create()
-    nnx.replace_by_pure_dict(abstract_state, state)
-    return nnx.merge(graphdef, abstract_state)
+    return nnx.merge(nnx.graphdef(abstract), create())
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnums=2)

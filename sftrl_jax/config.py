@@ -1,0 +1,192 @@
+"""Typed run configs: dataclasses loaded from YAML with dotted ``key=value`` overrides.
+
+``load_config(SFTConfig, "configs/tiny_sft.yaml", ["train.learning_rate=1e-4"])`` reads the file,
+applies the overrides, and builds the dataclass tree, checking every key and value: an unknown key
+or a value of the wrong type raises :class:`ConfigError` naming the dotted key and what was
+expected. A file may leave out anything that has a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value that does not fit its key."""
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, key: str):
+    """Check/convert ``value`` to type ``tp``; raise ConfigError naming ``key`` otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def fail():
+        raise ConfigError(f"config key {key!r}: expected {_describe(tp)}, got {value!r}")
+
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in args:
+            return value
+        fail()
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                pass
+        fail()
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            fail()
+        return from_dict(tp, value, prefix=key)
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        if isinstance(value, str) and (args and args[0] is str):
+            value = [value]  # a single file name where a list is expected
+        if not isinstance(value, (list, tuple)):
+            fail()
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple or tp is tuple else out
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            fail()
+        key_type, value_type = args if args else (Any, Any)
+        return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        fail()
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    fail()
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested mapping, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
+                              f"{', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, field in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], dotted)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key {dotted!r} ({_describe(hints[name])})")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
+    """Read YAML ``path`` (optional), apply ``key=value`` overrides, and build ``cls``."""
+    data: dict = {}
+    if path is not None:
+        file = Path(path)
+        if not file.exists():
+            raise FileNotFoundError(f"config file not found: {file}")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{file}: invalid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def to_dict(obj) -> dict:
+    """Plain nested dict of a config (for saving next to a run)."""
+    return dataclasses.asdict(obj)
+
+
+def save_config(obj, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+# ------------------------------------------------------------------ sections shared by every stage
+@dataclasses.dataclass
+class ModelOptions:
+    path: str  # local Hugging Face directory (config.json + safetensors + tokenizer)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameters (optimizer state is always float32)
+    compute_dtype: Literal["float32", "bfloat16"] | None = None  # matmuls; default: dtype
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+
+
+@dataclasses.dataclass
+class CheckpointOptions:
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3
+    async_save: bool = True

@@ -1,0 +1,164 @@
+"""Fixed-shape batches for SFT: padding with length buckets, or sequence packing.
+
+A global step's examples are laid out as ``[micro_steps, shards * rows, length]``: micro-step
+``i``, data-parallel shard ``r`` gets examples ``(i * shards + r) * micro_batch_size`` onwards
+(the contiguous rows ``r * rows ... (r + 1) * rows`` of axis 1 are what the mesh puts on shard
+``r``). Lengths (padding) or row counts (packing) are rounded up to powers of two so a whole run
+compiles only a handful of step shapes.
+
+Each array is next-token aligned: position ``t`` holds input token ``t`` and, as its label, token
+``t + 1`` of the same sequence; ``label_mask`` is 1 where that label is a supervised (response)
+token. The last position of a sequence, padding and segment boundaries get mask 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+BATCH_KEYS = ("input_ids", "labels", "label_mask", "segment_ids", "positions")
+
+
+def bucket_length(n: int, maximum: int, minimum: int = 32) -> int:
+    """Smallest power of two >= n (at least ``minimum``), capped at ``maximum``."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return min(size, maximum)
+
+
+def _empty(rows: int, length: int) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": np.zeros((rows, length), np.int32),
+        "labels": np.zeros((rows, length), np.int32),
+        "label_mask": np.zeros((rows, length), np.float32),
+        "segment_ids": np.zeros((rows, length), np.int32),
+        "positions": np.zeros((rows, length), np.int32),
+    }
+
+
+def _write(out: dict[str, np.ndarray], row: int, start: int, segment: int, input_ids, loss_mask) -> None:
+    n = len(input_ids)
+    sl = slice(start, start + n)
+    out["input_ids"][row, sl] = input_ids
+    out["labels"][row, start:start + n - 1] = input_ids[1:]
+    out["label_mask"][row, start:start + n - 1] = loss_mask[1:]
+    out["segment_ids"][row, sl] = segment
+    out["positions"][row, sl] = np.arange(n)
+
+
+def pad_rows(examples: Sequence, rows: int, length: int) -> dict[str, np.ndarray]:
+    """One example per row, right-padded to ``length``; rows beyond the examples are empty."""
+    out = _empty(rows, length)
+    for row, example in enumerate(examples):
+        _write(out, row, 0, 1, example.input_ids, example.loss_mask)
+    return out
+
+
+def pack_groups(lengths: Sequence[int], length: int) -> list[list[int]]:
+    """Greedy first-fit packing of example indices into rows of ``length`` tokens."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index, n in enumerate(lengths):
+        for r, space in enumerate(free):
+            if n <= space:
+                rows[r].append(index)
+                free[r] -= n
+                break
+        else:
+            rows.append([index])
+            free.append(length - n)
+    return rows
+
+
+def pack_rows(examples: Sequence, rows: int, length: int) -> dict[str, np.ndarray]:
+    out = _empty(rows, length)
+    for row, group in enumerate(pack_groups([len(e.input_ids) for e in examples], length)):
+        start = 0
+        for segment, index in enumerate(group, start=1):
+            _write(out, row, start, segment, examples[index].input_ids, examples[index].loss_mask)
+            start += len(examples[index].input_ids)
+    return out
+
+
+def layout_step(examples: Sequence, *, micro_steps: int, shards: int, micro_batch_size: int, max_length: int,
+                pack: bool) -> dict[str, np.ndarray]:
+    """Arrange one global batch (``micro_steps * shards * micro_batch_size`` examples) as
+    ``[micro_steps, shards * rows, length]`` arrays."""
+    expected = micro_steps * shards * micro_batch_size
+    if len(examples) != expected:
+        raise ValueError(f"layout_step: got {len(examples)} examples, expected {expected}")
+    chunks = [examples[k * micro_batch_size:(k + 1) * micro_batch_size] for k in range(micro_steps * shards)]
+    if pack:
+        length = max_length
+        needed = max(len(pack_groups([len(e.input_ids) for e in chunk], length)) for chunk in chunks)
+        rows = min(bucket_length(needed, micro_batch_size, minimum=1), micro_batch_size)
+        build = pack_rows
+    else:
+        length = bucket_length(max(len(e.input_ids) for e in examples), max_length)
+        rows = micro_batch_size
+        build = pad_rows
+    parts = [build(chunk, rows, length) for chunk in chunks]
+    return {key: np.stack([np.concatenate([parts[i * shards + r][key] for r in range(shards)])
+                           for i in range(micro_steps)]) for key in BATCH_KEYS}
+
+
+@dataclasses.dataclass
+class BatcherState:
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+class SFTBatcher:
+    """Deterministic epoch-shuffled global batches; its position is saved with each checkpoint."""
+
+    def __init__(self, examples: Sequence, *, global_batch_size: int, micro_batch_size: int, shards: int,
+                 max_length: int, pack: bool, seed: int, shuffle: bool = True):
+        per_micro_step = micro_batch_size * shards
+        if global_batch_size % per_micro_step:
+            raise ValueError(
+                f"train.global_batch_size ({global_batch_size}) must be a multiple of train.micro_batch_size "
+                f"({micro_batch_size}) x data-parallel shards ({shards})")
+        if len(examples) < global_batch_size:
+            raise ValueError(f"only {len(examples)} training examples, fewer than train.global_batch_size "
+                             f"({global_batch_size})")
+        self.examples = examples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.shards = shards
+        self.micro_steps = global_batch_size // per_micro_step
+        self.max_length = max_length
+        self.pack = pack
+        self.seed = seed
+        self.shuffle = shuffle
+        self.steps_per_epoch = len(examples) // global_batch_size  # the remainder is left out each epoch
+        self.state = BatcherState()
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def next(self) -> dict[str, np.ndarray]:
+        if self.state.step_in_epoch >= self.steps_per_epoch:
+            self.state = BatcherState(self.state.epoch + 1, 0)
+        start = self.state.step_in_epoch * self.global_batch_size
+        indices = self.order(self.state.epoch)[start:start + self.global_batch_size]
+        self.state = BatcherState(self.state.epoch, self.state.step_in_epoch + 1)
+        return layout_step([self.examples[i] for i in indices], micro_steps=self.micro_steps, shards=self.shards,
+                           micro_batch_size=self.micro_batch_size, max_length=self.max_length, pack=self.pack)
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = BatcherState(int(state["epoch"]), int(state["step_in_epoch"]))
+
+
+def eval_batches(examples: Sequence, *, rows: int, max_length: int):
+    """Padded ``[rows, length]`` batches covering every example once (the last one padded with empty rows)."""
+    for start in range(0, len(examples), rows):
+        chunk = examples[start:start + rows]
+        yield pad_rows(chunk, rows, bucket_length(max(len(e.input_ids) for e in chunk), max_length))

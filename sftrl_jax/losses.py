@@ -1,0 +1,67 @@
+"""Per-token log-probabilities and the one loss-aggregation function (SFT and RL).
+
+Aggregation is expressed as per-token *weights* computed over the whole global batch before it is
+split into micro-steps: the step loss is ``sum(weights * per_token_loss)`` over every micro-step,
+so gradient accumulation is a plain sum and the result cannot depend on the split. Each mode:
+
+``token-mean``               mask / (tokens in the global batch)                    (BRIEF §4)
+``seq-mean-token-mean``      mask / (tokens in the row * rows with tokens)
+``seq-mean-token-sum``       mask / (rows with tokens)
+``seq-mean-token-sum-norm``  mask / loss_scale_factor (default: the padded length; Dr.GRPO)
+``micro-mean-of-means``      mask / (tokens in its micro-step's shard * micro-steps * shards):
+                             OpenRLHF's per-micro-batch mean averaged over accumulation steps and
+                             ranks (BRIEF §3) -- only for reproducing that bug.
+
+``mask`` is ``[..., rows, length]``; leading axes (micro-steps) are part of the global batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+             "micro-mean-of-means")
+
+
+def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """log p(label) per position, float32: ``logits [..., V]``, ``labels [...]``."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _safe_div(x, y):
+    return x / jnp.maximum(y, 1)
+
+
+def agg_weights(mask: jax.Array, mode: str = "token-mean", *, shards: int = 1,
+                loss_scale_factor: float | None = None) -> jax.Array:
+    """Per-token weights (same shape as ``mask``) that implement aggregation ``mode``."""
+    mask = mask.astype(jnp.float32)
+    if mode == "token-mean":
+        return _safe_div(mask, jnp.sum(mask))
+    row_tokens = jnp.sum(mask, axis=-1, keepdims=True)
+    rows_with_tokens = jnp.sum(row_tokens > 0)
+    if mode == "seq-mean-token-mean":
+        return _safe_div(_safe_div(mask, row_tokens), rows_with_tokens)
+    if mode == "seq-mean-token-sum":
+        return _safe_div(mask, rows_with_tokens)
+    if mode == "seq-mean-token-sum-norm":
+        return mask / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    if mode == "micro-mean-of-means":
+        if mask.ndim != 3:
+            raise ValueError("micro-mean-of-means needs a [micro_steps, rows, length] mask")
+        micro_steps, rows, length = mask.shape
+        if rows % shards:
+            raise ValueError(f"rows ({rows}) not divisible by shards ({shards})")
+        per_shard = mask.reshape(micro_steps, shards, rows // shards, length)
+        shard_tokens = jnp.sum(per_shard, axis=(2, 3), keepdims=True)
+        weights = _safe_div(per_shard, shard_tokens) / (micro_steps * shards)
+        return weights.reshape(mask.shape)
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {AGG_MODES}")
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean", **kwargs) -> jax.Array:
+    """Aggregate a per-token loss over the whole batch with ``mode``."""
+    return jnp.sum(agg_weights(mask, mode, **kwargs) * per_token)

@@ -1,0 +1,83 @@
+"""AdamW with warmup + decay schedules, global-norm clipping and a weight-decay mask (optax).
+
+The optimizer state is always float32. With bfloat16 parameters the update is computed on a
+float32 view of the parameters and cast back (small updates can round away in bf16; prefer
+float32 parameters with ``compute_dtype: bfloat16`` when memory allows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass
+class OptimizerOptions:
+    learning_rate: float = 5e-5
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # final lr = learning_rate * min_lr_ratio (cosine / linear)
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+def make_schedule(options: OptimizerOptions, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 over ``ceil(warmup_ratio * total_steps)`` steps, then the decay."""
+    peak = options.learning_rate
+    warmup = math.ceil(options.warmup_ratio * total_steps)
+    decay_steps = max(total_steps - warmup, 1)
+    end = peak * options.min_lr_ratio
+    if options.lr_schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=options.min_lr_ratio)
+    elif options.lr_schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params) -> object:
+    """Weight decay on matrices (projections, embeddings, LM head); not on norms or biases."""
+    def decays(path, _):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return name.endswith("proj") or name in ("embed", "lm_head")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(options: OptimizerOptions, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                           optax.Schedule]:
+    schedule = make_schedule(options, total_steps)
+    parts = []
+    if options.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(options.max_grad_norm))
+    parts.append(optax.adamw(schedule, b1=options.adam_b1, b2=options.adam_b2, eps=options.adam_eps,
+                             weight_decay=options.weight_decay, mask=decay_mask))
+    return optax.chain(*parts), schedule
+
+
+def to_float32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params):
+    """float32 optimizer state whatever the parameter dtype."""
+    return optimizer.init(to_float32(params))
+
+
+def apply_update(optimizer: optax.GradientTransformation, grads, opt_state, params):
+    """One optimizer update in float32; parameters keep their own dtype."""
+    params32 = to_float32(params)
+    updates, opt_state = optimizer.update(to_float32(grads), opt_state, params32)
+    new_params = jax.tree.map(lambda p, p32, u: (p32 + u).astype(p.dtype), params, params32, updates)
+    return new_params, opt_state

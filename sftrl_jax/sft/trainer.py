@@ -1,0 +1,179 @@
+"""The SFT training loop: data -> sharded jit step -> metrics, checkpoints, HF export."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from ..checkpointing import TrainCheckpointer
+from ..config import save_config
+from ..data.batching import SFTBatcher, eval_batches
+from ..data.sft import tokenize_sft
+from ..data.sources import load_rows
+from ..metrics import MetricsWriter, is_writer, plot_curves, read_metrics
+from ..models import load_pretrained, load_tokenizer, save_pretrained
+from ..optim import init_opt_state, make_optimizer
+from ..sharding import make_mesh, named_sharding, place
+from .config import SFTConfig
+from .step import make_eval_step, make_train_step
+
+log = logging.getLogger("sftrl_jax.sft")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/Inf; the run stopped and kept its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class SFTResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    params: dict
+    metrics: list[dict]
+
+
+def load_examples(config: SFTConfig, tokenizer):
+    """Tokenised train and held-out examples, with the data statistics logged."""
+    data = config.data
+    if not data.train_files:
+        raise ValueError("data.train_files: no training data given")
+    train, stats = tokenize_sft(load_rows(data.train_files, split=data.train_split), tokenizer, data)
+    log.info("train data: %s", stats.summary())
+    held_out: list = []
+    if data.eval_files:
+        held_out, eval_stats = tokenize_sft(load_rows(data.eval_files, split="test"), tokenizer, data)
+        log.info("eval data: %s", eval_stats.summary())
+    elif data.eval_fraction > 0:
+        order = np.random.default_rng([config.train.seed, 7]).permutation(len(train))
+        count = max(1, int(round(data.eval_fraction * len(train))))
+        held = set(order[:count].tolist())
+        held_out = [e for i, e in enumerate(train) if i in held]
+        train = [e for i, e in enumerate(train) if i not in held]
+        log.info("held out %d of the training examples for evaluation", count)
+    return train, held_out
+
+
+def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
+            on_step: Callable[[int, dict], None] | None = None) -> SFTResult:
+    """Run (or with ``resume`` continue) SFT as configured. ``on_step(step, metrics)`` runs after each step."""
+    train_cfg = config.train
+    out = Path(config.output_dir)
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    if train_cfg.emulate_bug != "none":
+        log.warning("=" * 72 + "\nBUG EMULATION ON: train.emulate_bug=%s -- the gradient is deliberately WRONG "
+                    "(BRIEF §2/§3)\n" + "=" * 72, train_cfg.emulate_bug)
+
+    mesh = make_mesh(config.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    tokenizer = load_tokenizer(config.model.path)
+    train_examples, eval_examples = load_examples(config, tokenizer)
+    batcher = SFTBatcher(train_examples, global_batch_size=train_cfg.global_batch_size,
+                         micro_batch_size=train_cfg.micro_batch_size, shards=shards,
+                         max_length=config.data.max_length, pack=config.data.pack, seed=train_cfg.seed,
+                         shuffle=config.data.shuffle)
+    total_steps = train_cfg.max_steps or train_cfg.num_epochs * batcher.steps_per_epoch
+    log.info("%d steps: global batch %d = %d micro-steps x %d shards x %d sequences", total_steps,
+             train_cfg.global_batch_size, batcher.micro_steps, shards, train_cfg.micro_batch_size)
+
+    model, _ = load_pretrained(config.model.path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
+                               mesh=mesh, remat=config.model.remat)
+    graphdef = nnx.graphdef(model)
+    params = nnx.to_pure_dict(nnx.state(model))
+    del model
+    optimizer, schedule = make_optimizer(train_cfg, total_steps)
+    opt_state = jax.jit(lambda p: init_opt_state(optimizer, p))(params)
+    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    checkpointer = TrainCheckpointer(out / "checkpoints", save_every=config.checkpoint.save_every,
+                                     keep_last=config.checkpoint.keep_last, async_save=config.checkpoint.async_save)
+    start_step = 0
+    latest = checkpointer.latest_step()
+    if latest is not None and not resume:
+        raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints (latest step {latest}); "
+                              "pass --resume to continue that run or choose a new output_dir")
+    if resume and latest is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, meta = checkpointer.restore(latest, abstract)
+        batcher.load_state_dict(meta["data"])
+        start_step = int(meta["step"])
+        log.info("resumed from step %d (%s)", start_step, checkpointer.directory / str(latest))
+    elif resume:
+        log.info("--resume: no checkpoint in %s, starting from step 0", checkpointer.directory)
+
+    batch_sharding = named_sharding((None, "batch", "length"), mesh)
+    eval_sharding = named_sharding(("batch", "length"), mesh)
+    train_step = jax.jit(make_train_step(graphdef, optimizer, schedule, emulate_bug=train_cfg.emulate_bug,
+                                         shards=shards),
+                         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_shardings["params"], eval_sharding))
+
+    def evaluate(params) -> float:
+        nll_total = tokens_total = 0.0
+        for batch in eval_batches(eval_examples, rows=shards * train_cfg.micro_batch_size,
+                                  max_length=config.data.max_length):
+            nll, tokens = eval_step(params, {k: place(v, eval_sharding) for k, v in batch.items()})
+            nll_total += float(nll)
+            tokens_total += float(tokens)
+        return nll_total / max(tokens_total, 1.0)
+
+    writer = MetricsWriter(out / "metrics.jsonl", truncate_after_step=start_step)
+    bar = tqdm(total=total_steps, initial=start_step, desc="sft" + (f" [BUG: {train_cfg.emulate_bug}]"
+               if train_cfg.emulate_bug != "none" else ""), disable=not (progress and is_writer()), dynamic_ncols=True)
+    step = start_step
+    try:
+        while step < total_steps:
+            tick = time.perf_counter()
+            host_batch = batcher.next()
+            batch = {k: place(v, batch_sharding) for k, v in host_batch.items()}
+            state, metrics = train_step(state, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            step += 1
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                checkpointer.wait()
+                good = checkpointer.latest_step()
+                raise NonFiniteLossError(
+                    f"non-finite loss/grad norm at step {step} (loss={metrics['loss']}, "
+                    f"grad_norm={metrics['grad_norm']}); stopped. Last good checkpoint: "
+                    + (f"step {good} in {checkpointer.directory}" if good is not None else "none"))
+            seconds = time.perf_counter() - tick
+            record = {"step": step, "epoch": batcher.state.epoch, **metrics,
+                      "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds}
+            if eval_examples and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < total_steps:
+                record["eval_loss"] = evaluate(state["params"])
+            if step % max(train_cfg.log_every, 1) == 0 or "eval_loss" in record:
+                writer.write(record)
+            meta = {"step": step, "data": batcher.state_dict(), "seed": train_cfg.seed}
+            checkpointer.save(step, state, meta, force=step == total_steps)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3g}")
+            if on_step is not None:
+                on_step(step, record)
+        if eval_examples:
+            final_eval = evaluate(state["params"])
+            writer.write({"step": step, "eval_loss": final_eval})
+            log.info("final eval loss %.4f", final_eval)
+    finally:
+        bar.close()
+        checkpointer.close()
+
+    final_dir = out / "final"
+    save_pretrained(nnx.merge(graphdef, state["params"]), final_dir, tokenizer_dir=config.model.path)
+    records = read_metrics(out / "metrics.jsonl")
+    plot_curves(records, ["loss", "eval_loss", "grad_norm", "lr"], out / "loss.png", title="SFT")
+    log.info("done: %d steps; final model in %s", step, final_dir)
+    return SFTResult(output_dir=out, final_dir=final_dir, steps=step, params=state["params"], metrics=records)

@@ -1,0 +1,177 @@
+"""The SFT step: exact global-token-mean accumulation, and the two bugs' arithmetic, against hand-written references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sft_fixtures import luffy_rows, make_model_dir
+from sftrl_jax.data import SFTDataOptions, tokenize_sft
+from sftrl_jax.data.batching import layout_step, pack_groups
+from sftrl_jax.models import load_pretrained, load_tokenizer
+from sftrl_jax.sft.step import make_train_step, sequence_nll
+from sftrl_jax.sharding import make_mesh, named_sharding, place
+
+LR = 1.0  # plain SGD: the update is the gradient itself, so it is compared directly
+
+
+@pytest.fixture(scope="module")
+def setup(hf_checkpoint, tmp_path_factory):
+    directory = make_model_dir(hf_checkpoint("qwen2_untied"), tmp_path_factory.mktemp("sft") / "model")
+    tokenizer = load_tokenizer(directory)
+    rows = (("mem", i, r) for i, r in enumerate(luffy_rows(16, seed=1)))
+    examples, _ = tokenize_sft(rows, tokenizer, SFTDataOptions(max_length=256))
+    lengths = [int(e.loss_mask.sum()) for e in examples]
+    assert max(lengths) > 4 * min(lengths)  # very different response lengths
+    return directory, examples
+
+
+def _params(directory):
+    model, _ = load_pretrained(directory)
+    return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
+
+
+_RUNS = {}
+
+
+def ours(directory, examples, *, devices, micro_batch_size, emulate_bug="none", pack=False):
+    """Parameters after one of our SGD steps, and its metrics (memoised: several tests share runs)."""
+    key = (str(directory), len(examples), devices, micro_batch_size, emulate_bug, pack)
+    if key in _RUNS:
+        return _RUNS[key]
+    mesh = make_mesh({"fsdp": devices}, devices=jax.devices()[:devices])
+    model, _ = load_pretrained(directory, mesh=mesh)
+    graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
+    micro_steps = len(examples) // (micro_batch_size * devices)
+    batch = layout_step(examples, micro_steps=micro_steps, shards=devices, micro_batch_size=micro_batch_size,
+                        max_length=256, pack=pack)
+    batch = {k: place(v, named_sharding((None, "batch", "length"), mesh)) for k, v in batch.items()}
+    optimizer = optax.sgd(LR)
+    step = jax.jit(make_train_step(graphdef, optimizer, lambda s: LR, emulate_bug=emulate_bug, shards=devices))
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    new_state, metrics = step(state, batch)
+    _RUNS[key] = jax.device_get(new_state["params"]), jax.device_get(metrics)
+    return _RUNS[key]
+
+
+def sgd_reference(directory, examples, coefficients):
+    """Hand-written reference: one full batch, each example right-padded on its own row (no micro-batches,
+    no packing, no weights from our code); loss = sum_k coefficients[k] * (sum of -log p over example k's
+    response tokens). Returns (parameters after one SGD step, parameters before, per-example nll sums)."""
+    graphdef, params = _params(directory)
+    length = max(len(e.input_ids) for e in examples)
+    ids = np.zeros((len(examples), length), np.int32)
+    mask = np.zeros((len(examples), length), np.float32)
+    for k, e in enumerate(examples):
+        ids[k, :len(e.input_ids)] = e.input_ids
+        mask[k, :len(e.input_ids)] = e.loss_mask
+    attention = (np.arange(length)[None] < np.array([len(e.input_ids) for e in examples])[:, None])
+
+    def nll_sums(p):
+        logits = nnx.merge(graphdef, p)(jnp.asarray(ids), attention_mask=jnp.asarray(attention))
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(logp, jnp.asarray(ids[:, 1:])[..., None], axis=-1)[..., 0]
+        return -jnp.sum(picked * mask[:, 1:], axis=1)
+
+    loss = lambda p: jnp.sum(jnp.asarray(coefficients, jnp.float32) * nll_sums(p))  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(params)
+    after = jax.tree.map(lambda p, g: p - LR * g, params, grads)
+    return jax.device_get(after), jax.device_get(params), np.asarray(jax.jit(nll_sums)(params))
+
+
+def response_tokens(examples):
+    return np.array([float(e.loss_mask[1:].sum()) for e in examples])
+
+
+def relative_error(a, b, base):
+    """max over parameters of ||a - b|| / ||b - base|| (error relative to the size of the update)."""
+    errors = jax.tree.map(lambda x, y, z: np.linalg.norm(x - y) / max(np.linalg.norm(y - z), 1e-30), a, b, base)
+    return max(jax.tree.leaves(errors))
+
+
+def max_param_relative_error(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: np.abs(x - y).max() / np.abs(y).max(), a, b)))
+
+
+def test_grad_accum_matches_full_batch_for_any_split(setup):
+    directory, examples = setup
+    examples = examples[:8]
+    tokens = response_tokens(examples)
+    reference, before, nll = sgd_reference(directory, examples, np.full(8, 1.0 / tokens.sum()))
+    runs = {f"1 device x {8 // m} micro-steps": ours(directory, examples, devices=1, micro_batch_size=m)
+            for m in (8, 4, 2, 1)}
+    runs["8 devices x 1 micro-step"] = ours(directory, examples, devices=8, micro_batch_size=1)
+    runs["2 devices x 2 micro-steps, packed"] = ours(directory, examples, devices=2, micro_batch_size=2, pack=True)
+    for name, (params, metrics) in runs.items():
+        assert max_param_relative_error(params, reference) <= 1e-6, name
+        assert relative_error(params, reference, before) <= 1e-4, name
+        assert metrics["loss"] == pytest.approx(nll.sum() / tokens.sum(), rel=1e-5), name
+        assert metrics["tokens"] == tokens.sum()
+
+
+def test_deepspeed_offload_keeps_only_first_and_last_micro_batch(setup):
+    directory, examples = setup
+    examples = examples[:8]  # 1 device, micro-batches of 2 -> N = 4 micro-steps
+    n, tokens = 4, response_tokens(examples)
+    # g_i = grad(sum over micro-batch i / (T / N)): the mean of the g_i is the correct gradient.
+    # The bug hands the optimizer (g_0 + g_{N-1}) / N: examples 0,1 and 6,7 only.
+    in_first_or_last = np.array([1, 1, 0, 0, 0, 0, 1, 1], np.float32)
+    reference, before, _ = sgd_reference(directory, examples, in_first_or_last / (tokens.sum() / n) / n)
+    params, metrics = ours(directory, examples, devices=1, micro_batch_size=2, emulate_bug="deepspeed_offload")
+    assert relative_error(params, reference, before) <= 1e-4
+    correct, correct_metrics = ours(directory, examples, devices=1, micro_batch_size=2)
+    assert relative_error(params, correct, before) > 0.05  # measurably different
+    assert metrics["loss"] == pytest.approx(correct_metrics["loss"], rel=1e-6)  # the true loss is still reported
+    assert metrics["grad_norm"] < correct_metrics["grad_norm"]  # the bug under-estimates the norm
+
+
+def test_openrlhf_mean_of_means_per_micro_batch_and_shard(setup):
+    directory, examples = setup  # 16 examples on 4 shards, micro-batches of 2 -> N = 2 micro-steps
+    tokens = response_tokens(examples)
+    group = np.arange(16) // 2  # (micro-step i, shard r) holds examples 2k, 2k+1 with k = 4i + r
+    group_tokens = np.array([tokens[group == g].sum() for g in range(8)])
+    reference, before, _ = sgd_reference(directory, examples, 1.0 / (group_tokens[group] * 8))
+    params, _ = ours(directory, examples, devices=4, micro_batch_size=2, emulate_bug="openrlhf_mean_of_means")
+    assert relative_error(params, reference, before) <= 1e-4
+    correct, _ = ours(directory, examples, devices=4, micro_batch_size=2)
+    assert relative_error(params, correct, before) > 0.02
+
+
+def test_both_bugs_together(setup):
+    directory, examples = setup
+    examples = examples[:8]  # 1 device, N = 4: mean of means over micro-batches 0 and 3 only, divided by N
+    tokens = response_tokens(examples)
+    group = np.arange(8) // 2
+    group_tokens = np.array([tokens[group == g].sum() for g in range(4)])
+    keep = np.isin(group, [0, 3]).astype(np.float32)
+    reference, before, _ = sgd_reference(directory, examples, keep / (group_tokens[group] * 4))
+    params, _ = ours(directory, examples, devices=1, micro_batch_size=2, emulate_bug="both")
+    assert relative_error(params, reference, before) <= 1e-4
+
+
+def test_packing_gives_the_same_per_token_losses_as_padding(setup):
+    directory, examples = setup
+    graphdef, params = _params(directory)
+    chosen = examples[:6]
+    padded = layout_step(chosen, micro_steps=1, shards=1, micro_batch_size=6, max_length=256, pack=False)
+    packed = layout_step(chosen, micro_steps=1, shards=1, micro_batch_size=6, max_length=256, pack=True)
+    assert packed["input_ids"].shape[1] < 6  # several sequences really share a row
+    groups = pack_groups([len(e.input_ids) for e in chosen], 256)
+
+    def nll_of(batch):
+        nll, mask = jax.jit(lambda p, b: sequence_nll(graphdef, p, b))(params, {k: v[0] for k, v in batch.items()})
+        return np.asarray(nll), np.asarray(mask) > 0, batch["segment_ids"][0]
+
+    nll, mask, _ = nll_of(padded)
+    per_example_padded = [nll[k][mask[k]] for k in range(len(chosen))]
+    nll, mask, segments = nll_of(packed)
+    per_example_packed = {}
+    for row, group in enumerate(groups):
+        for segment, index in enumerate(group, start=1):
+            in_segment = (segments[row] == segment) & mask[row]
+            per_example_packed[index] = nll[row][in_segment]
+    for k, expected in enumerate(per_example_padded):
+        assert len(expected) == int(chosen[k].loss_mask[1:].sum())
+        np.testing.assert_allclose(per_example_packed[k], expected, rtol=1e-5, atol=1e-5)
