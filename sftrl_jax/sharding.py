@@ -118,3 +118,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> N
 def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Put a host array on devices with ``sharding``; each process supplies only its own shards."""
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shardings_on(tree, mesh: Mesh):
+    """Each leaf's own NamedSharding on ``mesh``, or replicated for leaves placed elsewhere (scalars)."""
+
+    def pick(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return sharding
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(pick, tree)

@@ -23,7 +23,7 @@ from ..data.sources import load_rows
 from ..metrics import MetricsWriter, is_writer, plot_curves, read_metrics
 from ..models import load_pretrained, load_tokenizer, save_pretrained
 from ..optim import init_opt_state, make_optimizer
-from ..sharding import make_mesh, named_sharding, place
+from ..sharding import make_mesh, named_sharding, place, shardings_on
 from .config import SFTConfig
 from .step import make_eval_step, make_train_step
 
@@ -96,7 +96,8 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
     optimizer, schedule = make_optimizer(train_cfg, total_steps)
     opt_state = jax.jit(lambda p: init_opt_state(optimizer, p))(params)
     state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state_shardings = shardings_on(state, mesh)
+    state = jax.device_put(state, state_shardings)
 
     checkpointer = TrainCheckpointer(out / "checkpoints", save_every=config.checkpoint.save_every,
                                      keep_last=config.checkpoint.keep_last, async_save=config.checkpoint.async_save)

@@ -1,0 +1,239 @@
+"""Answer extraction and binary grading of model responses against a reference answer.
+
+This is the single grading function behind both the RL reward and evaluation, so the two can never
+disagree. ``compute_score(response, ground_truth)`` is 1.0 when the response's final answer is
+mathematically equivalent to the reference answer and 0.0 otherwise:
+
+- The answer is the content of the last ``\\boxed{...}`` (``\\fbox{...}``, ``\\boxed 5``); when the
+  response has no (non-empty) boxed answer, math-verify's own extraction of the response is used
+  ("the answer is 5", ``$\\frac34$``, ...).
+- Equivalence is decided by math-verify (``math_verify.parse`` / ``math_verify.verify``), the checker
+  of the reference recipe (verl's ``math_verify`` reward wraps the reference answer in ``\\boxed{}``
+  the same way).
+- ``require_think=True`` is the reference recipe's format rule: only the text after the last
+  ``</think>`` is graded, and a response without ``</think>`` scores 0.
+- A reference answer that is a single letter A-J (GPQA, ARC-c) is graded as multiple choice: the
+  chosen letter comes from the boxed answer or, failing that, from "the answer is (C)" /
+  "ANSWER: C" in the text.
+
+Grading never raises; anything unparsable scores 0.0. It can, however, be slow on pathological
+expressions (``9^{9^{9^{9}}}``): math-verify's SIGALRM guard is used here when called from a
+process's main thread, but it cannot interrupt long C-level computations and does not work in other
+threads. Grade untrusted model output through :class:`sftrl_jax.rewards.RewardPool`, which enforces a
+hard per-item timeout in worker processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+
+logger = logging.getLogger("sftrl_jax.rewards")
+
+__all__ = ["compute_score", "extract_boxed", "extract_choice", "is_choice_answer"]
+
+# math-verify's own (signal-based) per-call timeout when grading in a process's main thread.
+_SIGNAL_TIMEOUT_S = 5
+
+_BOX_START = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def _matching_brace(text: str, open_pos: int) -> int | None:
+    """Index of the ``}`` closing the ``{`` at ``open_pos`` (escaped ``\\{``/``\\}`` ignored)."""
+    depth = 0
+    i = open_pos
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # skip the escaped character (\{, \}, \\)
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _box_content_at(text: str, match: re.Match) -> str | None:
+    """Content of the box command matched at ``match``, or None if it is malformed/unterminated."""
+    i = match.end()
+    j = i
+    while j < len(text) and text[j].isspace():
+        j += 1
+    if j < len(text) and text[j] == "{":
+        close = _matching_brace(text, j)
+        return None if close is None else text[j + 1 : close]
+    if j > i:  # "\boxed 5": a single token after whitespace
+        token = re.match(r"[^\s$]+", text[j:])
+        return token.group(0) if token else None
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` / ``\\boxed TOKEN`` in ``text``.
+
+    Nested braces are handled (``\\boxed{\\frac{\\sqrt{3}}{2}}`` -> ``\\frac{\\sqrt{3}}{2}``). A
+    trailing unterminated ``\\boxed{...`` (a truncated response) is skipped in favour of the last
+    complete one. Returns None when there is no boxed answer.
+    """
+    if not isinstance(text, str):
+        return None
+    for match in reversed(list(_BOX_START.finditer(text))):
+        content = _box_content_at(text, match)
+        if content is not None:
+            return content
+    return None
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+_CHOICE_LETTERS = "ABCDEFGHIJ"
+# Wrappers stripped from a boxed choice / a ground-truth letter: \text{..}, \textbf{..}, $, **, ...
+_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|textit|mathit)\s*\{|[{}$*]")
+# A leading letter: "C", "(C)", "[C]", "C.", "C) 42", "C: 42". Not "Cat" or "a+b".
+_LEADING_CHOICE = re.compile(r"^[(\[]?([A-Ja-j])(?:[)\].:,]|$|\s)")
+# In running text: "the answer is (C)", "Answer: C", "ANSWER: **C**", "answer is option c)".
+# The word "answer" is matched case-insensitively; a bare letter must be upper case (so that
+# "the answer is a prime" is not read as A), a bracketed one may be either case.
+_TEXT_CHOICE = re.compile(
+    r"(?i:answer)(?:\s+(?i:is))?\s*:?\s*(?:\*\*|\$|\\text(?:bf)?\{|\s)*(?:(?i:option|choice)\s*)?"
+    r"(?:\(([A-Ja-j])\)|\[([A-Ja-j])\]|([A-J])(?![A-Za-z0-9]))"
+)
+
+
+def _strip_wrappers(text: str) -> str:
+    return _WRAPPER.sub("", text).strip().rstrip(".")
+
+
+def is_choice_answer(ground_truth: str) -> bool:
+    """True when ``ground_truth`` is a multiple-choice letter A-J (``C``, ``(C)``, ``\\text{C}``)."""
+    return _ground_truth_choice(ground_truth) is not None
+
+
+def _ground_truth_choice(ground_truth: str) -> str | None:
+    stripped = _strip_wrappers(ground_truth).strip("()")
+    return stripped if len(stripped) == 1 and stripped in _CHOICE_LETTERS else None
+
+
+def _choice_from_box(content: str) -> str | None:
+    match = _LEADING_CHOICE.match(_strip_wrappers(content))
+    return match.group(1).upper() if match else None
+
+
+def extract_choice(text: str) -> str | None:
+    """The multiple-choice letter (upper case) a response settles on, or None.
+
+    From the last boxed answer (``\\boxed{C}``, ``\\boxed{\\text{(c)}}``, ``\\boxed{C. 42}``) or,
+    failing that, the last "answer is (C)" / "Answer: C" in the text, or a response that is just
+    the letter.
+    """
+    if not isinstance(text, str):
+        return None
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        letter = _choice_from_box(boxed)
+        if letter is not None:
+            return letter
+    matches = list(_TEXT_CHOICE.finditer(text))
+    if matches:
+        return next(g for g in matches[-1].groups() if g).upper()
+    return _choice_from_box(text) if len(text.strip()) <= 16 else None
+
+
+# ----------------------------------------------------------------------------- math-verify
+
+
+@functools.lru_cache(maxsize=1)
+def _configs():
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    boxed_latex = LatexExtractionConfig(boxed_match_priority=0)
+    return {
+        # The reference answer and a boxed answer: parsed as LaTeX, nothing else.
+        "boxed": [boxed_latex],
+        # No boxed answer: math-verify's default extraction (anchors like "answer is", LaTeX
+        # environments, then plain numbers/expressions).
+        "fallback": [LatexExtractionConfig(), ExprExtractionConfig()],
+    }
+
+
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(ground_truth: str, timeout: int | None) -> tuple:
+    from math_verify import parse
+
+    # Bare LaTeX ("\frac{1}{2}", "3", "\$18.90") is boxed so math-verify reads all of it; answers
+    # that already carry math delimiters ("$\frac{8}{5}$", "$(-6,6)$, $(2,6)$") are parsed as is.
+    if _UNESCAPED_DOLLAR.search(ground_truth) or "\\boxed" in ground_truth:
+        text = ground_truth
+    else:
+        text = "\\boxed{" + ground_truth + "}"
+    return tuple(parse(text, _configs()["boxed"], parsing_timeout=timeout))
+
+
+def _parse_answer(answer_text: str, timeout: int | None) -> list:
+    from math_verify import parse
+
+    boxed = extract_boxed(answer_text)
+    if boxed is not None and boxed.strip():
+        return parse("\\boxed{" + boxed + "}", _configs()["boxed"], parsing_timeout=timeout)
+    return parse(answer_text, _configs()["fallback"], parsing_timeout=timeout)
+
+
+def _answer_part(response: str, require_think: bool) -> str | None:
+    if not require_think:
+        return response
+    _, sep, tail = response.rpartition("</think>")
+    return tail if sep else None
+
+
+def _score(response, ground_truth, require_think: bool, timeout: int | None) -> float:
+    """compute_score with an explicit math-verify timeout (None: disabled, as in pool workers)."""
+    from math_verify import verify
+    from math_verify.errors import TimeoutException
+
+    try:
+        if not isinstance(response, str) or ground_truth is None:
+            return 0.0
+        ground_truth = ground_truth if isinstance(ground_truth, str) else str(ground_truth)
+        if not ground_truth.strip():
+            return 0.0
+        answer_text = _answer_part(response, require_think)
+        if answer_text is None or not answer_text.strip():
+            return 0.0
+
+        letter = _ground_truth_choice(ground_truth)
+        if letter is not None:
+            return float(extract_choice(answer_text) == letter)
+
+        gold = _parse_gold(ground_truth.strip(), timeout)
+        pred = _parse_answer(answer_text, timeout)
+        if not gold or not pred:
+            return 0.0
+        return float(verify(list(gold), pred, timeout_seconds=timeout))
+    except (Exception, TimeoutException):  # TimeoutException is a BaseException
+        logger.debug("grading failed; scoring 0", exc_info=True)
+        return 0.0
+
+
+def compute_score(response: str, ground_truth: str, *, require_think: bool = False) -> float:
+    """1.0 if ``response``'s final answer matches ``ground_truth``, else 0.0. Never raises.
+
+    Args:
+      response: the model's completion (the text after the prompt).
+      ground_truth: the reference answer, usually bare LaTeX (``\\frac{1}{2}``, ``3``) or a
+        multiple-choice letter (``C``).
+      require_think: grade only the text after the last ``</think>``; no ``</think>`` scores 0.
+
+    In-process and without a hard timeout (see the module docstring); use ``RewardPool`` for model
+    output.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    return _score(response, ground_truth, require_think, _SIGNAL_TIMEOUT_S if in_main_thread else None)

@@ -1,0 +1,333 @@
+"""Parallel grading in worker processes with a hard per-item timeout.
+
+sympy can take practically forever on some expressions a model may write (``9^{9^{9^{9}}}``,
+``(10^8)!``), and math-verify's own SIGALRM guard neither interrupts long C-level work nor works off
+the main thread. :class:`RewardPool` therefore grades each item in a worker process and kills the
+worker when an item exceeds ``timeout_s``; the item scores 0.0, is reported in
+``ScoreResult.timed_out`` and logged (logger ``sftrl_jax.rewards``), and a fresh worker takes the
+dead one's place, so the next item and the next batch are unaffected.
+
+The pool manages its ``multiprocessing`` processes itself rather than using
+``concurrent.futures.ProcessPoolExecutor``: an executor cannot cancel a running task, and it does
+not tell when a queued task actually starts, so a per-item deadline could not be enforced. Each
+worker holds one item at a time; its deadline starts when the item is handed to it. Workers are
+started with "spawn" (or "forkserver"), never "fork": the parent runs JAX, whose threads make
+forking unsafe. Like any spawn-based pool, a script that creates one needs an
+``if __name__ == "__main__":`` guard.
+
+    with RewardPool(num_workers=8, timeout_s=10) as pool:
+        result = pool.score_batch(responses, ground_truths, require_think=True)
+    result.scores, result.timed_out, result.num_timeouts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Sequence
+
+from sftrl_jax.rewards.math_reward import extract_boxed
+
+logger = logging.getLogger("sftrl_jax.rewards")
+
+__all__ = ["RewardPool", "ScoreResult"]
+
+_READY = "ready"
+# A worker that dies before it is ready this many times in a row means the pool cannot start.
+_MAX_START_FAILURES = 3
+_START_TIMEOUT_S = 300.0
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    """Scores of one batch, in input order."""
+
+    scores: list[float]
+    timed_out: list[bool]  # graded 0.0 because grading exceeded the per-item timeout
+    num_timeouts: int
+    num_crashed: int = 0  # items whose worker died (e.g. out of memory); also graded 0.0
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores) / len(self.scores) if self.scores else 0.0
+
+
+def _worker_main(conn, memory_limit_mb: int | None) -> None:
+    """Worker loop: receive ``(response, ground_truth, require_think)``, send back the score."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if memory_limit_mb:
+        # A blow-up (2^{2^{36}}) then ends in MemoryError (score 0) instead of eating the host's RAM.
+        import resource
+
+        limit = int(memory_limit_mb) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # Timeouts are this pool's job, so math-verify's are off; silence its "timeout is disabled"
+    # and per-expression parse warnings.
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    from sftrl_jax.rewards.math_reward import _score
+
+    _score("\\boxed{1}", "1", False, None)  # import and warm up math-verify before saying ready
+    conn.send(_READY)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        response, ground_truth, require_think = task
+        conn.send(_score(response, ground_truth, require_think, None))
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    ready: bool = False
+    task: int | None = None  # index of the item being graded
+    deadline: float = 0.0
+
+
+def _stop(worker: _Worker, graceful: bool = False) -> None:
+    """Stop a worker and reap it (no zombie is left behind)."""
+    if graceful and worker.ready and worker.task is None:
+        try:
+            worker.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        worker.process.join(timeout=2.0)
+    if worker.process.is_alive():
+        worker.process.kill()
+    worker.process.join()
+    worker.conn.close()
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for worker in workers:
+        _stop(worker, graceful=True)
+    workers.clear()
+
+
+def _default_num_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(32, cpus))
+
+
+def _snippet(text, limit: int = 120) -> str:
+    if not isinstance(text, str):
+        return repr(text)[:limit]
+    boxed = extract_boxed(text)
+    text = f"\\boxed{{{boxed}}}" if boxed is not None else text[-limit:]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RewardPool:
+    """Worker processes that grade ``(response, ground_truth)`` pairs with a hard per-item timeout.
+
+    Args:
+      num_workers: worker processes (default: the available CPUs, at most 32).
+      timeout_s: per-item limit in seconds, from when a worker receives the item. An item over
+        the limit scores 0.0 and its worker is killed and replaced.
+      memory_limit_mb: address-space limit of each worker (``RLIMIT_AS``; None: unlimited), so a
+        runaway expression fails with MemoryError (score 0) instead of exhausting host memory.
+      start_method: "spawn" (default) or "forkserver"; "fork" is refused (JAX threads).
+
+    Use as a context manager or call :meth:`close`. ``score_batch`` calls are serialised.
+    """
+
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        timeout_s: float = 10.0,
+        *,
+        memory_limit_mb: int | None = 4096,
+        start_method: str = "spawn",
+    ):
+        if start_method not in ("spawn", "forkserver"):
+            raise ValueError(f"start_method must be 'spawn' or 'forkserver', got {start_method!r}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.num_workers = int(num_workers) if num_workers else _default_num_workers()
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.timeout_s = float(timeout_s)
+        self.memory_limit_mb = memory_limit_mb
+        self._ctx = multiprocessing.get_context(start_method)
+        self._lock = threading.Lock()
+        self._start_failures = 0
+        self._workers: list[_Worker] = []
+        # Kill the workers if the pool is garbage-collected or the interpreter exits unclosed.
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+        for _ in range(self.num_workers):
+            self._workers.append(self._spawn())
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _spawn(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=_worker_main, args=(child_conn, self.memory_limit_mb), name="sftrl-jax-reward-worker", daemon=True
+        )
+        process.start()
+        child_conn.close()
+        return _Worker(process, parent_conn)
+
+    def _replace(self, i: int) -> None:
+        _stop(self._workers[i])
+        self._workers[i] = self._spawn()
+
+    def close(self) -> None:
+        """Stop all workers. Idempotent."""
+        with self._lock:
+            self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = _START_TIMEOUT_S) -> None:
+        """Block until every worker has started (imported math-verify); optional before a batch."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("RewardPool is closed")
+            deadline = time.monotonic() + timeout
+            while not all(w.ready for w in self._workers):
+                starting = [w.conn for w in self._workers if not w.ready]
+                wait_s = deadline - time.monotonic()
+                if wait_s <= 0:
+                    raise TimeoutError(f"reward workers not ready after {timeout:.0f} s")
+                for conn in multiprocessing.connection.wait(starting, timeout=wait_s):
+                    i = next(i for i, w in enumerate(self._workers) if w.conn is conn)
+                    try:
+                        self._workers[i].ready = conn.recv() == _READY
+                        self._start_failures = 0
+                    except (EOFError, OSError):
+                        self._workers[i].process.join(timeout=5.0)
+                        self._start_failed(self._workers[i])
+                        self._replace(i)
+
+    # -- grading ---------------------------------------------------------------------------------
+
+    def score_batch(
+        self, responses: Sequence[str], ground_truths: Sequence[str], *, require_think: bool = False
+    ) -> ScoreResult:
+        """Grade ``responses[i]`` against ``ground_truths[i]`` (see ``compute_score``) in parallel."""
+        responses, ground_truths = list(responses), list(ground_truths)
+        if len(responses) != len(ground_truths):
+            raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("RewardPool is closed")
+            try:
+                return self._run(responses, ground_truths, bool(require_think))
+            except BaseException:
+                # Interrupted mid-batch (e.g. KeyboardInterrupt): busy workers would send stale
+                # scores into the next batch, so replace them.
+                for i, worker in enumerate(self._workers):
+                    if worker.task is not None:
+                        self._replace(i)
+                raise
+
+    def _run(self, responses: list, ground_truths: list, require_think: bool) -> ScoreResult:
+        n = len(responses)
+        scores, timed_out = [0.0] * n, [False] * n
+        num_crashed = 0
+        todo = deque(range(n))
+        remaining = n
+        while remaining:
+            if not self._workers:  # shut down under us (interpreter exit)
+                raise RuntimeError("RewardPool was closed during score_batch")
+            # Hand one item to each idle, ready worker.
+            for i, worker in enumerate(self._workers):
+                if not todo:
+                    break
+                if worker.ready and worker.task is None:
+                    idx = todo.popleft()
+                    try:
+                        worker.conn.send((responses[idx], ground_truths[idx], require_think))
+                    except (OSError, ValueError):  # died while idle: retry the item elsewhere
+                        todo.appendleft(idx)
+                        self._replace(i)
+                        continue
+                    worker.task, worker.deadline = idx, time.monotonic() + self.timeout_s
+
+            # Wait for a result, a worker becoming ready or dying, or the nearest deadline.
+            waiting = [w for w in self._workers if not w.ready or w.task is not None]
+            deadlines = [w.deadline for w in waiting if w.task is not None]
+            if deadlines:
+                wait_s = max(0.0, min(deadlines) - time.monotonic())
+            else:  # only starting workers
+                first_start = min(w.started for w in waiting)
+                wait_s = max(0.0, first_start + _START_TIMEOUT_S - time.monotonic())
+                if wait_s == 0.0:
+                    raise RuntimeError(f"no reward worker became ready within {_START_TIMEOUT_S:.0f} s")
+            ready = set(multiprocessing.connection.wait([w.conn for w in waiting], timeout=wait_s))
+
+            for i, worker in enumerate(self._workers):
+                if worker.conn not in ready:
+                    continue
+                try:
+                    message = worker.conn.recv()
+                except (EOFError, OSError):  # the worker died
+                    worker.process.join(timeout=5.0)  # for its exit code
+                    if worker.task is None:
+                        self._start_failed(worker)
+                    else:
+                        num_crashed += 1
+                        remaining -= 1
+                        logger.error(
+                            "reward worker died (exit code %s) grading item %d; scored 0 (answer %s)",
+                            worker.process.exitcode, worker.task, _snippet(responses[worker.task]),
+                        )
+                    self._replace(i)
+                    continue
+                if not worker.ready:
+                    worker.ready = message == _READY
+                    self._start_failures = 0
+                else:
+                    scores[worker.task] = float(message)
+                    worker.task = None
+                    remaining -= 1
+
+            # Kill workers whose item is over time.
+            now = time.monotonic()
+            for i, worker in enumerate(self._workers):
+                if worker.task is not None and now >= worker.deadline:
+                    idx = worker.task
+                    timed_out[idx] = True
+                    remaining -= 1
+                    logger.warning(
+                        "reward grading of item %d timed out after %.1f s; scored 0, worker replaced "
+                        "(ground truth %r, answer %s)",
+                        idx, self.timeout_s, str(ground_truths[idx])[:60], _snippet(responses[idx]),
+                    )
+                    self._replace(i)
+
+        return ScoreResult(scores, timed_out, sum(timed_out), num_crashed)
+
+    def _start_failed(self, worker: _Worker) -> None:
+        self._start_failures += 1
+        logger.error("reward worker exited during start-up (exit code %s)", worker.process.exitcode)
+        if self._start_failures >= _MAX_START_FAILURES:
+            raise RuntimeError(
+                f"reward workers keep failing to start (exit code {worker.process.exitcode}); "
+                "see the worker's stderr"
+            )
