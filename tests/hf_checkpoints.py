@@ -79,8 +79,18 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen2.5-style: with no system message the template injects its own default system block.
+QWEN25_DEFAULT_SYSTEM = "please reason step by step, and put your final answer within \\boxed{}."
+QWEN25_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>system\n" + QWEN25_DEFAULT_SYSTEM + "<|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if not (m['role'] == 'system' and loop.first) %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-def make_tokenizer(directory: Path) -> Path:
+
+def make_tokenizer(directory: Path, chat_template: str = CHAT_TEMPLATE) -> Path:
     """A tiny character-level tokenizer with Qwen-style special tokens and a chat template (< 96 ids)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
@@ -93,6 +103,6 @@ def make_tokenizer(directory: Path) -> Path:
     tokenizer.add_special_tokens(specials)
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(directory)
     return Path(directory)

@@ -1,0 +1,301 @@
+"""SFT rows -> token ids and a loss mask.
+
+The loss mask is built from the token boundary, never recovered by searching the text: the prompt
+(chat template with the generation prompt) and the response are tokenised separately, so the mask is
+False on exactly the prompt tokens and True on every response token including the final EOS. (A
+public verl bug masked the EOS and supervised the last prompt token, and models never learned to
+stop.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jinja2
+import numpy as np
+
+logger = logging.getLogger("sftrl_jax.data")
+
+# Rows are tokenised in batches of this many (the fast tokenizer parallelises a batch).
+_BATCH_ROWS = 256
+# Bad rows logged one by one before the rest are only counted.
+_MAX_ROW_WARNINGS = 20
+# Probe texts used to find a chat template's injected default system block.
+_PROBE_SYSTEM = "sftrljaxprobesystem"
+_PROBE_USER = "sftrljaxprobeuser"
+_THINK_MARKERS = ("<think>\n", "<think>")
+
+
+@dataclasses.dataclass
+class SFTDataOptions:
+    """How rows become SFT examples (defaults match the LUFFY/OpenR1 SFT parquet files)."""
+
+    prompt_field: str = "prompt"  # chat messages (list of {role, content}) or a plain string
+    # None = "target" if the row has one (a list with one assistant message), else "response" (a string).
+    response_field: str | None = None
+    max_length: int = 2048  # prompt + response tokens, EOS included
+    overlong: str = "truncate"  # "truncate" (cut the response from the end) | "drop"
+    on_bad_row: str = "skip"  # "skip" (warn, count) | "error" (raise ValueError)
+    remove_system_prompt: bool = False  # drop system messages and a template-injected default one
+    think_prefix: str = "keep"  # "keep" (supervise a leading <think>) | "prompt" (condition on it)
+    eos_token: str | None = None  # appended to every response; None = tokenizer.eos_token
+
+    def __post_init__(self):
+        for name, allowed in (("overlong", ("truncate", "drop")), ("on_bad_row", ("skip", "error")),
+                              ("think_prefix", ("keep", "prompt"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SFTDataOptions.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.max_length < 2:
+            raise ValueError(f"SFTDataOptions.max_length must be >= 2 (one prompt and one response token), "
+                             f"got {self.max_length}")
+
+
+class SFTExample(NamedTuple):
+    input_ids: np.ndarray  # int32 [n]: prompt tokens then response tokens (ending in EOS unless truncated)
+    loss_mask: np.ndarray  # bool [n]: True exactly on the response tokens (EOS included)
+
+
+@dataclasses.dataclass
+class SFTDataStats:
+    rows: int = 0  # rows read, bad ones included
+    examples: int = 0  # examples returned
+    bad_rows: int = 0  # skipped: missing/malformed fields, empty response
+    truncated: int = 0  # kept with the response cut to max_length
+    dropped_too_long: int = 0  # over max_length and dropped (or a prompt alone of >= max_length tokens)
+
+    def summary(self) -> str:
+        return (f"{self.rows} rows -> {self.examples} examples ({self.bad_rows} bad rows skipped, "
+                f"{self.truncated} truncated, {self.dropped_too_long} dropped as too long)")
+
+
+class _BadRow(ValueError):
+    """A problem with one row's content (reported with its source and index by the caller)."""
+
+
+def build_prompt_text(messages_or_str: str | Sequence[dict], tokenizer, *, remove_system_prompt: bool = False) -> str:
+    """The prompt text a model is conditioned on: the chat template with the generation prompt.
+
+    A plain string becomes one user message. With ``remove_system_prompt`` the system messages are
+    dropped and, if the template then injects its own default system block (Qwen2.5 does), that
+    block is stripped as well, so the prompt really carries no system prompt. Shared by SFT,
+    evaluation and RL so that all three see identical prompts.
+    """
+    return _render(_prompt_messages(messages_or_str, "prompt"), tokenizer, remove_system_prompt)
+
+
+def tokenize_sft(rows: Iterable[tuple[str, int, dict]], tokenizer,
+                 options: SFTDataOptions) -> tuple[list[SFTExample], SFTDataStats]:
+    """Tokenise ``(source_name, row_index, row)`` rows (see ``load_rows``) into SFT examples.
+
+    Prompt and response are tokenised separately (no special tokens added) and concatenated, then
+    the EOS id is appended; the mask starts exactly at the first response token.
+    """
+    eos_id = _eos_id(tokenizer, options.eos_token)
+    stats = SFTDataStats()
+    examples: list[SFTExample] = []
+    pending: list[tuple[str, int, str, str]] = []  # (source, index, prompt text, response text)
+    for source, index, row in rows:
+        stats.rows += 1
+        try:
+            prompt_text, response_text = _row_texts(row, tokenizer, options)
+        except _BadRow as problem:
+            if options.on_bad_row == "error":
+                raise ValueError(f"{source} row {index}: {problem}") from None
+            stats.bad_rows += 1
+            if stats.bad_rows <= _MAX_ROW_WARNINGS:
+                logger.warning("%s row %d: %s (row skipped)", source, index, problem)
+            if stats.bad_rows == _MAX_ROW_WARNINGS:
+                logger.warning("further bad rows are counted but not logged one by one")
+            continue
+        pending.append((source, index, prompt_text, response_text))
+        if len(pending) >= _BATCH_ROWS:
+            _flush(pending, tokenizer, eos_id, options, examples, stats)
+    _flush(pending, tokenizer, eos_id, options, examples, stats)
+    stats.examples = len(examples)
+    level = logging.WARNING if stats.bad_rows or stats.dropped_too_long else logging.INFO
+    logger.log(level, "SFT data: %s", stats.summary())
+    return examples, stats
+
+
+def _flush(pending: list[tuple[str, int, str, str]], tokenizer, eos_id: int, options: SFTDataOptions,
+           examples: list[SFTExample], stats: SFTDataStats) -> None:
+    """Tokenise the pending rows as one batch and append their examples (clears ``pending``)."""
+    if not pending:
+        return
+    prompts = tokenizer([p for _, _, p, _ in pending], add_special_tokens=False, return_attention_mask=False)
+    responses = tokenizer([r for _, _, _, r in pending], add_special_tokens=False, return_attention_mask=False)
+    for (source, index, _, _), prompt_ids, response_ids in zip(pending, prompts["input_ids"],
+                                                                responses["input_ids"]):
+        n_prompt, n_total = len(prompt_ids), len(prompt_ids) + len(response_ids) + 1
+        ids = [*prompt_ids, *response_ids, eos_id]
+        if n_total > options.max_length:
+            # Truncation needs at least one response token left after the prompt.
+            if options.overlong == "drop" or n_prompt >= options.max_length:
+                stats.dropped_too_long += 1
+                logger.debug("%s row %d: %d tokens > max_length %d (prompt %d), dropped",
+                             source, index, n_total, options.max_length, n_prompt)
+                continue
+            # Cut from the end: the EOS goes first, so a cut response never teaches "stop here".
+            ids = ids[:options.max_length]
+            stats.truncated += 1
+        input_ids = np.asarray(ids, dtype=np.int32)
+        loss_mask = np.zeros(len(ids), dtype=bool)
+        loss_mask[n_prompt:] = True
+        examples.append(SFTExample(input_ids, loss_mask))
+    pending.clear()
+
+
+def _row_texts(row: Any, tokenizer, options: SFTDataOptions) -> tuple[str, str]:
+    """(prompt text, response text) of one row; raises ``_BadRow`` naming the problem."""
+    if not isinstance(row, dict):
+        raise _BadRow(f"row must be a dict, got {type(row).__name__}")
+    field = options.response_field or _auto_response_field(row)
+    messages = _prompt_messages(row.get(options.prompt_field), options.prompt_field)
+    response = _response_text(row.get(field), field)
+    try:
+        prompt = _render(messages, tokenizer, options.remove_system_prompt)
+    except _BadRow as error:
+        raise _BadRow(f"field {options.prompt_field!r}: {error}") from None
+    except jinja2.TemplateSyntaxError:  # a broken template is not the row's fault
+        raise
+    except jinja2.TemplateError as error:  # the template's raise_exception, e.g. "roles must alternate"
+        raise _BadRow(f"field {options.prompt_field!r}: chat template refused it: {error}") from None
+    if options.think_prefix == "prompt":
+        for marker in _THINK_MARKERS:
+            if response.startswith(marker):
+                prompt, response = prompt + marker, response[len(marker):]
+                if not response.strip():
+                    raise _BadRow(f"field {field!r} is empty after moving {marker!r} to the prompt")
+                break
+    return prompt, response
+
+
+def _auto_response_field(row: dict) -> str:
+    """``target`` (LUFFY/OpenR1) if the row has one, else ``response``.
+
+    Decided per row: JSON files mixing both schemas load with every column in every row, the
+    absent one filled with None. With neither, the error names ``target`` if that column exists.
+    """
+    if row.get("target") is not None:
+        return "target"
+    if row.get("response") is not None or "target" not in row:
+        return "response"
+    return "target"
+
+
+def _prompt_messages(value: Any, field: str) -> list[dict]:
+    """Validated ``[{role, content}]`` messages (a string becomes one user message)."""
+    if value is None:
+        raise _BadRow(f"field {field!r} missing")
+    if isinstance(value, str):
+        if not value.strip():
+            raise _BadRow(f"field {field!r} is empty")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise _BadRow(f"field {field!r} must be a string or a list of {{role, content}} messages, "
+                      f"got {type(value).__name__}")
+    if len(value) == 0:
+        raise _BadRow(f"field {field!r} has no messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _BadRow(f"field {field!r} message {i} must be a {{role, content}} dict, got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise _BadRow(f"field {field!r} message {i} needs string 'role' and 'content', "
+                          f"got {type(role).__name__} and {type(content).__name__}")
+        messages.append({"role": role, "content": content})  # drop None-filled keys of a unified schema
+    return messages
+
+
+def _response_text(value: Any, field: str) -> str:
+    """The response string: a plain string, or the content of a list with one assistant message."""
+    if value is None:
+        raise _BadRow(f"field {field!r} missing")
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != 1:
+            raise _BadRow(f"field {field!r} must hold exactly one assistant message, got {len(value)}")
+        message = value[0]
+        if not isinstance(message, dict):
+            raise _BadRow(f"field {field!r} must hold a {{role, content}} message, got {type(message).__name__}")
+        if message.get("role") != "assistant":
+            raise _BadRow(f"field {field!r} message has role {message.get('role')!r}, expected 'assistant'")
+        value = message.get("content")
+        if not isinstance(value, str):
+            raise _BadRow(f"field {field!r} message content must be a string, got {type(value).__name__}")
+    elif not isinstance(value, str):
+        raise _BadRow(f"field {field!r} must be a string or a list with one assistant message, "
+                      f"got {type(value).__name__}")
+    if not value.strip():
+        raise _BadRow(f"field {field!r} is empty")
+    return value
+
+
+def _render(messages: list[dict], tokenizer, remove_system_prompt: bool) -> str:
+    if remove_system_prompt:
+        messages = [m for m in messages if m["role"] != "system"]
+        if not messages:
+            raise _BadRow("only system messages, and remove_system_prompt is set")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if remove_system_prompt:
+        injected, keep = _injected_system_block(tokenizer)
+        if injected and text.startswith(injected):
+            text = keep + text[len(injected):]
+    return text
+
+
+_INJECTED_CACHE: dict[tuple, tuple[str, str]] = {}
+
+
+def _injected_system_block(tokenizer) -> tuple[str, str]:
+    """``(prefix, keep)``: what the template puts before the first turn when no system message is
+    given, if that is a default system block; ``keep`` is the BOS text to leave in its place.
+
+    Found by rendering probes: ``[system S]``, ``[system S, user U]`` and ``[user U]``. The user turn
+    is what ``[system S, user U]`` adds after ``[system S]``; whatever ``[user U]`` renders before it
+    is the injected prefix. It counts as a system block only if it is framed like the real one (same
+    header before S, same closing after S), so unusual templates are left untouched.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    key = (repr(template), bos, getattr(tokenizer, "eos_token", None))
+    if key in _INJECTED_CACHE:
+        return _INJECTED_CACHE[key]
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    system, user = {"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": _PROBE_USER}
+    result = ("", "")
+    try:
+        system_only, with_system, without = render([system]), render([system, user]), render([user])
+    except Exception as error:  # a template that refuses a probe: nothing we can safely strip
+        logger.warning("cannot probe the chat template for a default system prompt (%s); not stripping one", error)
+        _INJECTED_CACHE[key] = result
+        return result
+    user_turn = with_system[len(system_only):]
+    if with_system.startswith(system_only) and user_turn and without.endswith(user_turn) \
+            and _PROBE_SYSTEM in system_only:
+        prefix = without[:len(without) - len(user_turn)]
+        keep = bos if bos and prefix.startswith(bos) and system_only.startswith(bos) else ""
+        start = system_only.index(_PROBE_SYSTEM)
+        header, closing = system_only[len(keep):start], system_only[start + len(_PROBE_SYSTEM):]
+        block = prefix[len(keep):]
+        if block and header and block.startswith(header) and block.endswith(closing):
+            result = (prefix, keep)
+    _INJECTED_CACHE[key] = result
+    return result
+
+
+def _eos_id(tokenizer, eos_token: str | None) -> int:
+    """The id of the EOS token, which must be a single token of the vocabulary."""
+    token = eos_token if eos_token is not None else tokenizer.eos_token
+    if not token:
+        raise ValueError("the tokenizer has no eos_token; set SFTDataOptions.eos_token")
+    eos_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(eos_id, int) or tokenizer.convert_ids_to_tokens(eos_id) != token:
+        raise ValueError(f"eos token {token!r} is not a single token of the tokenizer's vocabulary")
+    return eos_id
