@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sft", help="supervised fine-tuning",
                        description="Supervised fine-tuning with exact global-token-mean gradient accumulation. "
-                                   "Config keys: see configs/tiny_sft.yaml and docs/config.md.")
+                                   "Config keys: docs/config.md; commented example: configs/tiny_sft.yaml.")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")

@@ -190,3 +190,29 @@ class CheckpointOptions:
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3
     async_save: bool = True
+
+
+def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, type, default)`` for every key of config class ``cls`` (for docs and ``--help``)."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        key = f"{prefix}{field.name}"
+        tp = hints[field.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = repr(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = repr(field.default_factory())
+        else:
+            default = "(required)"
+        rows.append((key, _describe(tp), default))
+    return rows
+
+
+def markdown_table(cls) -> str:
+    lines = ["| key | type | default |", "|---|---|---|"]
+    lines += [f"| `{k}` | {t.replace('|', '&#124;')} | `{d}` |" for k, t, d in describe(cls)]
+    return "\n".join(lines) + "\n"

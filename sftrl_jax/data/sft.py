@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jinja2
 import numpy as np
@@ -37,10 +37,10 @@ class SFTDataOptions:
     # None = "target" if the row has one (a list with one assistant message), else "response" (a string).
     response_field: str | None = None
     max_length: int = 2048  # prompt + response tokens, EOS included
-    overlong: str = "truncate"  # "truncate" (cut the response from the end) | "drop"
-    on_bad_row: str = "skip"  # "skip" (warn, count) | "error" (raise ValueError)
+    overlong: Literal["truncate", "drop"] = "truncate"  # "truncate" (cut the response from the end) | "drop"
+    on_bad_row: Literal["skip", "error"] = "skip"  # "skip" (warn, count) | "error" (raise ValueError)
     remove_system_prompt: bool = False  # drop system messages and a template-injected default one
-    think_prefix: str = "keep"  # "keep" (supervise a leading <think>) | "prompt" (condition on it)
+    think_prefix: Literal["keep", "prompt"] = "keep"  # "keep" (supervise a leading <think>) | "prompt" (condition on it)
     eos_token: str | None = None  # appended to every response; None = tokenizer.eos_token
 
     def __post_init__(self):
