@@ -6,6 +6,7 @@
 from pathlib import Path
 
 from sftrl_jax.config import markdown_table
+from sftrl_jax.evaluation import EvalConfig
 from sftrl_jax.sft.config import SFTConfig
 
 HEADER = """# Config reference
@@ -18,7 +19,8 @@ the wrong type is an error naming the key. Commented examples: `configs/`.
 
 
 def render() -> str:
-    return HEADER + "\n## `sftrl-jax sft`\n\n" + markdown_table(SFTConfig)
+    return (HEADER + "\n## `sftrl-jax sft`\n\n" + markdown_table(SFTConfig)
+            + "\n## `sftrl-jax eval`\n\n" + markdown_table(EvalConfig))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,18 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .evaluation import EvalConfig, run_eval
+
+    config = load_config(EvalConfig, args.config, args.overrides)
+    results = run_eval(config)
+    average = results["math_average"]
+    print(f"eval: results {config.output_dir}/results.json"
+          + (f"; math average {100 * average:.1f}%" if average is not None else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftrl-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("eval", help="evaluate a model on reasoning benchmarks",
+                       description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
+                                   "output_dir/generations.jsonl. Config keys: docs/config.md.")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sampling.n=4")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

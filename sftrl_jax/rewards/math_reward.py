@@ -187,6 +187,11 @@ def _parse_answer(answer_text: str, timeout: int | None) -> list:
     return parse(answer_text, _configs()["fallback"], parsing_timeout=timeout)
 
 
+def _same_text(answer: str, ground_truth: str) -> bool:
+    strip = lambda t: "".join(t.split()).strip("$")  # noqa: E731
+    return strip(answer) == strip(ground_truth)
+
+
 def _answer_part(response: str, require_think: bool) -> str | None:
     if not require_think:
         return response
@@ -213,6 +218,9 @@ def _score(response, ground_truth, require_think: bool, timeout: int | None) -> 
         if letter is not None:
             return float(extract_choice(answer_text) == letter)
 
+        boxed = extract_boxed(answer_text)
+        if boxed is not None and _same_text(boxed, ground_truth):
+            return 1.0  # identical strings are equal; no need to ask sympy (which can time out)
         gold = _parse_gold(ground_truth.strip(), timeout)
         pred = _parse_answer(answer_text, timeout)
         if not gold or not pred:

@@ -1,0 +1,327 @@
+"""Evaluation on the reasoning benchmarks (``sftrl-jax eval``).
+
+Rows in the verl/LUFFY parquet format (``data_source`` names the benchmark, ``prompt`` = chat
+messages, ``reward_model.ground_truth``) or plain JSONL (``prompt``, ``answer``) become prompts
+through the chat template; the one sampler generates, the one reward module grades, and every
+completion is appended to ``generations.jsonl`` as soon as its chunk is graded, so an interrupted
+evaluation resumes without regenerating. Metrics per benchmark: accuracy (mean over all rows and
+samples, so repeated rows give avg@k), unbiased pass@k when ``n > 1``, mean response length, share
+truncated, share timed out; plus the unweighted average over the math benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .config import ModelOptions, save_config
+from .data.sft import build_prompt_text
+from .data.sources import load_rows
+from .metrics import is_writer
+
+log = logging.getLogger("sftrl_jax.eval")
+
+MATH_BENCHMARKS = ["aime", "aime25", "amc", "math", "minerva", "olympiad_bench"]
+
+
+@dataclasses.dataclass
+class EvalDataOptions:
+    files: list[str] = dataclasses.field(default_factory=list)
+    prompt_field: str = "prompt"
+    answer_field: str | None = None  # None: reward_model.ground_truth, else "answer"
+    benchmark_field: str = "data_source"  # rows without it are named after their file
+    remove_system_prompt: bool = False
+    prompt_suffix: str = ""  # appended to the templated prompt, e.g. "<think>\n" (think template)
+    max_prompt_length: int = 1024  # longer prompts are skipped (and counted)
+    limit_per_benchmark: int | None = None  # first k rows of each benchmark (quick runs)
+
+
+@dataclasses.dataclass
+class SamplingOptions:
+    temperature: float = 0.6
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 8192
+    n: int = 1  # samples per prompt
+    seed: int = 0
+    batch_size: int = 64  # prompts per compiled generation batch
+
+
+@dataclasses.dataclass
+class RewardOptions:
+    require_think: bool = False  # grade only after </think>; no </think> scores 0
+    timeout_s: float = 10.0
+    num_workers: int | None = None
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    model: ModelOptions
+    data: EvalDataOptions = dataclasses.field(default_factory=EvalDataOptions)
+    sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
+    reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
+    math_benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(MATH_BENCHMARKS))
+    chunk_size: int = 256  # prompts generated and graded between two appends to generations.jsonl
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    output_dir: str = "runs/eval"
+
+
+@dataclasses.dataclass
+class EvalItem:
+    prompt_id: int
+    benchmark: str
+    prompt_text: str
+    ground_truth: str
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    num_tokens: int
+    truncated: bool
+
+
+# A generator returns ``n`` completions per item, item-major.
+Generator = Callable[[Sequence[EvalItem], int], list[Completion]]
+
+
+def _ground_truth(row: dict, field: str | None):
+    if field is not None:
+        return row.get(field)
+    reward_model = row.get("reward_model")
+    if isinstance(reward_model, dict) and "ground_truth" in reward_model:
+        return reward_model["ground_truth"]
+    return row.get("answer")
+
+
+def load_items(options: EvalDataOptions, tokenizer) -> tuple[list[EvalItem], dict[str, int]]:
+    """Evaluation items (prompt text and ids, ground truth, benchmark) and skip counts."""
+    if not options.files:
+        raise ValueError("data.files: no evaluation data given")
+    items: list[EvalItem] = []
+    skipped = {"bad_rows": 0, "prompt_too_long": 0}
+    per_benchmark: dict[str, int] = defaultdict(int)
+    for source, index, row in load_rows(options.files, split="test"):
+        benchmark = str(row.get(options.benchmark_field) or Path(source).stem)
+        if options.limit_per_benchmark is not None and per_benchmark[benchmark] >= options.limit_per_benchmark:
+            continue
+        truth = _ground_truth(row, options.answer_field)
+        try:
+            if truth is None or (isinstance(truth, str) and not truth.strip()):
+                raise ValueError("no ground truth (reward_model.ground_truth or answer)")
+            prompt = build_prompt_text(row.get(options.prompt_field), tokenizer,
+                                       remove_system_prompt=options.remove_system_prompt)
+        except Exception as err:  # a malformed row is skipped with its location
+            skipped["bad_rows"] += 1
+            log.warning("%s row %d: %s (skipped)", source, index, err)
+            continue
+        prompt += options.prompt_suffix
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) > options.max_prompt_length:
+            skipped["prompt_too_long"] += 1
+            continue
+        per_benchmark[benchmark] += 1
+        items.append(EvalItem(len(items), benchmark, prompt, str(truth), ids))
+    if skipped["prompt_too_long"]:
+        log.warning("%d prompts longer than data.max_prompt_length=%d tokens were skipped",
+                    skipped["prompt_too_long"], options.max_prompt_length)
+    return items, skipped
+
+
+def model_generator(model, tokenizer, sampling: SamplingOptions, *, progress: bool = True) -> Generator:
+    """The real generator: the shared sampler, decoded with the tokenizer (EOS not included in the text)."""
+    from .sampling import generate
+
+    eos_ids = sorted({tokenizer.eos_token_id, *model.config.eos_token_ids} - {None})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def run(items: Sequence[EvalItem], n: int) -> list[Completion]:
+        samples = generate(model, [item.prompt_ids for item in items], max_new_tokens=sampling.max_new_tokens,
+                           temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                           eos_token_id=eos_ids, seed=sampling.seed + items[0].prompt_id, n=n,
+                           batch_size=sampling.batch_size, pad_token_id=pad_id, progress=progress)
+        out = []
+        for sample in samples:
+            body = sample.tokens[:-1] if sample.stop_reason == "eos" else sample.tokens
+            out.append(Completion(tokenizer.decode(body, skip_special_tokens=False), len(sample.tokens),
+                                  sample.stop_reason == "length"))
+        return out
+
+    return run
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k estimator: 1 - C(n - c, k) / C(n, k)."""
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+def summarize(records: Sequence[dict], math_benchmarks: Sequence[str]) -> dict:
+    """Per-benchmark metrics and the unweighted math average from generation records."""
+    by_benchmark: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_benchmark[record["benchmark"]].append(record)
+    benchmarks = {}
+    for name, rows in sorted(by_benchmark.items()):
+        per_prompt: dict[int, list[float]] = defaultdict(list)
+        for r in rows:
+            per_prompt[r["prompt_id"]].append(r["score"])
+        n = min(len(v) for v in per_prompt.values())
+        metrics = {
+            "prompts": len(per_prompt),
+            "samples": len(rows),
+            "accuracy": sum(r["score"] for r in rows) / len(rows),
+            "mean_response_tokens": sum(r["num_tokens"] for r in rows) / len(rows),
+            "truncated_share": sum(r["truncated"] for r in rows) / len(rows),
+            "timed_out_share": sum(r["timed_out"] for r in rows) / len(rows),
+        }
+        if n > 1:
+            for k in [2**i for i in range(int(math.log2(n)) + 1)]:
+                metrics[f"pass@{k}"] = sum(pass_at_k(len(s), int(sum(s)), k) for s in per_prompt.values()) / len(
+                    per_prompt)
+        benchmarks[name] = metrics
+    present = [b for b in math_benchmarks if b in benchmarks]
+    average = sum(benchmarks[b]["accuracy"] for b in present) / len(present) if present else None
+    return {"benchmarks": benchmarks, "math_average": average, "math_benchmarks": present}
+
+
+def _extracted(response: str, ground_truth: str, require_think: bool) -> str | None:
+    from .rewards import extract_boxed, extract_choice, is_choice_answer
+
+    if require_think:
+        head, sep, tail = response.rpartition("</think>")
+        if not sep:
+            return None
+        response = tail
+    return extract_choice(response) if is_choice_answer(ground_truth) else extract_boxed(response)
+
+
+def read_generations(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut off by an interruption: regenerate that prompt
+            break
+    return records
+
+
+def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress: bool = True) -> dict:
+    """Evaluate as configured; returns the results written to ``results.json``."""
+    from .rewards import RewardPool
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_writer():
+        save_config(config, out / "config.yaml")
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.path)
+    items, skipped = load_items(config.data, tokenizer)
+    n = config.sampling.n
+    generations = out / "generations.jsonl"
+    records = [r for r in read_generations(generations) if r["prompt_id"] < len(items)]
+    # Keep only prompts that have all n samples; a partly written prompt is generated again.
+    counts: dict[int, int] = defaultdict(int)
+    for r in records:
+        counts[r["prompt_id"]] += 1
+    records = [r for r in records if counts[r["prompt_id"]] == n]
+    done = {r["prompt_id"] for r in records}
+    generations.write_text("".join(json.dumps(r) + "\n" for r in records))
+    todo = [item for item in items if item.prompt_id not in done]
+    log.info("%d prompts (%d already generated), %d samples each", len(items), len(done), n)
+
+    if todo and generator is None:
+        from .models import load_pretrained
+        from .sharding import make_mesh
+
+        model, _ = load_pretrained(config.model.path, dtype=config.model.dtype,
+                                   compute_dtype=config.model.compute_dtype, mesh=make_mesh(config.mesh))
+        generator = model_generator(model, tokenizer, config.sampling, progress=False)
+    if todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), initial=len(done), desc="eval", disable=not progress, dynamic_ncols=True)
+        with RewardPool(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s) as pool:
+            for start in range(0, len(todo), config.chunk_size):
+                chunk = todo[start:start + config.chunk_size]
+                completions = generator(chunk, n)
+                truths = [item.ground_truth for item in chunk for _ in range(n)]
+                scored = pool.score_batch([c.text for c in completions], truths,
+                                          require_think=config.reward.require_think)
+                new = []
+                for k, completion in enumerate(completions):
+                    item = chunk[k // n]
+                    new.append({
+                        "prompt_id": item.prompt_id, "sample": k % n, "benchmark": item.benchmark,
+                        "response": completion.text,
+                        "extracted_answer": _extracted(completion.text, item.ground_truth,
+                                                       config.reward.require_think),
+                        "ground_truth": item.ground_truth, "score": scored.scores[k],
+                        "num_tokens": completion.num_tokens, "truncated": completion.truncated,
+                        "timed_out": scored.timed_out[k]})
+                with generations.open("a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in new))
+                records.extend(new)
+                bar.update(len(chunk))
+        bar.close()
+
+    records.sort(key=lambda r: (r["prompt_id"], r["sample"]))
+    results = summarize(records, config.math_benchmarks)
+    results.update(skipped=skipped, samples_per_prompt=n, sampling=dataclasses.asdict(config.sampling),
+                   model=config.model.path)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    plot_results(results, out / "accuracy.png")
+    return results
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="evaluation")
+    columns = ["prompts", "samples", "accuracy", "mean_response_tokens", "truncated_share", "timed_out_share"]
+    extra = sorted({k for m in results["benchmarks"].values() for k in m if k.startswith("pass@")},
+                   key=lambda k: int(k[5:]))
+    table.add_column("benchmark")
+    for column in columns + extra:
+        table.add_column(column.replace("_", " "), justify="right")
+    for name, metrics in results["benchmarks"].items():
+        cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, ""))
+                 for c in columns + extra]
+        table.add_row(name, *cells)
+    if results["math_average"] is not None:
+        table.add_row("math average", "", "", f"{results['math_average']:.3f}")
+    Console().print(table)
+
+
+def plot_results(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["benchmarks"])
+    values = [100 * results["benchmarks"][b]["accuracy"] for b in names]
+    if results["math_average"] is not None:
+        names.append("math avg")
+        values.append(100 * results["math_average"])
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names)), 3.5))
+    bars = ax.bar(names, values, color=["#dd8452" if n == "math avg" else "#4c72b0" for n in names])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, max(100, max(values, default=0) * 1.1))
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,172 @@
+"""The one sampler, used by RL rollouts and by evaluation.
+
+``generate`` left-pads a batch of prompts, runs one jit-compiled prefill into a pre-allocated KV
+cache, repeats the cache ``n`` times (samples of a prompt share its prefill), and decodes in a
+``lax.while_loop`` that stops early once every row has emitted an EOS. Prompt lengths and batch
+sizes are rounded up to powers of two so a long evaluation compiles a handful of shapes. Rows
+are split over the data-parallel mesh axes; the model keeps its own parameter sharding.
+
+Randomness: one key per (seed, batch, step); with JAX's partitionable threefry the samples do
+not depend on how rows are sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from .data.batching import bucket_length
+from .models.decoder import Decoder, init_cache
+from .sharding import named_sharding, place
+
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass
+class Sample:
+    prompt_index: int
+    tokens: list[int]  # generated ids, ending at (and including) the first EOS
+    logprobs: list[float]  # log-probability of each token under the sampling distribution
+    stop_reason: Literal["eos", "length"]
+
+
+def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """float32 logits of the sampling distribution (temperature, then top-k, then top-p).
+
+    ``temperature == 0`` leaves the logits as they are (greedy decoding takes the argmax, and the
+    reported log-probs are the model's own).
+    """
+    logits = logits.astype(jnp.float32)
+    if temperature > 0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, _NEG_INF, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep a token if the mass strictly before it is < top_p (the top token is always kept)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(before < top_p, sorted_logits, _NEG_INF)
+        logits = jnp.full_like(logits, _NEG_INF).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return logits
+
+
+def _pick(logits, key, temperature, top_k, top_p):
+    """(token, its log-prob under the sampling distribution) for each row."""
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    if temperature > 0:
+        token = jax.random.categorical(key, filtered, axis=-1)
+    else:
+        token = jnp.argmax(filtered, axis=-1)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), logprob
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "max_new_tokens", "temperature", "top_k",
+                                             "top_p", "eos_ids", "pad_id", "cache_dtype"))
+def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, max_new_tokens, temperature,
+                    top_k, top_p, eos_ids, pad_id, cache_dtype):
+    model = nnx.merge(graphdef, params)
+    rows, prompt_len = prompt_ids.shape
+    cache = init_cache(model.config, rows, prompt_len + max_new_tokens, cache_dtype)
+    logits, cache = model.prefill(prompt_ids, prompt_mask, cache)
+    if n > 1:  # every sample of a prompt continues from the same prefill
+        cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=1 if x.ndim == 5 else 0) if x.ndim else x, cache)
+        logits, live = jnp.repeat(logits, n, axis=0), jnp.repeat(live, n, axis=0)
+    total = rows * n
+    eos = jnp.asarray(eos_ids, jnp.int32)
+
+    def cond(carry):
+        step, _, _, done, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, logits, cache, done, tokens, logprobs = carry
+        token, logprob = _pick(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+        token = jnp.where(done, pad_id, token)
+        tokens = tokens.at[:, step].set(token)
+        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+        done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
+        logits, cache = model.decode(token, cache)
+        return step + 1, logits, cache, done, tokens, logprobs
+
+    carry = (jnp.zeros((), jnp.int32), logits, cache, ~live,
+             jnp.full((total, max_new_tokens), pad_id, jnp.int32), jnp.zeros((total, max_new_tokens), jnp.float32))
+    steps, _, _, _, tokens, logprobs = jax.lax.while_loop(cond, body, carry)
+    return tokens, logprobs, steps
+
+
+def generate(
+    model: Decoder,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int = 0,
+    n: int = 1,
+    batch_size: int = 64,
+    pad_token_id: int = 0,
+    progress: bool = False,
+) -> list[Sample]:
+    """Sample ``n`` continuations of each prompt.
+
+    Returns ``len(prompt_ids) * n`` samples, prompt-major: sample ``j`` of prompt ``i`` is at
+    ``i * n + j``. ``temperature=0`` is greedy. ``batch_size`` is the number of prompts per
+    compiled batch (rounded to a power of two and to the data-parallel size).
+    """
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate: every prompt needs at least one token")
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_ids
+    eos_ids = tuple(int(e) for e in ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+    if not eos_ids:
+        eos_ids = (-1,)  # no EOS: every row runs to max_new_tokens
+    mesh = model.mesh
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    graphdef, params = nnx.split(model)
+    batch_prompts = max(bucket_length(min(batch_size, len(prompt_ids)), maximum=max(batch_size, 1), minimum=1),
+                        shards)
+    batch_prompts = -(-batch_prompts // shards) * shards
+    rows_sharding = named_sharding(("batch", "length"), mesh) if mesh is not None else None
+    vector_sharding = named_sharding(("batch",), mesh) if mesh is not None else None
+    samples: list[Sample] = []
+    starts = range(0, len(prompt_ids), batch_prompts)
+    for batch_index, start in enumerate(tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True)):
+        chunk = prompt_ids[start:start + batch_prompts]
+        length = bucket_length(max(len(p) for p in chunk), maximum=1 << 30, minimum=16)
+        ids = np.full((batch_prompts, length), pad_token_id, np.int32)
+        mask = np.zeros((batch_prompts, length), np.int32)
+        for row, prompt in enumerate(chunk):  # left padding
+            ids[row, length - len(prompt):] = prompt
+            mask[row, length - len(prompt):] = 1
+        live = np.arange(batch_prompts) < len(chunk)
+        if rows_sharding is not None:
+            ids, mask, live = place(ids, rows_sharding), place(mask, rows_sharding), place(live, vector_sharding)
+        tokens, logprobs, _ = _generate_batch(
+            graphdef, params, ids, mask, live, jax.random.fold_in(jax.random.key(seed), batch_index), n=n,
+            max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+            eos_ids=eos_ids, pad_id=pad_token_id, cache_dtype=jnp.dtype(model.dtype).name)
+        tokens, logprobs = np.asarray(jax.device_get(tokens)), np.asarray(jax.device_get(logprobs))
+        for row in range(len(chunk) * n):
+            hits = np.flatnonzero(np.isin(tokens[row], eos_ids))
+            end = int(hits[0]) + 1 if hits.size else max_new_tokens
+            samples.append(Sample(prompt_index=start + row // n, tokens=tokens[row, :end].tolist(),
+                                  logprobs=logprobs[row, :end].tolist(),
+                                  stop_reason="eos" if hits.size else "length"))
+    return samples
