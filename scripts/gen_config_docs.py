@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sftrl_jax.config import markdown_table
 from sftrl_jax.evaluation import EvalConfig
+from sftrl_jax.rl.config import RLConfig
 from sftrl_jax.sft.config import SFTConfig
 
 HEADER = """# Config reference
@@ -20,6 +21,7 @@ the wrong type is an error naming the key. Commented examples: `configs/`.
 
 def render() -> str:
     return (HEADER + "\n## `sftrl-jax sft`\n\n" + markdown_table(SFTConfig)
+            + "\n## `sftrl-jax rl`\n\n" + markdown_table(RLConfig)
             + "\n## `sftrl-jax eval`\n\n" + markdown_table(EvalConfig))
 
 

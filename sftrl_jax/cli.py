@@ -49,6 +49,16 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rl(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .rl import RLConfig, run_rl
+
+    config = load_config(RLConfig, args.config, args.overrides)
+    result = run_rl(config, resume=args.resume)
+    print(f"rl: {result.steps} steps; metrics {result.output_dir / 'metrics.jsonl'}; model {result.final_dir}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
     from .evaluation import EvalConfig, run_eval
@@ -87,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("rl", help="GRPO reinforcement learning with a verifiable reward",
+                       description="GRPO (verl semantics, DAPO options) on prompt files with ground truths. "
+                                   "Config keys: docs/config.md.")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rl.kl_coef=0.001")
+    p.set_defaults(func=cmd_rl)
+
     p = sub.add_parser("eval", help="evaluate a model on reasoning benchmarks",
                        description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
                                    "output_dir/generations.jsonl. Config keys: docs/config.md.")
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, FloatingPointError) as err:
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, FloatingPointError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"sftrl-jax {args.command}: error: {message}", file=sys.stderr)
         return 2

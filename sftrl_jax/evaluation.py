@@ -20,25 +20,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import ModelOptions, save_config
-from .data.sft import build_prompt_text
-from .data.sources import load_rows
+from .data.prompts import PromptDataOptions, PromptItem, load_prompt_items
 from .metrics import is_writer
 
 log = logging.getLogger("sftrl_jax.eval")
 
 MATH_BENCHMARKS = ["aime", "aime25", "amc", "math", "minerva", "olympiad_bench"]
-
-
-@dataclasses.dataclass
-class EvalDataOptions:
-    files: list[str] = dataclasses.field(default_factory=list)
-    prompt_field: str = "prompt"
-    answer_field: str | None = None  # None: reward_model.ground_truth, else "answer"
-    benchmark_field: str = "data_source"  # rows without it are named after their file
-    remove_system_prompt: bool = False
-    prompt_suffix: str = ""  # appended to the templated prompt, e.g. "<think>\n" (think template)
-    max_prompt_length: int = 1024  # longer prompts are skipped (and counted)
-    limit_per_benchmark: int | None = None  # first k rows of each benchmark (quick runs)
 
 
 @dataclasses.dataclass
@@ -62,22 +49,13 @@ class RewardOptions:
 @dataclasses.dataclass
 class EvalConfig:
     model: ModelOptions
-    data: EvalDataOptions = dataclasses.field(default_factory=EvalDataOptions)
+    data: PromptDataOptions = dataclasses.field(default_factory=PromptDataOptions)
     sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
     reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
     math_benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(MATH_BENCHMARKS))
     chunk_size: int = 256  # prompts generated and graded between two appends to generations.jsonl
     mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     output_dir: str = "runs/eval"
-
-
-@dataclasses.dataclass
-class EvalItem:
-    prompt_id: int
-    benchmark: str
-    prompt_text: str
-    ground_truth: str
-    prompt_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -88,50 +66,7 @@ class Completion:
 
 
 # A generator returns ``n`` completions per item, item-major.
-Generator = Callable[[Sequence[EvalItem], int], list[Completion]]
-
-
-def _ground_truth(row: dict, field: str | None):
-    if field is not None:
-        return row.get(field)
-    reward_model = row.get("reward_model")
-    if isinstance(reward_model, dict) and "ground_truth" in reward_model:
-        return reward_model["ground_truth"]
-    return row.get("answer")
-
-
-def load_items(options: EvalDataOptions, tokenizer) -> tuple[list[EvalItem], dict[str, int]]:
-    """Evaluation items (prompt text and ids, ground truth, benchmark) and skip counts."""
-    if not options.files:
-        raise ValueError("data.files: no evaluation data given")
-    items: list[EvalItem] = []
-    skipped = {"bad_rows": 0, "prompt_too_long": 0}
-    per_benchmark: dict[str, int] = defaultdict(int)
-    for source, index, row in load_rows(options.files, split="test"):
-        benchmark = str(row.get(options.benchmark_field) or Path(source).stem)
-        if options.limit_per_benchmark is not None and per_benchmark[benchmark] >= options.limit_per_benchmark:
-            continue
-        truth = _ground_truth(row, options.answer_field)
-        try:
-            if truth is None or (isinstance(truth, str) and not truth.strip()):
-                raise ValueError("no ground truth (reward_model.ground_truth or answer)")
-            prompt = build_prompt_text(row.get(options.prompt_field), tokenizer,
-                                       remove_system_prompt=options.remove_system_prompt)
-        except Exception as err:  # a malformed row is skipped with its location
-            skipped["bad_rows"] += 1
-            log.warning("%s row %d: %s (skipped)", source, index, err)
-            continue
-        prompt += options.prompt_suffix
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(ids) > options.max_prompt_length:
-            skipped["prompt_too_long"] += 1
-            continue
-        per_benchmark[benchmark] += 1
-        items.append(EvalItem(len(items), benchmark, prompt, str(truth), ids))
-    if skipped["prompt_too_long"]:
-        log.warning("%d prompts longer than data.max_prompt_length=%d tokens were skipped",
-                    skipped["prompt_too_long"], options.max_prompt_length)
-    return items, skipped
+Generator = Callable[[Sequence[PromptItem], int], list[Completion]]
 
 
 def model_generator(model, tokenizer, sampling: SamplingOptions, *, progress: bool = True) -> Generator:
@@ -141,7 +76,7 @@ def model_generator(model, tokenizer, sampling: SamplingOptions, *, progress: bo
     eos_ids = sorted({tokenizer.eos_token_id, *model.config.eos_token_ids} - {None})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def run(items: Sequence[EvalItem], n: int) -> list[Completion]:
+    def run(items: Sequence[PromptItem], n: int) -> list[Completion]:
         samples = generate(model, [item.prompt_ids for item in items], max_new_tokens=sampling.max_new_tokens,
                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                            eos_token_id=eos_ids, seed=sampling.seed + items[0].prompt_id, n=n,
@@ -226,7 +161,7 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
     from .models import load_tokenizer
 
     tokenizer = load_tokenizer(config.model.path)
-    items, skipped = load_items(config.data, tokenizer)
+    items, skipped = load_prompt_items(config.data, tokenizer)
     n = config.sampling.n
     generations = out / "generations.jsonl"
     records = [r for r in read_generations(generations) if r["prompt_id"] < len(items)]

@@ -13,7 +13,6 @@ token. The last position of a sequence, padding and segment boundaries get mask 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -105,14 +104,39 @@ def layout_step(examples: Sequence, *, micro_steps: int, shards: int, micro_batc
                            for i in range(micro_steps)]) for key in BATCH_KEYS}
 
 
-@dataclasses.dataclass
-class BatcherState:
-    epoch: int = 0
-    step_in_epoch: int = 0
+class EpochSampler:
+    """Deterministic batches of indices: epoch ``e`` is a permutation seeded by ``(seed, e)``, cut into
+    ``batch`` consecutive slices (the remainder is left out that epoch). Its position is a small dict
+    saved with every checkpoint, so a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, size: int, batch: int, *, seed: int, shuffle: bool = True):
+        if size < batch:
+            raise ValueError(f"only {size} examples, fewer than one batch of {batch}")
+        self.size, self.batch, self.seed, self.shuffle = size, batch, seed, shuffle
+        self.batches_per_epoch = size // batch
+        self.epoch = self.position = 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.size)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def next(self) -> np.ndarray:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.batch
+        self.position += 1
+        return self.order(self.epoch)[start:start + self.batch]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step_in_epoch": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["step_in_epoch"])
 
 
 class SFTBatcher:
-    """Deterministic epoch-shuffled global batches; its position is saved with each checkpoint."""
+    """Global SFT batches in :func:`layout_step` form, in :class:`EpochSampler` order."""
 
     def __init__(self, examples: Sequence, *, global_batch_size: int, micro_batch_size: int, shards: int,
                  max_length: int, pack: bool, seed: int, shuffle: bool = True):
@@ -125,36 +149,28 @@ class SFTBatcher:
             raise ValueError(f"only {len(examples)} training examples, fewer than train.global_batch_size "
                              f"({global_batch_size})")
         self.examples = examples
-        self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.shards = shards
         self.micro_steps = global_batch_size // per_micro_step
         self.max_length = max_length
         self.pack = pack
-        self.seed = seed
-        self.shuffle = shuffle
-        self.steps_per_epoch = len(examples) // global_batch_size  # the remainder is left out each epoch
-        self.state = BatcherState()
+        self.sampler = EpochSampler(len(examples), global_batch_size, seed=seed, shuffle=shuffle)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
 
-    def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.examples))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
 
     def next(self) -> dict[str, np.ndarray]:
-        if self.state.step_in_epoch >= self.steps_per_epoch:
-            self.state = BatcherState(self.state.epoch + 1, 0)
-        start = self.state.step_in_epoch * self.global_batch_size
-        indices = self.order(self.state.epoch)[start:start + self.global_batch_size]
-        self.state = BatcherState(self.state.epoch, self.state.step_in_epoch + 1)
-        return layout_step([self.examples[i] for i in indices], micro_steps=self.micro_steps, shards=self.shards,
-                           micro_batch_size=self.micro_batch_size, max_length=self.max_length, pack=self.pack)
+        return layout_step([self.examples[i] for i in self.sampler.next()], micro_steps=self.micro_steps,
+                           shards=self.shards, micro_batch_size=self.micro_batch_size, max_length=self.max_length,
+                           pack=self.pack)
 
     def state_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self.state)
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.state = BatcherState(int(state["epoch"]), int(state["step_in_epoch"]))
+        self.sampler.load_state_dict(state)
 
 
 def eval_batches(examples: Sequence, *, rows: int, max_length: int):

@@ -152,7 +152,7 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
                     f"grad_norm={metrics['grad_norm']}); stopped. Last good checkpoint: "
                     + (f"step {good} in {checkpointer.directory}" if good is not None else "none"))
             seconds = time.perf_counter() - tick
-            record = {"step": step, "epoch": batcher.state.epoch, **metrics,
+            record = {"step": step, "epoch": batcher.epoch, **metrics,
                       "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds}
             if eval_examples and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < total_steps:
                 record["eval_loss"] = evaluate(state["params"])

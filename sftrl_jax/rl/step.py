@@ -1,0 +1,96 @@
+"""GRPO's jitted pieces: response log-probs and the policy update with exact accumulation.
+
+A rollout batch holds ``S`` sequences, each a left-padded prompt (``P`` tokens) followed by a
+right-padded response (``R`` tokens): ``input_ids [S, P+R]``. Log-probs of the response tokens
+come from the logits at positions ``P-1 .. P+R-2``, divided by the sampling temperature (as verl
+does), so with ``top_k=0, top_p=1`` they are the sampler's distribution.
+
+The update receives one mini-batch laid out ``[micro_steps, shards * rows, ...]``; per-token
+weights are computed over the whole mini-batch (``agg_weights``), so the loss, and therefore the
+update, does not depend on the micro-batch split (same mechanism as SFT).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ..losses import agg_weights, token_logprobs
+from ..optim import apply_update
+from .algorithms import entropy_from_logits, kl_penalty, ppo_token_losses
+from .config import RLSection
+
+ROLLOUT_KEYS = ("input_ids", "attention_mask", "positions", "response_ids", "response_mask")
+
+
+def response_logprobs(graphdef, params, batch, temperature: float, *, with_entropy: bool = False):
+    """log p of each response token ``[S, R]`` (and its entropy when asked)."""
+    model = nnx.merge(graphdef, params)
+    response_len = batch["response_ids"].shape[-1]
+    prompt_len = batch["input_ids"].shape[-1] - response_len
+    hidden, _ = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"],
+                              positions=batch["positions"])
+    logits = model.logits(hidden[:, prompt_len - 1:prompt_len - 1 + response_len])
+    if temperature > 0:
+        logits = logits / temperature
+    logp = token_logprobs(logits, batch["response_ids"])
+    return (logp, entropy_from_logits(logits)) if with_entropy else (logp, None)
+
+
+def make_logprob_fn(graphdef, temperature: float):
+    """``fn(params, batch [N, B, ...]) -> logp [N, B, R]``, one micro-batch at a time (no gradients)."""
+
+    def fn(params, batch):
+        return jax.lax.map(lambda mb: response_logprobs(graphdef, params, mb, temperature)[0], batch)
+
+    return fn
+
+
+def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, schedule, cfg: RLSection):
+    """``step(state, batch) -> (state, metrics)`` for one mini-batch (``state = {params, opt_state, step}``).
+
+    ``batch`` has the rollout arrays plus ``advantages [N, B]``, ``old_logp [N, B, R]`` and, when
+    ``cfg.kl_coef > 0``, ``ref_logp [N, B, R]``.
+    """
+    scale = cfg.loss_scale_factor if cfg.loss_scale_factor is not None else float(cfg.max_new_tokens)
+
+    def step(state, batch):
+        mask = batch["response_mask"].astype(jnp.float32)
+        weights = agg_weights(mask, cfg.agg_mode, loss_scale_factor=scale)
+        token_mean = agg_weights(mask, "token-mean")
+
+        def micro_step(grad_sum, xs):
+            micro_batch, micro_weights, micro_token_mean = xs
+
+            def loss_fn(params):
+                logp, entropy = response_logprobs(graphdef, params, micro_batch, cfg.temperature,
+                                                  with_entropy=True)
+                losses, indicators = ppo_token_losses(logp, micro_batch["old_logp"], micro_batch["advantages"],
+                                                      clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                                      clip_c=cfg.clip_c)
+                per_token = losses
+                stats = dict(indicators, entropy=entropy, pg_loss=losses)
+                if cfg.kl_coef > 0:
+                    kl = kl_penalty(logp, micro_batch["ref_logp"], cfg.kl_estimator)
+                    per_token = per_token + cfg.kl_coef * kl
+                    stats["kl_ref"] = kl
+                if cfg.entropy_coef > 0:
+                    per_token = per_token - cfg.entropy_coef * entropy
+                summed = {name: jnp.sum(micro_token_mean * value) for name, value in stats.items()}
+                return jnp.sum(micro_weights * per_token), summed
+
+            grads, summed = jax.grad(loss_fn, has_aux=True)(state["params"])
+            grad_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sum, grads)
+            return grad_sum, summed
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+        xs = (batch, weights, token_mean)
+        grads, summed = jax.lax.scan(micro_step, zeros, xs)
+        params, opt_state = apply_update(optimizer, grads, state["opt_state"], state["params"])
+        metrics = {name: jnp.sum(value) for name, value in summed.items()}
+        metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return step

@@ -1,0 +1,130 @@
+"""GRPO end to end: split-invariant updates, learning a controlled reward, KL, dynamic sampling."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sft_fixtures import make_model_dir
+from sftrl_jax.config import load_config
+from sftrl_jax.models import load_pretrained
+
+from sftrl_jax.rl import DynamicSamplingError, RLConfig, run_rl
+from sftrl_jax.rl.config import RLSection
+from sftrl_jax.rl.step import make_grpo_step, make_logprob_fn
+from sftrl_jax.rl.trainer import Rollouts, _layout, rollout_arrays
+from sftrl_jax.sharding import make_mesh, named_sharding, place
+
+TARGET = 7  # the controlled reward: 1 when a response contains this token id
+
+
+@pytest.fixture(scope="module")
+def workdir(hf_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    model_dir = make_model_dir(hf_checkpoint("qwen2_tied"), root / "model")
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"prompt": f"say {i % 10}", "answer": str(i % 2)}) + "\n")
+    return root, model_dir
+
+
+def contains_target(responses, truths, token_ids):
+    return [float(TARGET in ids) for ids in token_ids]
+
+
+def _config(workdir, out, *overrides):
+    root, model_dir = workdir
+    return load_config(RLConfig, overrides=[
+        f"model.path={model_dir}", f"data.files=[{root / 'prompts.jsonl'}]", f"output_dir={root / out}",
+        "rl.prompts_per_step=4", "rl.group_size=4", "rl.mini_batches_per_step=2", "rl.micro_batch_size=1",
+        "rl.max_new_tokens=8", "rl.seed=0", "checkpoint.save_every=0", *overrides])
+
+
+def _update(directory, rollouts, cfg, *, devices, micro_batch_size):
+    mesh = make_mesh({"fsdp": devices}, devices=jax.devices()[:devices])
+    model, _ = load_pretrained(directory, mesh=mesh)
+    graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
+    arrays = rollout_arrays(rollouts, max_new_tokens=16, mask_truncated=False, pad_id=0)
+    arrays.pop("sampler_logp")
+    arrays["advantages"] = np.linspace(-1.5, 1.5, len(rollouts.responses)).astype(np.float32)
+    rows = micro_batch_size * devices
+    on_devices = lambda a: {k: place(v, named_sharding((None, "batch"), mesh)) for k, v in a.items()}  # noqa
+    old = jax.jit(make_logprob_fn(graphdef, cfg.temperature))(params, on_devices(_layout(arrays, rows)))
+    # perturb the old log-probs so the ratios are not all 1 and the clipping branches are used
+    arrays["old_logp"] = np.asarray(old).reshape(arrays["response_ids"].shape) + np.float32(0.3) * np.cos(
+        np.arange(arrays["response_ids"].size)).reshape(arrays["response_ids"].shape).astype(np.float32)
+    # plain SGD: the update is the gradient itself (Adam's first step is ~sign(g) and would hide errors)
+    optimizer = optax.sgd(1.0)
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    step = jax.jit(make_grpo_step(graphdef, optimizer, lambda s: 1.0, cfg))
+    new_state, metrics = step(state, on_devices(_layout(arrays, rows)))
+    return jax.device_get(new_state["params"]), jax.device_get(metrics), jax.device_get(params)
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_grpo_update_does_not_depend_on_the_micro_batch_split(workdir, agg_mode):
+    _, model_dir = workdir
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 60, int(rng.integers(3, 12))).tolist() for _ in range(8)]
+    responses = [rng.integers(1, 60, int(n)).tolist() for n in (1, 16, 3, 9, 2, 14, 5, 7)]
+    rollouts = Rollouts(prompts, responses, [[0.0] * len(r) for r in responses], [False] * 8, [0.0] * 8, [0.0] * 8)
+    cfg = RLSection(max_new_tokens=16, agg_mode=agg_mode, clip_high=0.28, entropy_coef=0.01)
+    reference, _, before = _update(model_dir, rollouts, cfg, devices=1, micro_batch_size=8)
+    splits = [(1, 2), (1, 1), (8, 1), (2, 2)] if agg_mode == "token-mean" else [(2, 2)]
+    for devices, micro in splits:  # 4 micro-steps, 8 micro-steps, 8 devices, 2 devices x 2 micro-steps
+        params, metrics, _ = _update(model_dir, rollouts, cfg, devices=devices, micro_batch_size=micro)
+        error = max(jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max() / np.abs(b).max(), params,
+                                                 reference)))
+        update_error = max(jax.tree.leaves(jax.tree.map(
+            lambda a, b, c: np.linalg.norm(a - b) / np.linalg.norm(b - c), params, reference, before)))
+        assert error <= 1e-6 and update_error <= 1e-4, (devices, micro, error, update_error)
+        assert 0 < metrics["clipfrac"] < 1
+
+
+def test_grpo_raises_a_controlled_reward_and_logs_everything(workdir):
+    config = _config(workdir, "learn", "rl.max_steps=24", "rl.learning_rate=3e-2", "rl.max_new_tokens=6",
+                     "checkpoint.save_every=12")
+    result = run_rl(config, reward_fn=contains_target, progress=False)
+    rewards = [r["reward_mean"] for r in result.metrics]
+    assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.3, rewards
+    expected_keys = {"reward_mean", "accuracy", "all_correct_share", "all_wrong_share", "response_len_mean",
+                     "response_len_max", "truncated_share", "entropy", "clipfrac", "clipfrac_lower", "ppo_kl",
+                     "logprob_mismatch_abs", "logprob_mismatch_kl", "grad_norm", "lr", "time_generate",
+                     "time_score", "time_train", "tokens_per_s", "flops_train", "flops_generate"}
+    assert expected_keys <= set(result.metrics[0])
+    # the sampler's log-probs and the trainer's recomputation agree (same distribution: T=1, no top-k/p)
+    assert max(r["logprob_mismatch_abs"] for r in result.metrics) < 1e-4
+    assert result.metrics[-1]["flops_train"] > result.metrics[0]["flops_train"] > 0
+    assert (result.output_dir / "rl.png").exists() and (result.final_dir / "config.json").exists()
+
+
+def test_kl_penalty_keeps_the_policy_near_the_reference(workdir):
+    def final_kls(kl_coef, out):
+        config = _config(workdir, out, "rl.max_steps=10", "rl.learning_rate=1e-2", "rl.max_new_tokens=6",
+                         "rl.mini_batches_per_step=1", f"rl.kl_coef={kl_coef}", "rl.kl_estimator=k3")
+        return [r["kl_ref"] for r in run_rl(config, reward_fn=contains_target, progress=False).metrics]
+
+    weak, strong = final_kls(1e-6, "kl_weak"), final_kls(1.0, "kl_strong")
+    assert weak[0] == pytest.approx(0.0, abs=1e-6) and strong[0] == pytest.approx(0.0, abs=1e-6)  # starts at ref
+    assert all(np.isfinite(strong)) and 0 < max(strong[-3:]) < 0.5 * max(weak[-3:])
+
+
+def test_dynamic_sampling_fills_the_batch_or_stops_at_the_cap(workdir):
+    def odd_prompts_vary(responses, truths, token_ids):  # prompts with answer "0" always score 0
+        return [float(t == "1" and ids[0] % 2 == 0) for t, ids in zip(truths, token_ids)]
+
+    config = _config(workdir, "dyn", "rl.max_steps=2", "rl.dynamic_sampling=true", "rl.max_generation_rounds=6",
+                     "rl.temperature=1.0")
+    result = run_rl(config, reward_fn=odd_prompts_vary, progress=False)
+    for record in result.metrics:
+        assert record["all_correct_share"] == 0 and record["all_wrong_share"] == 0  # only informative groups
+        assert record["generation_rounds"] >= 2 and record["dropped_groups"] >= 2
+
+    never_varies = _config(workdir, "dyn_cap", "rl.max_steps=2", "rl.dynamic_sampling=true",
+                           "rl.max_generation_rounds=3")
+    with pytest.raises(DynamicSamplingError, match=r"only 0 of 4 prompt groups .* after 3 generation rounds"):
+        run_rl(never_varies, reward_fn=lambda r, t, ids: [1.0] * len(r), progress=False)
