@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sftrl_jax.config import markdown_table
 from sftrl_jax.evaluation import EvalConfig
+from sftrl_jax.pipeline import PipelineConfig
 from sftrl_jax.rl.config import RLConfig
 from sftrl_jax.sft.config import SFTConfig
 
@@ -22,7 +23,10 @@ the wrong type is an error naming the key. Commented examples: `configs/`.
 def render() -> str:
     return (HEADER + "\n## `sftrl-jax sft`\n\n" + markdown_table(SFTConfig)
             + "\n## `sftrl-jax rl`\n\n" + markdown_table(RLConfig)
-            + "\n## `sftrl-jax eval`\n\n" + markdown_table(EvalConfig))
+            + "\n## `sftrl-jax eval`\n\n" + markdown_table(EvalConfig)
+            + "\n## `sftrl-jax pipeline`\n\nEach stage's `settings` are merged over the `sft` or `rl` section "
+              "and then checked as a full `sft` / `rl` config (keys above); `model.path` of a stage is the "
+              "previous stage's `final/`.\n\n" + markdown_table(PipelineConfig))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,18 @@ def cmd_rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import PipelineConfig, run_pipeline
+
+    config = load_config(PipelineConfig, args.config, args.overrides)
+    summary = run_pipeline(config, resume=args.resume)
+    for row in summary["stages"]:
+        print(f"stage {row['stage']} {row['kind']}: {row['steps']} steps; probe {row['start']} -> {row['end']}")
+    print(f"pipeline: {config.output_dir}/cross_stage.png, {config.output_dir}/boundaries.json")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
     from .evaluation import EvalConfig, run_eval
@@ -104,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rl.kl_coef=0.001")
     p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("pipeline", help="run SFT/RL stages in order with cross-stage measurements",
+                       description="Stages (sft | rl) each start from the previous stage's weights; the held-out "
+                                   "SFT loss and reward are measured throughout. Config keys: docs/config.md.")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help="skip finished stages and resume the unfinished one")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. probe.every=20")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("eval", help="evaluate a model on reasoning benchmarks",
                        description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "

@@ -23,9 +23,11 @@ class MetricsWriter:
         if is_writer():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if truncate_after_step is not None and self.path.exists():
-                # On resume, drop records of steps after the restored checkpoint (they will be redone).
+                # Drop records of steps after the restored checkpoint (they will be redone); a run
+                # starting from step 0 starts a fresh file.
                 kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+                        if truncate_after_step > 0 and line.strip()
+                        and json.loads(line).get("step", 0) <= truncate_after_step]
                 self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:

@@ -43,6 +43,16 @@ class SFTResult:
     metrics: list[dict]
 
 
+def heldout_loss(eval_step, params, examples, *, rows: int, max_length: int, sharding) -> float:
+    """Global-token-mean SFT loss over ``examples`` (``eval_step`` from ``make_eval_step``, jitted)."""
+    nll_total = tokens_total = 0.0
+    for batch in eval_batches(examples, rows=rows, max_length=max_length):
+        nll, tokens = eval_step(params, {k: place(v, sharding) for k, v in batch.items()})
+        nll_total += float(nll)
+        tokens_total += float(tokens)
+    return nll_total / max(tokens_total, 1.0)
+
+
 def load_examples(config: SFTConfig, tokenizer):
     """Tokenised train and held-out examples, with the data statistics logged."""
     data = config.data
@@ -65,8 +75,12 @@ def load_examples(config: SFTConfig, tokenizer):
 
 
 def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
-            on_step: Callable[[int, dict], None] | None = None) -> SFTResult:
-    """Run (or with ``resume`` continue) SFT as configured. ``on_step(step, metrics)`` runs after each step."""
+            on_step: Callable[[int, dict], None] | None = None, probe=None) -> SFTResult:
+    """Run (or with ``resume`` continue) SFT as configured. ``on_step(step, metrics)`` runs after each step.
+
+    ``probe`` (optional, see :mod:`sftrl_jax.pipeline`) is measured before the first step, every
+    ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``.
+    """
     train_cfg = config.train
     out = Path(config.output_dir)
     if is_writer():
@@ -124,15 +138,12 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_shardings["params"], eval_sharding))
 
     def evaluate(params) -> float:
-        nll_total = tokens_total = 0.0
-        for batch in eval_batches(eval_examples, rows=shards * train_cfg.micro_batch_size,
-                                  max_length=config.data.max_length):
-            nll, tokens = eval_step(params, {k: place(v, eval_sharding) for k, v in batch.items()})
-            nll_total += float(nll)
-            tokens_total += float(tokens)
-        return nll_total / max(tokens_total, 1.0)
+        return heldout_loss(eval_step, params, eval_examples, rows=shards * train_cfg.micro_batch_size,
+                            max_length=config.data.max_length, sharding=eval_sharding)
 
     writer = MetricsWriter(out / "metrics.jsonl", truncate_after_step=start_step)
+    if probe is not None and start_step == 0:
+        writer.write({"step": 0, **probe.measure(graphdef, state["params"])})
     bar = tqdm(total=total_steps, initial=start_step, desc="sft" + (f" [BUG: {train_cfg.emulate_bug}]"
                if train_cfg.emulate_bug != "none" else ""), disable=not (progress and is_writer()), dynamic_ncols=True)
     step = start_step
@@ -156,7 +167,9 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
                       "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds}
             if eval_examples and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < total_steps:
                 record["eval_loss"] = evaluate(state["params"])
-            if step % max(train_cfg.log_every, 1) == 0 or "eval_loss" in record:
+            if probe is not None and (step % probe.every == 0 or step == total_steps):
+                record.update(probe.measure(graphdef, state["params"]))
+            if step % max(train_cfg.log_every, 1) == 0 or "eval_loss" in record or "probe_sft_loss" in record:
                 writer.write(record)
             meta = {"step": step, "data": batcher.state_dict(), "seed": train_cfg.seed}
             checkpointer.save(step, state, meta, force=step == total_steps)

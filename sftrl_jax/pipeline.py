@@ -1,0 +1,210 @@
+"""Stage pipelines (SFT→RL, RL→SFT, SFT→RL→SFT, ...) with cross-stage measurements.
+
+Each stage starts from the previous stage's exported weights. During every stage a
+:class:`CrossStageProbe` measures, every ``probe.every`` steps, the SFT cross-entropy on a held-out
+SFT split and the mean reward on a fixed held-out prompt set, so one plot shows the
+non-decoupling of the two stages (Paper B: RL after SFT raises the SFT loss; SFT after RL lowers
+the reward). The pipeline writes ``metrics.jsonl`` (all stages on one global step axis),
+``cross_stage.png`` (stage boundaries marked) and ``boundaries.json`` (values at each boundary).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from flax import nnx
+
+from .config import ConfigError, ModelOptions, from_dict, save_config
+from .data.prompts import PromptDataOptions, load_prompt_items
+from .data.sft import SFTDataOptions, tokenize_sft
+from .data.sources import load_rows
+from .metrics import is_writer, plot_curves, read_metrics
+from .models import load_tokenizer
+from .rl import RLConfig, run_rl
+from .sampling import generate
+from .sft import SFTConfig, run_sft
+from .sft.step import make_eval_step
+from .sft.trainer import heldout_loss
+from .sharding import make_mesh, named_sharding
+
+log = logging.getLogger("sftrl_jax.pipeline")
+
+
+@dataclasses.dataclass
+class ProbeOptions:
+    every: int = 10  # steps between measurements inside every stage (also at each stage's start and end)
+    sft_files: list[str] = dataclasses.field(default_factory=list)  # held-out SFT split (LUFFY SFT schema)
+    sft_limit: int = 256
+    max_length: int = 2048
+    prompt_files: list[str] = dataclasses.field(default_factory=list)  # held-out prompts with ground truths
+    prompt_limit: int = 128
+    max_prompt_length: int = 1024
+    temperature: float = 0.0  # 0 = greedy
+    max_new_tokens: int = 1024
+    require_think: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class StageSpec:
+    kind: Literal["sft", "rl"]
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # merged over the sft/rl section
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    model: ModelOptions
+    stages: list[StageSpec]
+    sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # base settings of every SFT stage
+    rl: dict[str, Any] = dataclasses.field(default_factory=dict)  # base settings of every RL stage
+    probe: ProbeOptions = dataclasses.field(default_factory=ProbeOptions)
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    output_dir: str = "runs/pipeline"
+
+
+class CrossStageProbe:
+    """Held-out SFT loss and held-out reward of the current parameters."""
+
+    def __init__(self, options: ProbeOptions, *, tokenizer, mesh, reward_fn=None):
+        self.options, self.every, self.tokenizer, self.mesh = options, max(options.every, 1), tokenizer, mesh
+        self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.examples = []
+        if options.sft_files:
+            examples, _ = tokenize_sft(load_rows(options.sft_files, split="test"), tokenizer,
+                                       SFTDataOptions(max_length=options.max_length))
+            self.examples = examples[:options.sft_limit]
+        self.items = []
+        if options.prompt_files:
+            items, _ = load_prompt_items(PromptDataOptions(files=options.prompt_files,
+                                                           max_prompt_length=options.max_prompt_length), tokenizer)
+            self.items = items[:options.prompt_limit]
+        self.reward_fn = reward_fn
+        self._eval_steps: dict = {}
+
+    def measure(self, graphdef, params) -> dict[str, float]:
+        out = {}
+        if self.examples:
+            if graphdef not in self._eval_steps:
+                self._eval_steps[graphdef] = jax.jit(make_eval_step(graphdef))
+            out["probe_sft_loss"] = heldout_loss(self._eval_steps[graphdef], params, self.examples,
+                                                 rows=self.shards * 4, max_length=self.options.max_length,
+                                                 sharding=named_sharding(("batch", "length"), self.mesh))
+        if self.items:
+            model = nnx.merge(graphdef, params)
+            eos = sorted({self.tokenizer.eos_token_id, *model.config.eos_token_ids} - {None})
+            samples = generate(model, [it.prompt_ids for it in self.items], max_new_tokens=self.options.max_new_tokens,
+                               temperature=self.options.temperature, eos_token_id=eos, seed=self.options.seed,
+                               pad_token_id=self.tokenizer.pad_token_id or 0)
+            bodies = [s.tokens[:-1] if s.stop_reason == "eos" else s.tokens for s in samples]
+            texts = self.tokenizer.batch_decode(bodies, skip_special_tokens=False)
+            truths = [it.ground_truth for it in self.items]
+            if self.reward_fn is not None:
+                scores = self.reward_fn(texts, truths, [s.tokens for s in samples])
+            else:
+                from .rewards import RewardPool
+
+                with RewardPool(timeout_s=10.0) as pool:
+                    scores = pool.score_batch(texts, truths, require_think=self.options.require_think).scores
+            out["probe_reward"] = float(np.mean(scores))
+        return out
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def stage_config(config: PipelineConfig, index: int, model_path: str):
+    """The full SFTConfig / RLConfig of stage ``index`` (errors name the stage)."""
+    stage = config.stages[index]
+    base = config.sft if stage.kind == "sft" else config.rl
+    merged = _merge(base, stage.settings)
+    merged["model"] = _merge(dataclasses.asdict(config.model), {**merged.get("model", {}), "path": model_path})
+    merged["mesh"] = config.mesh
+    merged["output_dir"] = str(stage_dir(config, index))
+    try:
+        return from_dict(SFTConfig if stage.kind == "sft" else RLConfig, merged)
+    except ConfigError as err:
+        raise ConfigError(f"stage {index + 1} ({stage.kind}): {err}") from None
+
+
+def stage_dir(config: PipelineConfig, index: int) -> Path:
+    return Path(config.output_dir) / f"stage{index + 1}_{config.stages[index].kind}"
+
+
+def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool = True, reward_fn=None,
+                 on_step: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Run the stages in order; with ``resume``, skip finished stages and continue inside the unfinished one."""
+    if not config.stages:
+        raise ConfigError("stages: the pipeline has no stages")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_writer():
+        save_config(config, out / "config.yaml")
+    state_file = out / "pipeline_state.json"
+    done = json.loads(state_file.read_text())["completed"] if (resume and state_file.exists()) else []
+    if not resume and state_file.exists():
+        raise FileExistsError(f"{out} holds an earlier pipeline run; pass --resume or choose a new output_dir")
+    for index in range(len(config.stages)):  # validate every stage before running any
+        stage_config(config, index, config.model.path)
+
+    tokenizer = load_tokenizer(config.model.path)
+    probe = CrossStageProbe(config.probe, tokenizer=tokenizer, mesh=make_mesh(config.mesh), reward_fn=reward_fn)
+    model_path = config.model.path
+    for index, stage in enumerate(config.stages):
+        directory = stage_dir(config, index)
+        if index in done:
+            model_path = str(directory / "final")
+            continue
+        stage_cfg = stage_config(config, index, model_path)
+        stage_resume = resume and (directory / "checkpoints").exists()
+        log.info("stage %d/%d: %s from %s%s", index + 1, len(config.stages), stage.kind, model_path,
+                 " (resuming)" if stage_resume else "")
+        hook = (lambda step, record, i=index: on_step(i, step, record)) if on_step else None
+        if stage.kind == "sft":
+            result = run_sft(stage_cfg, resume=stage_resume, progress=progress, on_step=hook, probe=probe)
+        else:
+            result = run_rl(stage_cfg, resume=stage_resume, progress=progress, on_step=hook, probe=probe,
+                            reward_fn=reward_fn)
+        model_path = str(result.final_dir)
+        done.append(index)
+        if is_writer():
+            state_file.write_text(json.dumps({"completed": done}))
+    return summarize_pipeline(config)
+
+
+def summarize_pipeline(config: PipelineConfig) -> dict:
+    """Concatenate stage metrics on a global step axis; write the cross-stage plot and boundary table."""
+    out = Path(config.output_dir)
+    records, boundaries, table, offset = [], [], [], 0
+    for index, stage in enumerate(config.stages):
+        stage_records = read_metrics(stage_dir(config, index) / "metrics.jsonl")
+        probes = [r for r in stage_records if "probe_sft_loss" in r or "probe_reward" in r]
+        for record in stage_records:
+            records.append({**record, "stage": index + 1, "kind": stage.kind, "global_step": offset + record["step"]})
+        last = max((r["step"] for r in stage_records), default=0)
+        table.append({"stage": index + 1, "kind": stage.kind, "steps": last,
+                      "start": {k: probes[0].get(k) for k in ("probe_sft_loss", "probe_reward")} if probes else {},
+                      "end": {k: probes[-1].get(k) for k in ("probe_sft_loss", "probe_reward")} if probes else {}})
+        offset += last
+        boundaries.append(offset)
+    if is_writer():
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / "boundaries.json").write_text(json.dumps(table, indent=2) + "\n")
+        probe_records = [r for r in records if "probe_sft_loss" in r or "probe_reward" in r]
+        plot_curves(probe_records, ["probe_sft_loss", "probe_reward"], out / "cross_stage.png", x="global_step",
+                    title=" -> ".join(s.kind.upper() for s in config.stages), boundaries=boundaries[:-1])
+    for row in table:
+        log.info("stage %d (%s, %d steps): start %s -> end %s", row["stage"], row["kind"], row["steps"],
+                 row["start"], row["end"])
+    return {"stages": table, "metrics": records}
