@@ -15,8 +15,8 @@ from sftrl_jax.sft import SFTConfig
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-def contains_seven(responses, truths, token_ids):
-    return [float(7 in ids) for ids in token_ids]
+def contains_seven(responses, truths, token_ids):  # a reward random responses often vary on
+    return [float(7 in ids or ids[0] % 2 == 0) for ids in token_ids]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,8 @@ def test_sft_rl_sft_pipeline_resumes_inside_the_rl_stage(workdir):
     boundaries = json.loads((out / "boundaries.json").read_text())
     assert [b["kind"] for b in boundaries] == ["sft", "rl", "sft"]
     assert boundaries[1]["start"]["probe_sft_loss"] == pytest.approx(boundaries[0]["end"]["probe_sft_loss"])
+    rl_probes = [r["probe_sft_loss"] for r in probes if r["stage"] == 2]
+    assert rl_probes[0] != rl_probes[-1]  # the RL stage really moved the policy
     assert (out / "cross_stage.png").stat().st_size > 0
     assert (out / "stage3_sft" / "final" / "config.json").exists()
 
