@@ -1,0 +1,48 @@
+"""The embedded task, and `sftrl-jax demo --quick` end to end."""
+
+import json
+
+import numpy as np
+
+from sftrl_jax.cli import main
+from sftrl_jax.demo.task import make_problem, make_splits
+from sftrl_jax.models import load_pretrained
+from sftrl_jax.rewards import RewardPool
+
+
+def test_splits_are_disjoint_and_reference_solutions_score_1():
+    splits = make_splits(1234, {"sft": 500, "rl": 300, "test": 100})
+    questions = {name: {p.question for p in problems} for name, problems in splits.items()}
+    assert [len(q) for q in questions.values()] == [500, 300, 100]
+    assert not (questions["sft"] & questions["rl"] or questions["sft"] & questions["test"]
+                or questions["rl"] & questions["test"])
+    problems = [p for ps in splits.values() for p in ps]
+    with RewardPool(num_workers=2) as pool:
+        result = pool.score_batch([p.solution for p in problems], [str(p.answer) for p in problems],
+                                  require_think=True)
+    assert result.scores == [1.0] * len(problems)
+    # the steps really compute the answer
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        problem = make_problem(rng)
+        last_step = problem.solution.split("</think>")[0].strip().splitlines()[-1]
+        assert eval(last_step.split("=")[0]) == problem.answer == int(last_step.split("=")[1])
+
+
+def test_demo_quick_runs_end_to_end_and_sft_beats_base(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "demo: held-out accuracy base" in printed
+    report = json.loads((out / "report.json").read_text())
+    for key in ("base_accuracy", "sft_accuracy", "rl_accuracy", "num_test_problems", "seconds"):
+        assert key in report
+    assert report["sft_accuracy"] > report["base_accuracy"]
+    for name in ("report.md", "sft_loss.png", "rl_reward.png", "metrics.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| held-out accuracy" in (out / "report.md").read_text()
+    model, _ = load_pretrained(report["final_model"])
+    import torch  # noqa: F401  (the final model is a transformers checkpoint)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(report["final_model"])
