@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and writes a report.")
     p.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller version (one seed, fewer steps)")
-    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 3 seeds, 1 with --quick)")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 2 seeds, 1 with --quick)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="evaluate a model on reasoning benchmarks",
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for noisy in ("absl", "orbax", "jax._src"):  # per-save orbax chatter; our own loggers report progress
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError, FloatingPointError, RuntimeError) as err:

@@ -21,6 +21,10 @@ def test_splits_are_disjoint_and_reference_solutions_score_1():
         result = pool.score_batch([p.solution for p in problems], [str(p.answer) for p in problems],
                                   require_think=True)
     assert result.scores == [1.0] * len(problems)
+    # the teacher slips (stops after two of three operations) on some problems, and only there
+    slips = [p for p in problems if p.teacher_solution != p.solution]
+    assert 0.1 < len(slips) / len(problems) < 0.4
+    assert all(p.solution.count("\n") - p.teacher_solution.count("\n") == 1 for p in slips)
     # the steps really compute the answer
     rng = np.random.default_rng(0)
     for _ in range(50):

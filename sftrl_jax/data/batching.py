@@ -21,11 +21,16 @@ BATCH_KEYS = ("input_ids", "labels", "label_mask", "segment_ids", "positions")
 
 
 def bucket_length(n: int, maximum: int, minimum: int = 32) -> int:
-    """Smallest power of two >= n (at least ``minimum``), capped at ``maximum``."""
+    """Smallest bucket >= n, capped at ``maximum``. Buckets are ``minimum * 2^k`` and 1.5x those
+    (32, 48, 64, 96, 128, ...): at most a third is padding, and few distinct shapes get compiled."""
     size = minimum
-    while size < n:
+    while True:
+        if size >= n:
+            return min(size, maximum)
+        half_step = size * 3 // 2
+        if half_step >= n and half_step > size:
+            return min(half_step, maximum)
         size *= 2
-    return min(size, maximum)
 
 
 def _empty(rows: int, length: int) -> dict[str, np.ndarray]:

@@ -29,19 +29,19 @@ TASK_SEED = 1234
 FULL = {
     "splits": {"sft": 2000, "rl": 2000, "test": 200},
     "model": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 384},
-    "seeds": [0, 1, 2],
-    "sft": {"train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 120, "learning_rate": 3e-3,
+    "seeds": [0, 1],
+    "sft": {"train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 250, "learning_rate": 3e-3,
                       "warmup_ratio": 0.1, "lr_schedule": "cosine", "weight_decay": 0.0},
             "data": {"max_length": 128}},
-    "rl": {"rl": {"prompts_per_step": 16, "group_size": 8, "mini_batches_per_step": 1, "micro_batch_size": 128,
-                  "max_steps": 40, "learning_rate": 1e-3, "max_new_tokens": 40, "temperature": 1.0,
-                  "norm_adv_by_std": True, "agg_mode": "token-mean", "generation_batch_size": 16,
+    "rl": {"rl": {"prompts_per_step": 32, "group_size": 8, "mini_batches_per_step": 2, "ppo_epochs": 2, "micro_batch_size": 128,
+                  "max_steps": 40, "learning_rate": 3e-4, "max_new_tokens": 40, "temperature": 0.7,
+                  "norm_adv_by_std": True, "agg_mode": "token-mean", "generation_batch_size": 32,
                   "reward_workers": 1}},
 }
 QUICK = copy.deepcopy(FULL)
-QUICK.update(splits={"sft": 600, "rl": 600, "test": 64}, seeds=[0])
-QUICK["sft"]["train"].update(max_steps=60)
-QUICK["rl"]["rl"].update(max_steps=10)
+QUICK.update(splits={"sft": 1000, "rl": 400, "test": 64}, seeds=[0])
+QUICK["sft"]["train"].update(max_steps=150)
+QUICK["rl"]["rl"].update(max_steps=3, prompts_per_step=8, mini_batches_per_step=1, ppo_epochs=1)
 
 
 def _settings(quick: bool) -> dict:

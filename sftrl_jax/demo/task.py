@@ -3,6 +3,11 @@
 Every problem has a verifiable ground truth and a step-by-step reference solution in the reference
 recipe's format (``<think>`` steps ``</think>`` then ``\\boxed{answer}``). Splits are disjoint by
 construction: problems are deduplicated by their text before being dealt into train / RL / test.
+
+The SFT traces come from an *imperfect teacher*, as real expert traces do: on half of the
+three-operation problems it stops after two operations and boxes that intermediate value
+(``TEACHER_SKIP_RATE``). SFT imitates the teacher, slip included; GRPO with the verifiable reward
+can learn to go beyond it. The reward and the evaluation always use the true answer.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import numpy as np
 
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivy", "Joe", "Kim", "Leo"]
 OBJECTS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles"]
-GAINS = ["buys {n} more", "finds {n} more", "gets {n} more"]
+GAINS = ["buys {n}", "finds {n}", "gets {n}"]
 LOSSES = ["gives {n} away", "loses {n}", "sells {n}"]
+MAX_OPERAND = 5  # small numbers: a tiny model can learn the arithmetic facts in a few minutes
+TEACHER_SKIP_RATE = 0.5  # share of three-operation problems whose teacher trace skips the last operation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,27 +31,34 @@ class Problem:
     question: str
     solution: str  # <think> steps </think> \boxed{answer}
     answer: int
+    teacher_solution: str  # the SFT trace: the solution, or (a slip) the first two steps only
 
 
 def make_problem(rng: np.random.Generator) -> Problem:
     name, obj = NAMES[rng.integers(len(NAMES))], OBJECTS[rng.integers(len(OBJECTS))]
-    value = int(rng.integers(2, 10))
-    sentences = [f"{name} has {value} {obj}."]
+    value = int(rng.integers(2, MAX_OPERAND + 2))
+    clauses = [f"{name} has {value} {obj}"]
     steps = []
     for _ in range(int(rng.integers(2, 4))):  # two or three operations
         if rng.random() < 0.5 or value < 2:
-            n = int(rng.integers(1, 10))
-            sentences.append("Then " + GAINS[rng.integers(len(GAINS))].format(n=n) + ".")
+            n = int(rng.integers(1, MAX_OPERAND + 1))
+            clauses.append(GAINS[rng.integers(len(GAINS))].format(n=n))
             steps.append(f"{value}+{n}={value + n}")
             value += n
         else:
-            n = int(rng.integers(1, min(value, 9) + 1))
-            sentences.append("Then " + LOSSES[rng.integers(len(LOSSES))].format(n=n) + ".")
+            n = int(rng.integers(1, min(value, MAX_OPERAND) + 1))
+            clauses.append(LOSSES[rng.integers(len(LOSSES))].format(n=n))
             steps.append(f"{value}-{n}={value - n}")
             value -= n
-    sentences.append(f"How many {obj} are left?")
-    solution = "<think>\n" + "\n".join(steps) + "\n</think>\n\\boxed{" + str(value) + "}"
-    return Problem(" ".join(sentences), solution, value)
+    question = ", ".join(clauses) + f". How many {obj} now?"
+    solution = _trace(steps)
+    slip = len(steps) == 3 and rng.random() < TEACHER_SKIP_RATE
+    return Problem(question, solution, value, _trace(steps[:2]) if slip else solution)
+
+
+def _trace(steps: list[str]) -> str:
+    result = steps[-1].split("=")[1]
+    return "<think>\n" + "\n".join(steps) + "\n</think>\n\\boxed{" + result + "}"
 
 
 def make_splits(seed: int, sizes: dict[str, int]) -> dict[str, list[Problem]]:
@@ -64,7 +78,7 @@ def make_splits(seed: int, sizes: dict[str, int]) -> dict[str, list[Problem]]:
 def sft_row(problem: Problem) -> dict:
     """A row in the LUFFY/OpenR1 SFT schema."""
     return {"data_source": "demo_arith", "prompt": [{"role": "user", "content": problem.question}],
-            "target": [{"role": "assistant", "content": problem.solution}],
+            "target": [{"role": "assistant", "content": problem.teacher_solution}],
             "reward_model": {"ground_truth": str(problem.answer), "style": "rule"}}
 
 
@@ -81,3 +95,8 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 def corpus(problems: list[Problem]) -> list[str]:
     return [p.question for p in problems] + [p.solution for p in problems]
+
+
+def teacher_accuracy(problems: list[Problem]) -> float:
+    """Share of problems whose teacher trace boxes the true answer."""
+    return sum(p.teacher_solution == p.solution for p in problems) / len(problems)
