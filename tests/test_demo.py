@@ -46,7 +46,6 @@ def test_demo_quick_runs_end_to_end_and_sft_beats_base(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     assert "| held-out accuracy" in (out / "report.md").read_text()
     model, _ = load_pretrained(report["final_model"])
-    import torch  # noqa: F401  (the final model is a transformers checkpoint)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(report["final_model"])

@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 

@@ -22,17 +22,15 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ..checkpointing import TrainCheckpointer
-from ..config import save_config
 from ..data.batching import EpochSampler, bucket_length
 from ..data.prompts import load_prompt_items
 from ..flops import generation_flops, train_flops
 from ..metrics import MetricsWriter, is_writer, plot_curves, read_metrics
-from ..models import load_pretrained, load_tokenizer, save_pretrained
-from ..optim import init_opt_state, make_optimizer
+from ..models import load_tokenizer, save_pretrained
+from ..optim import make_optimizer
 from ..sampling import generate
-from ..sharding import make_mesh, named_sharding, place, shardings_on
-from ..sft.trainer import NonFiniteLossError
+from ..sharding import make_mesh, named_sharding, place
+from ..training import init_train_state, open_checkpoints, prepare_output, stop_on_nonfinite
 from .algorithms import compute_advantages, kl_penalty, overlong_penalty
 from .config import RLConfig
 from .step import make_grpo_step, make_logprob_fn
@@ -127,13 +125,10 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool = True, rew
     ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``.
     """
     cfg = config.rl
-    out = Path(config.output_dir)
-    if is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+    out = prepare_output(config)
     mesh = make_mesh(config.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_steps = check_batch_sizes(cfg, shards)
+    check_batch_sizes(cfg, shards)
     rows_per_micro = cfg.micro_batch_size * shards
     tokenizer = load_tokenizer(config.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -142,32 +137,16 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool = True, rew
     total_steps = cfg.max_steps or cfg.num_epochs * prompt_sampler.batches_per_epoch
     updates_per_step = cfg.mini_batches_per_step * cfg.ppo_epochs
 
-    model, model_config = load_pretrained(config.model.path, dtype=config.model.dtype,
-                                          compute_dtype=config.model.compute_dtype, mesh=mesh, remat=config.model.remat)
-    eos_ids = sorted({tokenizer.eos_token_id, *model_config.eos_token_ids} - {None})
-    graphdef = nnx.graphdef(model)
-    params = nnx.to_pure_dict(nnx.state(model))
-    del model
-    ref_params = jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None  # frozen reference
     optimizer, schedule = make_optimizer(cfg, total_steps * updates_per_step)
-    state = {"params": params, "opt_state": jax.jit(lambda p: init_opt_state(optimizer, p))(params),
-             "step": jnp.zeros((), jnp.int32)}
-    state_shardings = shardings_on(state, mesh)
-    state = jax.device_put(state, state_shardings)
-
-    checkpointer = TrainCheckpointer(out / "checkpoints", save_every=config.checkpoint.save_every,
-                                     keep_last=config.checkpoint.keep_last, async_save=config.checkpoint.async_save)
+    graphdef, model_config, state, state_shardings = init_train_state(config.model, mesh, optimizer)
+    eos_ids = sorted({tokenizer.eos_token_id, *model_config.eos_token_ids} - {None})
+    # frozen reference: the starting parameters (copied before any restore, so a resumed run has it too)
+    ref_params = jax.tree.map(jnp.copy, state["params"]) if cfg.kl_coef > 0 else None
+    checkpointer, state, meta = open_checkpoints(out, config.checkpoint, state, resume=resume)
     start_step, flops = 0, {"flops_train": 0.0, "flops_generate": 0.0}
-    latest = checkpointer.latest_step()
-    if latest is not None and not resume:
-        raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints (latest step {latest}); "
-                              "pass --resume to continue that run or choose a new output_dir")
-    if resume and latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, meta = checkpointer.restore(latest, abstract)
+    if meta is not None:
         prompt_sampler.load_state_dict(meta["data"])
         start_step, flops = int(meta["step"]), meta["flops"]
-        log.info("resumed from step %d", start_step)
 
     batch_sharding = named_sharding((None, "batch"), mesh)
     update = jax.jit(make_grpo_step(graphdef, optimizer, schedule, cfg),
@@ -272,11 +251,7 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool = True, rew
 
             summary = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
             if not all(math.isfinite(v) for v in summary.values()):
-                checkpointer.wait()
-                good = checkpointer.latest_step()
-                raise NonFiniteLossError(
-                    f"non-finite loss/grad norm at step {step} ({summary}); stopped. Last good checkpoint: "
-                    + (f"step {good} in {checkpointer.directory}" if good is not None else "none"))
+                stop_on_nonfinite(step, str(summary), checkpointer)
             lengths = np.array([len(r) for r in rollouts.responses])
             groups = np.asarray(rollouts.correctness).reshape(-1, cfg.group_size)
             for prompt, response in zip(rollouts.prompts[::cfg.group_size], np.split(lengths, len(groups))):

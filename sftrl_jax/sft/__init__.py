@@ -2,6 +2,7 @@
 
 from .config import SFTConfig
 from .step import make_train_step
-from .trainer import NonFiniteLossError, SFTResult, run_sft
+from ..training import NonFiniteLossError
+from .trainer import SFTResult, run_sft
 
 __all__ = ["SFTConfig", "make_train_step", "run_sft", "NonFiniteLossError", "SFTResult"]

@@ -10,28 +10,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ..checkpointing import TrainCheckpointer
-from ..config import save_config
 from ..data.batching import SFTBatcher, eval_batches
 from ..data.sft import tokenize_sft
 from ..data.sources import load_rows
 from ..metrics import MetricsWriter, is_writer, plot_curves, read_metrics
-from ..models import load_pretrained, load_tokenizer, save_pretrained
-from ..optim import init_opt_state, make_optimizer
-from ..sharding import make_mesh, named_sharding, place, shardings_on
+from ..models import load_tokenizer, save_pretrained
+from ..optim import make_optimizer
+from ..sharding import make_mesh, named_sharding, place
+from ..training import init_train_state, open_checkpoints, prepare_output, stop_on_nonfinite
 from .config import SFTConfig
 from .step import make_eval_step, make_train_step
 
 log = logging.getLogger("sftrl_jax.sft")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient became NaN/Inf; the run stopped and kept its last good checkpoint."""
 
 
 @dataclasses.dataclass
@@ -82,10 +76,7 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
     ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``.
     """
     train_cfg = config.train
-    out = Path(config.output_dir)
-    if is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+    out = prepare_output(config)
     if train_cfg.emulate_bug != "none":
         log.warning("=" * 72 + "\nBUG EMULATION ON: train.emulate_bug=%s -- the gradient is deliberately WRONG "
                     "(BRIEF §2/§3)\n" + "=" * 72, train_cfg.emulate_bug)
@@ -102,32 +93,13 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
     log.info("%d steps: global batch %d = %d micro-steps x %d shards x %d sequences", total_steps,
              train_cfg.global_batch_size, batcher.micro_steps, shards, train_cfg.micro_batch_size)
 
-    model, _ = load_pretrained(config.model.path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
-                               mesh=mesh, remat=config.model.remat)
-    graphdef = nnx.graphdef(model)
-    params = nnx.to_pure_dict(nnx.state(model))
-    del model
     optimizer, schedule = make_optimizer(train_cfg, total_steps)
-    opt_state = jax.jit(lambda p: init_opt_state(optimizer, p))(params)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
-    state_shardings = shardings_on(state, mesh)
-    state = jax.device_put(state, state_shardings)
-
-    checkpointer = TrainCheckpointer(out / "checkpoints", save_every=config.checkpoint.save_every,
-                                     keep_last=config.checkpoint.keep_last, async_save=config.checkpoint.async_save)
+    graphdef, _, state, state_shardings = init_train_state(config.model, mesh, optimizer)
+    checkpointer, state, meta = open_checkpoints(out, config.checkpoint, state, resume=resume)
     start_step = 0
-    latest = checkpointer.latest_step()
-    if latest is not None and not resume:
-        raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints (latest step {latest}); "
-                              "pass --resume to continue that run or choose a new output_dir")
-    if resume and latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, meta = checkpointer.restore(latest, abstract)
+    if meta is not None:
         batcher.load_state_dict(meta["data"])
         start_step = int(meta["step"])
-        log.info("resumed from step %d (%s)", start_step, checkpointer.directory / str(latest))
-    elif resume:
-        log.info("--resume: no checkpoint in %s, starting from step 0", checkpointer.directory)
 
     batch_sharding = named_sharding((None, "batch", "length"), mesh)
     eval_sharding = named_sharding(("batch", "length"), mesh)
@@ -156,12 +128,7 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                checkpointer.wait()
-                good = checkpointer.latest_step()
-                raise NonFiniteLossError(
-                    f"non-finite loss/grad norm at step {step} (loss={metrics['loss']}, "
-                    f"grad_norm={metrics['grad_norm']}); stopped. Last good checkpoint: "
-                    + (f"step {good} in {checkpointer.directory}" if good is not None else "none"))
+                stop_on_nonfinite(step, f"loss={metrics['loss']}, grad_norm={metrics['grad_norm']}", checkpointer)
             seconds = time.perf_counter() - tick
             record = {"step": step, "epoch": batcher.epoch, **metrics,
                       "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds}
