@@ -131,7 +131,7 @@ def _extracted(response: str, ground_truth: str, require_think: bool) -> str | N
     from .rewards import extract_boxed, extract_choice, is_choice_answer
 
     if require_think:
-        head, sep, tail = response.rpartition("</think>")
+        _, sep, tail = response.rpartition("</think>")
         if not sep:
             return None
         response = tail

@@ -61,7 +61,3 @@ def agg_weights(mask: jax.Array, mode: str = "token-mean", *, shards: int = 1,
         return weights.reshape(mask.shape)
     raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {AGG_MODES}")
 
-
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean", **kwargs) -> jax.Array:
-    """Aggregate a per-token loss over the whole batch with ``mode``."""
-    return jnp.sum(agg_weights(mask, mode, **kwargs) * per_token)

@@ -110,11 +110,6 @@ def named_sharding(
     return NamedSharding(mesh, logical_to_pspec(logical_axes, mesh, rules, shape))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """Sharding of a ``[batch, ...]`` input: rows split over the data-parallel axes."""
-    return named_sharding(("batch",) + (None,) * (ndim - 1), mesh, rules)
-
-
 def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Put a host array on devices with ``sharding``; each process supplies only its own shards."""
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

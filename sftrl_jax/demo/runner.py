@@ -21,7 +21,7 @@ from ..metrics import plot_curves, read_metrics
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
 from .assets import build_base_model, build_tokenizer
-from .task import corpus, make_splits, prompt_row, sft_row, write_jsonl
+from .task import corpus, make_splits, prompt_row, sft_row, teacher_accuracy, write_jsonl
 
 log = logging.getLogger("sftrl_jax.demo")
 
@@ -110,7 +110,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[
                      "rl_dir": str(rl.output_dir), "final_model": str(rl.final_dir)})
         log.info("seed %d: base %.3f -> SFT %.3f -> SFT+RL %.3f", seed, base_accuracy, sft_accuracy, rl_accuracy)
 
-    report = _report(out, settings, seeds, base_accuracy, runs, len(splits["test"]), time.time() - start, quick)
+    report = _report(out, settings, seeds, base_accuracy, runs, len(splits["test"]), time.time() - start, quick,
+                     teacher=teacher_accuracy(splits["sft"]))
     return report
 
 
@@ -126,7 +127,7 @@ def _spread(values: list[float]) -> float:
 
 
 def _report(out: Path, settings: dict, seeds, base_accuracy: float, runs: list[dict], num_test: int, seconds: float,
-            quick: bool) -> dict:
+            quick: bool, teacher: float) -> dict:
     sft = [r["sft_accuracy"] for r in runs]
     rl = [r["rl_accuracy"] for r in runs]
     sft_mean, rl_mean = statistics.mean(sft), statistics.mean(rl)
@@ -137,7 +138,7 @@ def _report(out: Path, settings: dict, seeds, base_accuracy: float, runs: list[d
         "margin_sft_over_base": sft_mean - base_accuracy, "margin_rl_over_sft": rl_mean - sft_mean,
         "accepted": bool(sft_mean - base_accuracy > spread and rl_mean - sft_mean > spread
                          and all(s > base_accuracy for s in sft) and all(r > s for r, s in zip(rl, sft))),
-        "num_test_problems": num_test, "seeds": list(seeds), "seconds": seconds, "quick": quick,
+        "teacher_accuracy_on_sft_data": teacher, "num_test_problems": num_test, "seeds": list(seeds), "seconds": seconds, "quick": quick,
         "runs": runs, "settings": settings, "final_model": runs[0]["final_model"],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -159,7 +160,8 @@ def _report(out: Path, settings: dict, seeds, base_accuracy: float, runs: list[d
 
 Task: arithmetic word problems (2-3 steps, integer answer), generated from seed {TASK_SEED};
 {num_test} held-out test problems, disjoint from the SFT and RL problems. Greedy decoding,
-math-verify grading of `\\boxed{{}}`. Base model: a randomly initialised Llama-family decoder
+math-verify grading of `\\boxed{{}}`. The SFT traces come from an imperfect teacher whose boxed
+answer is right on {100 * teacher:.1f}% of the SFT problems (it skips the last of three operations half the time). Base model: a randomly initialised Llama-family decoder
 ({settings['model']}; `base_model/`, HF format). Total time {seconds:.0f} s{' (quick mode)' if quick else ''}.
 
 | | base | SFT | SFT→RL |
