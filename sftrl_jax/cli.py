@@ -94,6 +94,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(sub, name: str, run, *, help: str, description: str, example: str,
+                    resume_help: str | None = None) -> None:
+    """A subcommand that takes ``--config FILE`` plus dotted ``key=value`` overrides (and maybe ``--resume``)."""
+    p = sub.add_parser(name, help=help, description=description + " Config keys: docs/config.md.")
+    p.add_argument("--config", help="YAML config file")
+    if resume_help:
+        p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftrl-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,29 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default fsdp=-1: all devices)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning",
-                       description="Supervised fine-tuning with exact global-token-mean gradient accumulation. "
-                                   "Config keys: docs/config.md; commented example: configs/tiny_sft.yaml.")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
-    p.set_defaults(func=cmd_sft)
-
-    p = sub.add_parser("rl", help="GRPO reinforcement learning with a verifiable reward",
-                       description="GRPO (verl semantics, DAPO options) on prompt files with ground truths. "
-                                   "Config keys: docs/config.md.")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rl.kl_coef=0.001")
-    p.set_defaults(func=cmd_rl)
-
-    p = sub.add_parser("pipeline", help="run SFT/RL stages in order with cross-stage measurements",
-                       description="Stages (sft | rl) each start from the previous stage's weights; the held-out "
-                                   "SFT loss and reward are measured throughout. Config keys: docs/config.md.")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--resume", action="store_true", help="skip finished stages and resume the unfinished one")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. probe.every=20")
-    p.set_defaults(func=cmd_pipeline)
+    resume = "continue from the latest checkpoint in output_dir"
+    _config_command(sub, "sft", cmd_sft, help="supervised fine-tuning", example="train.max_steps=10",
+                    resume_help=resume,
+                    description="Supervised fine-tuning with exact global-token-mean gradient accumulation "
+                                "(commented example: configs/tiny_sft.yaml).")
+    _config_command(sub, "rl", cmd_rl, help="GRPO reinforcement learning with a verifiable reward",
+                    example="rl.kl_coef=0.001", resume_help=resume,
+                    description="GRPO (verl semantics, DAPO options) on prompt files with ground truths.")
+    _config_command(sub, "pipeline", cmd_pipeline, help="run SFT/RL stages in order with cross-stage measurements",
+                    example="probe.every=20", resume_help="skip finished stages and resume the unfinished one",
+                    description="Stages (sft | rl) each start from the previous stage's weights; the held-out "
+                                "SFT loss and reward are measured throughout.")
 
     p = sub.add_parser("demo", help="offline CPU demo: base -> SFT -> GRPO -> evaluation on an embedded task",
                        description="Builds an arithmetic word-problem task, a tokenizer and a small random model "
@@ -145,12 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 2 seeds, 1 with --quick)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="evaluate a model on reasoning benchmarks",
-                       description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
-                                   "output_dir/generations.jsonl. Config keys: docs/config.md.")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sampling.n=4")
-    p.set_defaults(func=cmd_eval)
+    _config_command(sub, "eval", cmd_eval, help="evaluate a model on reasoning benchmarks", example="sampling.n=4",
+                    description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
+                                "output_dir/generations.jsonl.")
     return parser
 
 

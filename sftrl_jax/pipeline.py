@@ -87,6 +87,7 @@ class CrossStageProbe:
                                                            max_prompt_length=options.max_prompt_length), tokenizer)
             self.items = items[:options.prompt_limit]
         self.reward_fn = reward_fn
+        self._pool = None  # one grading pool for every measurement (workers are slow to start)
         self._eval_steps: dict = {}
 
     def measure(self, graphdef, params) -> dict[str, float]:
@@ -109,12 +110,18 @@ class CrossStageProbe:
             if self.reward_fn is not None:
                 scores = self.reward_fn(texts, truths, [s.tokens for s in samples])
             else:
-                from .rewards import RewardPool
+                if self._pool is None:
+                    from .rewards import RewardPool
 
-                with RewardPool(timeout_s=10.0) as pool:
-                    scores = pool.score_batch(texts, truths, require_think=self.options.require_think).scores
+                    self._pool = RewardPool(timeout_s=10.0)
+                scores = self._pool.score_batch(texts, truths, require_think=self.options.require_think).scores
             out["probe_reward"] = float(np.mean(scores))
         return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -161,25 +168,28 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool
     tokenizer = load_tokenizer(config.model.path)
     probe = CrossStageProbe(config.probe, tokenizer=tokenizer, mesh=make_mesh(config.mesh), reward_fn=reward_fn)
     model_path = config.model.path
-    for index, stage in enumerate(config.stages):
-        directory = stage_dir(config, index)
-        if index in done:
-            model_path = str(directory / "final")
-            continue
-        stage_cfg = stage_config(config, index, model_path)
-        stage_resume = resume and (directory / "checkpoints").exists()
-        log.info("stage %d/%d: %s from %s%s", index + 1, len(config.stages), stage.kind, model_path,
-                 " (resuming)" if stage_resume else "")
-        hook = (lambda step, record, i=index: on_step(i, step, record)) if on_step else None
-        if stage.kind == "sft":
-            result = run_sft(stage_cfg, resume=stage_resume, progress=progress, on_step=hook, probe=probe)
-        else:
-            result = run_rl(stage_cfg, resume=stage_resume, progress=progress, on_step=hook, probe=probe,
-                            reward_fn=reward_fn)
-        model_path = str(result.final_dir)
-        done.append(index)
-        if is_writer():
-            state_file.write_text(json.dumps({"completed": done}))
+    try:
+        for index, stage in enumerate(config.stages):
+            directory = stage_dir(config, index)
+            if index in done:
+                model_path = str(directory / "final")
+                continue
+            stage_cfg = stage_config(config, index, model_path)
+            stage_resume = resume and (directory / "checkpoints").exists()
+            log.info("stage %d/%d: %s from %s%s", index + 1, len(config.stages), stage.kind, model_path,
+                     " (resuming)" if stage_resume else "")
+            hook = (lambda step, record, i=index: on_step(i, step, record)) if on_step else None
+            if stage.kind == "sft":
+                result = run_sft(stage_cfg, resume=stage_resume, progress=progress, on_step=hook, probe=probe)
+            else:
+                result = run_rl(stage_cfg, resume=stage_resume, progress=progress, on_step=hook, probe=probe,
+                                reward_fn=reward_fn)
+            model_path = str(result.final_dir)
+            done.append(index)
+            if is_writer():
+                state_file.write_text(json.dumps({"completed": done}))
+    finally:
+        probe.close()
     return summarize_pipeline(config)
 
 
