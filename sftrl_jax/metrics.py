@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -45,9 +45,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(records: Sequence[dict], keys: Iterable[str], path: str | os.PathLike, *, x: str = "step",
-                title: str = "", boundaries: Sequence[float] = ()) -> Path | None:
-    """One panel per key present in ``records`` (y against ``x``); stage ``boundaries`` as lines."""
+def plot_curves(records: Sequence[dict] | Mapping[str, Sequence[dict]], keys: Iterable[str],
+                path: str | os.PathLike, *, x: str = "step", title: str = "",
+                boundaries: Sequence[float] = ()) -> Path | None:
+    """One panel per key present in ``records`` (y against ``x``); stage ``boundaries`` as lines.
+
+    ``records`` may also map a label to each run's records: one line per run, with a legend.
+    """
     if not is_writer():
         return None
     import matplotlib
@@ -55,13 +59,19 @@ def plot_curves(records: Sequence[dict], keys: Iterable[str], path: str | os.Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in keys if any(k in r and r[k] is not None and math.isfinite(r[k]) for r in records)]
+    series = dict(records) if isinstance(records, Mapping) else {"": records}
+    keys = [k for k in keys if any(k in r and r[k] is not None and math.isfinite(r[k])
+                                   for run in series.values() for r in run)]
     if not keys:
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
-        points = [(r[x], r[key]) for r in records if key in r and r[key] is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+        for label, run in series.items():
+            points = [(r[x], r[key]) for r in run if key in r and r[key] is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None,
+                    label=label or None)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         for b in boundaries:

@@ -11,21 +11,18 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
 from ..config import from_dict
-from ..evaluation import EvalConfig, run_eval
 from ..metrics import plot_curves, read_metrics
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
-from .assets import build_base_model, build_tokenizer
-from .task import corpus, make_splits, prompt_row, sft_row, teacher_accuracy, write_jsonl
+from .task import teacher_accuracy
+from .workspace import TASK_SEED, build_workspace, deep_merge, evaluate, mean, spread
 
 log = logging.getLogger("sftrl_jax.demo")
 
-TASK_SEED = 1234
 FULL = {
     "splits": {"sft": 2000, "rl": 2000, "test": 200},
     "model": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 384},
@@ -44,7 +41,7 @@ QUICK["sft"]["train"].update(max_steps=150)
 QUICK["rl"]["rl"].update(max_steps=3, prompts_per_step=8, mini_batches_per_step=1, ppo_epochs=1)
 
 
-def _settings(quick: bool) -> dict:
+def demo_settings(quick: bool) -> dict:
     """The run settings, with micro-batches sized to the local devices (one micro-step per update)."""
     import jax
 
@@ -57,54 +54,39 @@ def _settings(quick: bool) -> dict:
     return settings
 
 
-def _evaluate(model_path: Path, test_file: Path, out: Path) -> float:
-    config = from_dict(EvalConfig, {
-        "model": {"path": str(model_path)}, "data": {"files": [str(test_file)], "benchmark_field": "data_source"},
-        "sampling": {"temperature": 0.0, "max_new_tokens": 40, "batch_size": 64},
-        "reward": {"num_workers": 1}, "math_benchmarks": ["demo_arith"], "output_dir": str(out)})
-    return run_eval(config, progress=False)["benchmarks"]["demo_arith"]["accuracy"]
-
-
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[int] | None = None,
              progress: bool = True) -> dict:
     start = time.time()
-    settings = _settings(quick)
+    settings = demo_settings(quick)
     seeds = seeds if seeds is not None else settings["seeds"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    splits = make_splits(TASK_SEED, settings["splits"])
-    data = out / "data"
-    sft_file = write_jsonl([sft_row(p) for p in splits["sft"]], data / "sft.jsonl")
-    rl_file = write_jsonl([prompt_row(p) for p in splits["rl"]], data / "rl.jsonl")
-    test_file = write_jsonl([prompt_row(p) for p in splits["test"]], data / "test.jsonl")
-    base = out / "base_model"
-    tokenizer = build_tokenizer(corpus(splits["sft"]), base)
-    build_base_model(base, tokenizer, **settings["model"])
-    log.info("task: %s problems; tokenizer %d tokens; base model %s", {k: len(v) for k, v in splits.items()},
-             len(tokenizer), base)
+    work = build_workspace(out, settings["splits"], settings["model"])
+    splits, sft_file, base = work.splits, work.sft_file, work.base
+    rl_file, test_file = work.prompt_files["rl"], work.prompt_files["test"]
 
     timings = {}
     tick = time.time()
-    base_accuracy = _evaluate(base, test_file, out / "eval_base")
+    base_accuracy = evaluate(base, test_file, out / "eval_base")
     timings["eval_base"] = time.time() - tick
     runs = []
     for seed in seeds:
         run_dir = out / f"seed{seed}"
         tick = time.time()
-        sft_cfg = from_dict(SFTConfig, _deep({"model": {"path": str(base)}, "output_dir": str(run_dir / "sft"),
+        sft_cfg = from_dict(SFTConfig, deep_merge({"model": {"path": str(base)}, "output_dir": str(run_dir / "sft"),
                                               "data": {"train_files": [str(sft_file)]},
                                               "train": {"seed": seed}, "mesh": {"fsdp": -1}}, settings["sft"]))
         sft = run_sft(sft_cfg, progress=progress)
         sft_seconds = time.time() - tick
-        sft_accuracy = _evaluate(sft.final_dir, test_file, run_dir / "eval_sft")
+        sft_accuracy = evaluate(sft.final_dir, test_file, run_dir / "eval_sft")
         tick = time.time()
-        rl_cfg = from_dict(RLConfig, _deep({"model": {"path": str(sft.final_dir)}, "output_dir": str(run_dir / "rl"),
+        rl_cfg = from_dict(RLConfig, deep_merge({"model": {"path": str(sft.final_dir)}, "output_dir": str(run_dir / "rl"),
                                             "data": {"files": [str(rl_file)]}, "rl": {"seed": seed},
                                             "mesh": {"fsdp": -1}}, settings["rl"]))
         rl = run_rl(rl_cfg, progress=progress)
         rl_seconds = time.time() - tick
-        rl_accuracy = _evaluate(rl.final_dir, test_file, run_dir / "eval_rl")
+        rl_accuracy = evaluate(rl.final_dir, test_file, run_dir / "eval_rl")
         runs.append({"seed": seed, "sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
                      "sft_seconds": sft_seconds, "rl_seconds": rl_seconds, "sft_dir": str(sft.output_dir),
                      "rl_dir": str(rl.output_dir), "final_model": str(rl.final_dir)})
@@ -115,28 +97,17 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[
     return report
 
 
-def _deep(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        out[key] = _deep(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
-def _spread(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _report(out: Path, settings: dict, seeds, base_accuracy: float, runs: list[dict], num_test: int, seconds: float,
             quick: bool, teacher: float) -> dict:
     sft = [r["sft_accuracy"] for r in runs]
     rl = [r["rl_accuracy"] for r in runs]
-    sft_mean, rl_mean = statistics.mean(sft), statistics.mean(rl)
-    spread = max(_spread(sft), _spread(rl))
+    sft_mean, rl_mean = mean(sft), mean(rl)
+    seed_spread = max(spread(sft), spread(rl))
     report = {
         "base_accuracy": base_accuracy, "sft_accuracy": sft_mean, "rl_accuracy": rl_mean,
-        "sft_accuracy_per_seed": sft, "rl_accuracy_per_seed": rl, "seed_spread_std": spread,
+        "sft_accuracy_per_seed": sft, "rl_accuracy_per_seed": rl, "seed_spread_std": seed_spread,
         "margin_sft_over_base": sft_mean - base_accuracy, "margin_rl_over_sft": rl_mean - sft_mean,
-        "accepted": bool(sft_mean - base_accuracy > spread and rl_mean - sft_mean > spread
+        "accepted": bool(sft_mean - base_accuracy > seed_spread and rl_mean - sft_mean > seed_spread
                          and all(s > base_accuracy for s in sft) and all(r > s for r, s in zip(rl, sft))),
         "teacher_accuracy_on_sft_data": teacher, "num_test_problems": num_test, "seeds": list(seeds), "seconds": seconds, "quick": quick,
         "runs": runs, "settings": settings, "final_model": runs[0]["final_model"],
@@ -174,7 +145,7 @@ Per training seed:
 |---|---|---|---|---|---|
 {per_seed}
 
-Seed-to-seed spread (largest std over seeds of the SFT and SFT→RL accuracies): {100 * spread:.1f} points.
+Seed-to-seed spread (largest std over seeds of the SFT and SFT→RL accuracies): {100 * seed_spread:.1f} points.
 Margins: SFT − base = {100 * report['margin_sft_over_base']:.1f} points; SFT→RL − SFT =
 {100 * report['margin_rl_over_sft']:.1f} points. Acceptance (each margin larger than the spread, and
 the order holds for every seed): **{verdict}**.

@@ -23,6 +23,7 @@ OBJECTS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "mar
 GAINS = ["buys {n}", "finds {n}", "gets {n}"]
 LOSSES = ["gives {n} away", "loses {n}", "sells {n}"]
 MAX_OPERAND = 5  # small numbers: a tiny model can learn the arithmetic facts in a few minutes
+BENCHMARK = "demo_arith"  # the data_source of every row
 TEACHER_SKIP_RATE = 0.5  # share of three-operation problems whose teacher trace skips the last operation
 
 
@@ -34,12 +35,14 @@ class Problem:
     teacher_solution: str  # the SFT trace: the solution, or (a slip) the first two steps only
 
 
-def make_problem(rng: np.random.Generator) -> Problem:
+def make_problem(rng: np.random.Generator, ops: tuple[int, int] = (2, 3),
+                 skip_rate: float = TEACHER_SKIP_RATE) -> Problem:
+    """A problem with ``ops[0]..ops[1]`` operations; the teacher skips the last of three with ``skip_rate``."""
     name, obj = NAMES[rng.integers(len(NAMES))], OBJECTS[rng.integers(len(OBJECTS))]
     value = int(rng.integers(2, MAX_OPERAND + 2))
     clauses = [f"{name} has {value} {obj}"]
     steps = []
-    for _ in range(int(rng.integers(2, 4))):  # two or three operations
+    for _ in range(int(rng.integers(ops[0], ops[1] + 1))):
         if rng.random() < 0.5 or value < 2:
             n = int(rng.integers(1, MAX_OPERAND + 1))
             clauses.append(GAINS[rng.integers(len(GAINS))].format(n=n))
@@ -52,7 +55,7 @@ def make_problem(rng: np.random.Generator) -> Problem:
             value -= n
     question = ", ".join(clauses) + f". How many {obj} now?"
     solution = _trace(steps)
-    slip = len(steps) == 3 and rng.random() < TEACHER_SKIP_RATE
+    slip = len(steps) == 3 and rng.random() < skip_rate
     return Problem(question, solution, value, _trace(steps[:2]) if slip else solution)
 
 
@@ -61,14 +64,15 @@ def _trace(steps: list[str]) -> str:
     return "<think>\n" + "\n".join(steps) + "\n</think>\n\\boxed{" + result + "}"
 
 
-def make_splits(seed: int, sizes: dict[str, int]) -> dict[str, list[Problem]]:
+def make_splits(seed: int, sizes: dict[str, int], *, ops: tuple[int, int] = (2, 3),
+                skip_rate: float = TEACHER_SKIP_RATE) -> dict[str, list[Problem]]:
     """Disjoint splits (by question text) of the requested sizes, e.g. ``{"sft": 2000, "rl": 1000, "test": 200}``."""
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
     splits: dict[str, list[Problem]] = {name: [] for name in sizes}
     for name, size in sizes.items():
         while len(splits[name]) < size:
-            problem = make_problem(rng)
+            problem = make_problem(rng, ops, skip_rate)
             if problem.question not in seen:
                 seen.add(problem.question)
                 splits[name].append(problem)
@@ -77,14 +81,14 @@ def make_splits(seed: int, sizes: dict[str, int]) -> dict[str, list[Problem]]:
 
 def sft_row(problem: Problem) -> dict:
     """A row in the LUFFY/OpenR1 SFT schema."""
-    return {"data_source": "demo_arith", "prompt": [{"role": "user", "content": problem.question}],
+    return {"data_source": BENCHMARK, "prompt": [{"role": "user", "content": problem.question}],
             "target": [{"role": "assistant", "content": problem.teacher_solution}],
             "reward_model": {"ground_truth": str(problem.answer), "style": "rule"}}
 
 
 def prompt_row(problem: Problem) -> dict:
     """A row in the plain prompt/answer schema (RL prompts and evaluation)."""
-    return {"data_source": "demo_arith", "prompt": problem.question, "answer": str(problem.answer)}
+    return {"data_source": BENCHMARK, "prompt": problem.question, "answer": str(problem.answer)}
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:

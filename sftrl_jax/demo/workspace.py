@@ -1,0 +1,75 @@
+"""What every embedded-task run shares: the task files, tokenizer and base model in one folder,
+config merging, and held-out evaluation through ``run_eval``."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import statistics
+from pathlib import Path
+
+from ..config import from_dict
+from ..evaluation import EvalConfig, run_eval
+from .assets import build_base_model, build_tokenizer
+from .task import BENCHMARK, TEACHER_SKIP_RATE, Problem, corpus, make_splits, prompt_row, sft_row, write_jsonl
+
+log = logging.getLogger("sftrl_jax.demo")
+
+TASK_SEED = 1234
+
+
+@dataclasses.dataclass
+class Workspace:
+    splits: dict[str, list[Problem]]
+    sft_file: Path  # teacher traces (LUFFY SFT schema) of the "sft" split
+    prompt_files: dict[str, Path]  # prompt/answer rows of every other split
+    base: Path  # tokenizer + random base model, HF format
+
+    def sft_rows_file(self, split: str, directory: Path) -> Path:
+        """Teacher traces of another split (e.g. a held-out SFT set for the probe)."""
+        return write_jsonl([sft_row(p) for p in self.splits[split]], directory / f"{split}_sft.jsonl")
+
+
+def build_workspace(out: Path, sizes: dict[str, int], model: dict, *, ops: tuple[int, int] = (2, 3),
+                    skip_rate: float = TEACHER_SKIP_RATE) -> Workspace:
+    """Write the task's splits under ``out/data`` and the tokenizer + base model under ``out/base_model``.
+
+    ``sizes`` must contain ``"sft"``; every split (including ``"sft"``) is also written as prompts.
+    """
+    splits = make_splits(TASK_SEED, sizes, ops=ops, skip_rate=skip_rate)
+    data = out / "data"
+    sft_file = write_jsonl([sft_row(p) for p in splits["sft"]], data / "sft.jsonl")
+    prompt_files = {name: write_jsonl([prompt_row(p) for p in problems], data / f"{name}.jsonl")
+                    for name, problems in splits.items() if name != "sft"}
+    base = out / "base_model"
+    tokenizer = build_tokenizer(corpus(splits["sft"]), base)
+    build_base_model(base, tokenizer, **model)
+    log.info("task: %s problems (%d-%d operations); tokenizer %d tokens; base model %s",
+             {k: len(v) for k, v in splits.items()}, ops[0], ops[1], len(tokenizer), base)
+    return Workspace(splits, sft_file, prompt_files, base)
+
+
+def evaluate(model_path: Path, test_file: Path, out: Path, *, max_new_tokens: int = 40) -> float:
+    """Greedy held-out accuracy of ``model_path`` on ``test_file`` (math-verify grading)."""
+    config = from_dict(EvalConfig, {
+        "model": {"path": str(model_path)}, "data": {"files": [str(test_file)], "benchmark_field": "data_source"},
+        "sampling": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "batch_size": 64},
+        "reward": {"num_workers": 1}, "math_benchmarks": [BENCHMARK], "output_dir": str(out)})
+    return run_eval(config, progress=False)["benchmarks"][BENCHMARK]["accuracy"]
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = deep_merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else float("nan")
