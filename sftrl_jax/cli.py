@@ -82,6 +82,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_cpu_devices(count: int) -> None:
+    """Ask XLA for ``count`` host (CPU) devices, if JAX is not initialised yet and the user did not choose."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    out = args.out or f"runs/repro_{args.experiment}"
+    if args.experiment == "bugs":
+        _use_cpu_devices(8)  # LUFFY's 8 data-parallel ranks (on CPU: 8 simulated devices)
+        from .demo.bugs import run_repro_bugs
+
+        report = run_repro_bugs(out, quick=args.quick, seeds=args.seeds)
+    else:
+        from .demo.coupling import run_repro_coupling
+
+        report = run_repro_coupling(out, quick=args.quick, seeds=args.seeds)
+    for line in report["findings"]:
+        print(f"repro {args.experiment}: {line.removeprefix('- ')}")
+    print(f"repro {args.experiment}: report {out}/report.md ({report['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
     from .evaluation import EvalConfig, run_eval
@@ -144,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller version (one seed, fewer steps)")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 2 seeds, 1 with --quick)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("repro", help="the two papers' findings at small scale, offline on a CPU",
+                       description="bugs: SFT with the correct accumulation vs the emulated DeepSpeed-offload and "
+                                   "OpenRLHF mean-of-means bugs (Paper A's staircase). coupling: SFT -> RL -> SFT "
+                                   "with the cross-stage probe (Paper B's non-decoupling). Both use the demo's "
+                                   "embedded task and write a report folder.")
+    p.add_argument("experiment", choices=["bugs", "coupling"])
+    p.add_argument("--out", help="report folder (default runs/repro_<experiment>)")
+    p.add_argument("--quick", action="store_true", help="a tiny version (one seed, a few steps) to check the set-up")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: bugs 3, coupling 2)")
+    p.set_defaults(func=cmd_repro)
 
     _config_command(sub, "eval", cmd_eval, help="evaluate a model on reasoning benchmarks", example="sampling.n=4",
                     description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
