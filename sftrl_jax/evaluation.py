@@ -19,8 +19,11 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .config import ModelOptions, save_config
 from .data.prompts import PromptDataOptions, PromptItem, load_prompt_items
+from .distributed import DistributedOptions, barrier, initialize, map_rows_across_processes
 from .metrics import is_writer
 
 log = logging.getLogger("sftrl_jax.eval")
@@ -55,6 +58,7 @@ class EvalConfig:
     math_benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(MATH_BENCHMARKS))
     chunk_size: int = 256  # prompts generated and graded between two appends to generations.jsonl
     mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
     output_dir: str = "runs/eval"
 
 
@@ -151,9 +155,14 @@ def read_generations(path: Path) -> list[dict]:
 
 
 def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress: bool = True) -> dict:
-    """Evaluate as configured; returns the results written to ``results.json``."""
+    """Evaluate as configured; returns the results written to ``results.json``.
+
+    With several processes every process generates (one SPMD program per batch) and grades its
+    share of each chunk; process 0 alone writes the files.
+    """
     from .rewards import RewardPool
 
+    initialize(config.distributed)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_writer():
@@ -171,7 +180,9 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
         counts[r["prompt_id"]] += 1
     records = [r for r in records if counts[r["prompt_id"]] == n]
     done = {r["prompt_id"] for r in records}
-    generations.write_text("".join(json.dumps(r) + "\n" for r in records))
+    barrier("sftrl_jax.eval.read_generations")  # every process has read the file before it is rewritten
+    if is_writer():
+        generations.write_text("".join(json.dumps(r) + "\n" for r in records))
     todo = [item for item in items if item.prompt_id not in done]
     log.info("%d prompts (%d already generated), %d samples each", len(items), len(done), n)
 
@@ -191,8 +202,11 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
                 chunk = todo[start:start + config.chunk_size]
                 completions = generator(chunk, n)
                 truths = [item.ground_truth for item in chunk for _ in range(n)]
-                scored = pool.score_batch([c.text for c in completions], truths,
-                                          require_think=config.reward.require_think)
+                def grade(texts, truths):
+                    result = pool.score_batch(texts, truths, require_think=config.reward.require_think)
+                    return np.stack([result.scores, result.timed_out], axis=1)
+
+                graded = map_rows_across_processes(grade, [c.text for c in completions], truths, trailing=(2,))
                 new = []
                 for k, completion in enumerate(completions):
                     item = chunk[k // n]
@@ -201,11 +215,12 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
                         "response": completion.text,
                         "extracted_answer": _extracted(completion.text, item.ground_truth,
                                                        config.reward.require_think),
-                        "ground_truth": item.ground_truth, "score": scored.scores[k],
+                        "ground_truth": item.ground_truth, "score": float(graded[k, 0]),
                         "num_tokens": completion.num_tokens, "truncated": completion.truncated,
-                        "timed_out": scored.timed_out[k]})
-                with generations.open("a") as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in new))
+                        "timed_out": bool(graded[k, 1])})
+                if is_writer():
+                    with generations.open("a") as f:
+                        f.write("".join(json.dumps(r) + "\n" for r in new))
                 records.extend(new)
                 bar.update(len(chunk))
         bar.close()
@@ -214,9 +229,10 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
     results = summarize(records, config.math_benchmarks)
     results.update(skipped=skipped, samples_per_prompt=n, sampling=dataclasses.asdict(config.sampling),
                    model=config.model.path)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
-    plot_results(results, out / "accuracy.png")
+    if is_writer():
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print_table(results)
+        plot_results(results, out / "accuracy.png")
     return results
 
 

@@ -26,6 +26,7 @@ from .config import ConfigError, ModelOptions, from_dict, save_config
 from .data.prompts import PromptDataOptions, load_prompt_items
 from .data.sft import SFTDataOptions, tokenize_sft
 from .data.sources import load_rows
+from .distributed import DistributedOptions, initialize
 from .metrics import is_writer, plot_curves, read_metrics
 from .models import load_tokenizer
 from .rl import RLConfig, run_rl
@@ -67,6 +68,7 @@ class PipelineConfig:
     rl: dict[str, Any] = dataclasses.field(default_factory=dict)  # base settings of every RL stage
     probe: ProbeOptions = dataclasses.field(default_factory=ProbeOptions)
     mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
     output_dir: str = "runs/pipeline"
 
 
@@ -138,6 +140,7 @@ def stage_config(config: PipelineConfig, index: int, model_path: str):
     merged = _merge(base, stage.settings)
     merged["model"] = _merge(dataclasses.asdict(config.model), {**merged.get("model", {}), "path": model_path})
     merged["mesh"] = config.mesh
+    merged["distributed"] = dataclasses.asdict(config.distributed)
     merged["output_dir"] = str(stage_dir(config, index))
     try:
         return from_dict(SFTConfig if stage.kind == "sft" else RLConfig, merged)
@@ -154,6 +157,7 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool
     """Run the stages in order; with ``resume``, skip finished stages and continue inside the unfinished one."""
     if not config.stages:
         raise ConfigError("stages: the pipeline has no stages")
+    initialize(config.distributed)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_writer():

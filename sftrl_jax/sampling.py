@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .data.batching import bucket_length
 from .models.decoder import Decoder, init_cache
-from .sharding import named_sharding, place
+from .sharding import named_sharding, place, to_host
 
 _NEG_INF = -1e30
 
@@ -162,7 +162,7 @@ def generate(
             graphdef, params, ids, mask, live, jax.random.fold_in(jax.random.key(seed), batch_index), n=n,
             max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
             eos_ids=eos_ids, pad_id=pad_token_id, cache_dtype=jnp.dtype(model.dtype).name)
-        tokens, logprobs = np.asarray(jax.device_get(tokens)), np.asarray(jax.device_get(logprobs))
+        tokens, logprobs = to_host(tokens), to_host(logprobs)  # gathered from every process when multi-host
         for row in range(len(chunk) * n):
             hits = np.flatnonzero(np.isin(tokens[row], eos_ids))
             end = int(hits[0]) + 1 if hits.size else max_new_tokens

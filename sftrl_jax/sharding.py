@@ -115,6 +115,43 @@ def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def local_batch_shards(mesh: Mesh, shards: int, rules: Rules = DEFAULT_RULES) -> list[int]:
+    """Which of the ``shards`` equal blocks of a ``"batch"``-sharded axis this process's devices hold.
+
+    Sorted block ids; all of ``range(shards)`` in a single-process run. A process builds only these
+    rows of a global batch and assembles the global array with :func:`place_local`.
+    """
+    sharding = named_sharding(("batch",), mesh, rules)
+    blocks: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((shards,)).values():
+        start, stop, _ = index[0].indices(shards)
+        blocks.update(range(start, stop))
+    return sorted(blocks)
+
+
+def place_local(local: np.ndarray, sharding: NamedSharding, global_shape) -> jax.Array:
+    """The global array of ``global_shape`` from this process's part of it.
+
+    ``local`` holds, along each sharded axis, the blocks this process's devices address, in
+    increasing order (for the batch axis: the blocks :func:`local_batch_shards` names, concatenated);
+    along unsharded axes it is complete. With one process ``local`` is the whole array.
+    """
+    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
+def to_host(array) -> np.ndarray:
+    """The full value of a jax.Array as numpy, on every process.
+
+    An array spread over several processes' devices is gathered (a collective: every process must
+    call this); fully replicated or process-local arrays are simply fetched.
+    """
+    if isinstance(array, jax.Array) and not array.is_fully_addressable and not array.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
 def shardings_on(tree, mesh: Mesh):
     """Each leaf's own NamedSharding on ``mesh``, or replicated for leaves placed elsewhere (scalars)."""
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .checkpointing import TrainCheckpointer
 from .config import CheckpointOptions, ModelOptions, save_config
@@ -41,10 +43,24 @@ def init_train_state(model_options: ModelOptions, mesh, optimizer):
                                           compute_dtype=model_options.compute_dtype, mesh=mesh,
                                           remat=model_options.remat)
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
-    state = {"params": params, "opt_state": jax.jit(lambda p: init_opt_state(optimizer, p))(params),
+    shardings = {"params": shardings_on(params, mesh),
+                 "opt_state": opt_state_shardings(optimizer, params, mesh),
+                 "step": NamedSharding(mesh, PartitionSpec())}
+    state = {"params": params,
+             "opt_state": jax.jit(lambda p: init_opt_state(optimizer, p), out_shardings=shardings["opt_state"])(params),
              "step": jnp.zeros((), jnp.int32)}
-    shardings = shardings_on(state, mesh)
     return graphdef, model_config, jax.device_put(state, shardings), shardings
+
+
+def opt_state_shardings(optimizer, params, mesh):
+    """The optimizer state's shardings: each per-parameter leaf (Adam's moments) sharded like its
+    parameter, so ``fsdp=N`` divides the optimizer state by N as it does the parameters; scalars
+    (step counts) replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(lambda p: init_opt_state(optimizer, p), params)
+    return optax.tree_utils.tree_map_params(optimizer, lambda _, sharding: sharding, abstract,
+                                            shardings_on(params, mesh),
+                                            transform_non_params=lambda _: replicated)
 
 
 def open_checkpoints(out: Path, options: CheckpointOptions, state, *, resume: bool):

@@ -34,3 +34,30 @@ def test_logical_rules_map_to_mesh_axes():
     assert logical_to_pspec(("vocab", "embed"), mesh, shape=(95, 64)) == P(None, "fsdp")
     # Mesh axes of size 1 are dropped from the spec.
     assert logical_to_pspec(("embed", "mlp"), make_mesh({"fsdp": 8}), shape=(64, 128)) == P("fsdp", None)
+
+
+def test_fsdp_shards_parameters_and_optimizer_state(hf_checkpoint):
+    """Per-device bytes of params + AdamW state with fsdp=8 are at most 1/7 of a replicated (data=8) layout,
+    and every Adam moment is sharded exactly like its parameter."""
+    from sftrl_jax.config import ModelOptions
+    from sftrl_jax.optim import OptimizerOptions, make_optimizer
+    from sftrl_jax.training import init_train_state
+
+    optimizer, _ = make_optimizer(OptimizerOptions(weight_decay=0.1), 10)  # weight decay: a masked state too
+    device = jax.devices()[0]
+
+    def per_device(tree):
+        return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+    sizes = {}
+    for name, spec in (("fsdp", {"fsdp": 8}), ("replicated", {"data": 8, "fsdp": 1})):
+        _, _, state, _ = init_train_state(ModelOptions(path=str(hf_checkpoint("qwen2_untied"))), make_mesh(spec),
+                                          optimizer)
+        sizes[name] = per_device(state["params"]), per_device(state["opt_state"])
+        if name == "fsdp":
+            by_shape = {(x.shape, x.sharding.spec) for x in jax.tree.leaves(state["params"])}
+            moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
+            assert moments and all((m.shape, m.sharding.spec) in by_shape for m in moments)
+    (fsdp_params, fsdp_opt), (rep_params, rep_opt) = sizes["fsdp"], sizes["replicated"]
+    assert fsdp_opt >= 2 * fsdp_params * 0.9  # the moments are there (mu and nu, float32)
+    assert fsdp_params + fsdp_opt <= (rep_params + rep_opt) / 7, sizes

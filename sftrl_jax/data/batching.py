@@ -88,12 +88,21 @@ def pack_rows(examples: Sequence, rows: int, length: int) -> dict[str, np.ndarra
 
 
 def layout_step(examples: Sequence, *, micro_steps: int, shards: int, micro_batch_size: int, max_length: int,
-                pack: bool) -> dict[str, np.ndarray]:
+                pack: bool, shard_ids: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Arrange one global batch (``micro_steps * shards * micro_batch_size`` examples) as
-    ``[micro_steps, shards * rows, length]`` arrays."""
+    ``[micro_steps, shards * rows, length]`` arrays.
+
+    ``shard_ids`` (sorted) builds only those data-parallel shards' rows, ``[micro_steps,
+    len(shard_ids) * rows, length]``: a process's part of the global batch in multi-process runs.
+    The length (padding) or row count (packing) is still chosen from the whole global batch, so
+    every process agrees on the global shape.
+    """
     expected = micro_steps * shards * micro_batch_size
     if len(examples) != expected:
         raise ValueError(f"layout_step: got {len(examples)} examples, expected {expected}")
+    shard_ids = list(range(shards)) if shard_ids is None else list(shard_ids)
+    if not shard_ids or any(not 0 <= r < shards for r in shard_ids) or shard_ids != sorted(set(shard_ids)):
+        raise ValueError(f"layout_step: shard_ids {shard_ids} must be increasing ids below {shards}")
     chunks = [examples[k * micro_batch_size:(k + 1) * micro_batch_size] for k in range(micro_steps * shards)]
     if pack:
         length = max_length
@@ -104,9 +113,9 @@ def layout_step(examples: Sequence, *, micro_steps: int, shards: int, micro_batc
         length = bucket_length(max(len(e.input_ids) for e in examples), max_length)
         rows = micro_batch_size
         build = pad_rows
-    parts = [build(chunk, rows, length) for chunk in chunks]
-    return {key: np.stack([np.concatenate([parts[i * shards + r][key] for r in range(shards)])
-                           for i in range(micro_steps)]) for key in BATCH_KEYS}
+    parts = {(i, r): build(chunks[i * shards + r], rows, length) for i in range(micro_steps) for r in shard_ids}
+    return {key: np.stack([np.concatenate([parts[i, r][key] for r in shard_ids]) for i in range(micro_steps)])
+            for key in BATCH_KEYS}
 
 
 class EpochSampler:
@@ -141,10 +150,15 @@ class EpochSampler:
 
 
 class SFTBatcher:
-    """Global SFT batches in :func:`layout_step` form, in :class:`EpochSampler` order."""
+    """Global SFT batches in :func:`layout_step` form, in :class:`EpochSampler` order.
+
+    Every process walks the same order over the same examples (the order depends only on the seed
+    and epoch); with ``shard_ids`` it builds only its own shards' rows of each batch.
+    """
 
     def __init__(self, examples: Sequence, *, global_batch_size: int, micro_batch_size: int, shards: int,
-                 max_length: int, pack: bool, seed: int, shuffle: bool = True):
+                 max_length: int, pack: bool, seed: int, shuffle: bool = True,
+                 shard_ids: Sequence[int] | None = None):
         per_micro_step = micro_batch_size * shards
         if global_batch_size % per_micro_step:
             raise ValueError(
@@ -159,6 +173,7 @@ class SFTBatcher:
         self.micro_steps = global_batch_size // per_micro_step
         self.max_length = max_length
         self.pack = pack
+        self.shard_ids = list(range(shards)) if shard_ids is None else list(shard_ids)
         self.sampler = EpochSampler(len(examples), global_batch_size, seed=seed, shuffle=shuffle)
         self.steps_per_epoch = self.sampler.batches_per_epoch
 
@@ -167,9 +182,15 @@ class SFTBatcher:
         return self.sampler.epoch
 
     def next(self) -> dict[str, np.ndarray]:
+        """The rows of the next global batch that ``shard_ids`` names (all of it by default)."""
         return layout_step([self.examples[i] for i in self.sampler.next()], micro_steps=self.micro_steps,
                            shards=self.shards, micro_batch_size=self.micro_batch_size, max_length=self.max_length,
-                           pack=self.pack)
+                           pack=self.pack, shard_ids=self.shard_ids)
+
+    def global_shape(self, local: np.ndarray) -> tuple[int, ...]:
+        """The global shape of a batch array of which ``local`` (from :meth:`next`) is this process's part."""
+        micro, rows, *rest = local.shape
+        return (micro, rows // len(self.shard_ids) * self.shards, *rest)
 
     def state_dict(self) -> dict[str, int]:
         return self.sampler.state_dict()

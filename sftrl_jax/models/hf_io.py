@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ..sharding import DEFAULT_RULES, Rules, named_sharding, place, single_device_mesh
+from ..distributed import barrier
+from ..sharding import DEFAULT_RULES, Rules, named_sharding, place, single_device_mesh, to_host
 from .config import ModelConfig
 from .decoder import Decoder, as_dtype
 
@@ -263,14 +264,6 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
-    if not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
-
-
 def _hf_tensors(model: Decoder, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, array)`` one tensor at a time, in checkpoint order."""
     config = model.config
@@ -278,10 +271,10 @@ def _hf_tensors(model: Decoder, dtype) -> Iterator[tuple[str, np.ndarray]]:
     for spec in weight_specs(config):
         var = params[spec.path]
         if not spec.layered:
-            yield spec.hf_name, spec.to_hf(_to_host(var[...].astype(dtype)))
+            yield spec.hf_name, spec.to_hf(to_host(var[...].astype(dtype)))
             continue
         for i, name in enumerate(spec.hf_names(config.num_layers)):
-            yield name, spec.to_hf(_to_host(var[...][i].astype(dtype)))
+            yield name, spec.to_hf(to_host(var[...][i].astype(dtype)))
 
 
 def save_pretrained(model: Decoder, path: str | os.PathLike, *, dtype=None, max_shard_size: int | str = "5GB",
@@ -290,7 +283,8 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, dtype=None, max_
 
     ``dtype`` defaults to the parameter dtype. Tokenizer and generation-config files are copied
     from ``tokenizer_dir`` (default: the directory the model was loaded from) when present.
-    Only process 0 writes; every process must call this (gathering sharded weights is collective).
+    Only process 0 writes; every process must call this (gathering sharded weights is collective),
+    and none returns before the directory is complete (so another process may load it next).
     """
     out_dir = Path(path)
     out_dtype = as_dtype(dtype) if dtype is not None else model.param_dtype
@@ -340,6 +334,7 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, dtype=None, max_
         source = tokenizer_dir or model.config.source_dir
         if source is not None and Path(source).resolve() != out_dir.resolve():
             copy_tokenizer_files(source, out_dir)
+    barrier(f"sftrl_jax.save_pretrained:{out_dir}")
     return out_dir
 
 

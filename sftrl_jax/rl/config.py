@@ -7,6 +7,7 @@ from typing import Literal
 
 from ..config import CheckpointOptions, ModelOptions
 from ..data.prompts import PromptDataOptions
+from ..distributed import DistributedOptions
 from ..optim import OptimizerOptions
 
 
@@ -68,4 +69,5 @@ class RLConfig:
     rl: RLSection = dataclasses.field(default_factory=RLSection)
     checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
     mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
     output_dir: str = "runs/rl"

@@ -4,6 +4,12 @@ Each step samples ``rl.prompts_per_step`` prompts x ``rl.group_size`` responses 
 sampler from the current policy, scores them with the shared reward (or a ``reward_fn`` given by
 the caller), and updates the policy in ``rl.mini_batches_per_step`` mini-batches for
 ``rl.ppo_epochs`` epochs, each mini-batch with exact accumulation over micro-batches.
+
+With several processes (:mod:`sftrl_jax.distributed`) every process runs the same loop: sampling
+is one SPMD program over the global mesh (each device generates its rows, the tokens are gathered
+to every process), each process grades a contiguous share of the responses and the rewards are
+gathered, so all processes hold identical rollouts; each update then places only the process's own
+rows on its devices, and the gradient step is over the global batch.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from tqdm.auto import tqdm
 
 from ..data.batching import EpochSampler, bucket_length
 from ..data.prompts import load_prompt_items
+from ..distributed import initialize, map_rows_across_processes
 from ..flops import generation_flops, train_flops
 from ..metrics import MetricsWriter, is_writer, plot_curves, read_metrics
 from ..models import load_tokenizer, save_pretrained
 from ..optim import make_optimizer
 from ..sampling import generate
-from ..sharding import make_mesh, named_sharding, place
+from ..sharding import make_mesh, named_sharding, place, to_host
 from ..training import init_train_state, open_checkpoints, prepare_output, stop_on_nonfinite
 from .algorithms import compute_advantages, kl_penalty, overlong_penalty
 from .config import RLConfig
@@ -125,6 +132,7 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool = True, rew
     ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``.
     """
     cfg = config.rl
+    initialize(config.distributed)
     out = prepare_output(config)
     mesh = make_mesh(config.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -177,7 +185,8 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool = True, rew
             texts = tokenizer.batch_decode(bodies, skip_special_tokens=False)
             truths = [chunk[s.prompt_index].ground_truth for s in samples]
             tick = time.perf_counter()
-            correctness = np.asarray(score(texts, truths, [s.tokens for s in samples]), np.float32)
+            # each process grades its share of the rollouts; all get the same full vector
+            correctness = map_rows_across_processes(score, texts, truths, [s.tokens for s in samples])
             timing["score"] += time.perf_counter() - tick
             lengths = [len(s.tokens) for s in samples]
             rewards = correctness + np.asarray(overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer_len,
@@ -228,7 +237,7 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool = True, rew
                                                                  norm_by_std=cfg.norm_adv_by_std))
             sampler_logp = arrays.pop("sampler_logp")
             laid = on_devices(_layout(arrays, rows_per_micro))
-            recomputed = np.asarray(logprobs_of(state["params"], laid)).reshape(sampler_logp.shape)
+            recomputed = to_host(logprobs_of(state["params"], laid)).reshape(sampler_logp.shape)
             mask = arrays["response_mask"] > 0
             mismatch = {
                 "logprob_mismatch_abs": float(np.abs(recomputed - sampler_logp)[mask].mean()) if mask.any() else 0.0,
@@ -238,7 +247,7 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool = True, rew
             }
             arrays["old_logp"] = recomputed if cfg.old_logprobs == "recompute" else sampler_logp
             if ref_params is not None:
-                arrays["ref_logp"] = np.asarray(logprobs_of(ref_params, laid)).reshape(sampler_logp.shape)
+                arrays["ref_logp"] = to_host(logprobs_of(ref_params, laid)).reshape(sampler_logp.shape)
             mini = len(rollouts.responses) // cfg.mini_batches_per_step
             update_metrics = []
             for _ in range(cfg.ppo_epochs):

@@ -7,6 +7,7 @@ from typing import Literal
 
 from ..config import CheckpointOptions, ModelOptions
 from ..data.sft import SFTDataOptions
+from ..distributed import DistributedOptions
 from ..optim import OptimizerOptions
 
 
@@ -39,4 +40,5 @@ class SFTConfig:
     train: SFTTrainSection = dataclasses.field(default_factory=SFTTrainSection)
     checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
     mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
     output_dir: str = "runs/sft"

@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 from ..data.batching import SFTBatcher, eval_batches
 from ..data.sft import tokenize_sft
 from ..data.sources import load_rows
+from ..distributed import initialize
 from ..metrics import MetricsWriter, is_writer, plot_curves, read_metrics
 from ..models import load_tokenizer, save_pretrained
 from ..optim import make_optimizer
-from ..sharding import make_mesh, named_sharding, place
+from ..sharding import local_batch_shards, make_mesh, named_sharding, place, place_local
 from ..training import init_train_state, open_checkpoints, prepare_output, stop_on_nonfinite
 from .config import SFTConfig
 from .step import make_eval_step, make_train_step
@@ -76,6 +77,7 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
     ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``.
     """
     train_cfg = config.train
+    initialize(config.distributed)
     out = prepare_output(config)
     if train_cfg.emulate_bug != "none":
         log.warning("=" * 72 + "\nBUG EMULATION ON: train.emulate_bug=%s -- the gradient is deliberately WRONG "
@@ -88,7 +90,7 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
     batcher = SFTBatcher(train_examples, global_batch_size=train_cfg.global_batch_size,
                          micro_batch_size=train_cfg.micro_batch_size, shards=shards,
                          max_length=config.data.max_length, pack=config.data.pack, seed=train_cfg.seed,
-                         shuffle=config.data.shuffle)
+                         shuffle=config.data.shuffle, shard_ids=local_batch_shards(mesh, shards))
     total_steps = train_cfg.max_steps or train_cfg.num_epochs * batcher.steps_per_epoch
     log.info("%d steps: global batch %d = %d micro-steps x %d shards x %d sequences", total_steps,
              train_cfg.global_batch_size, batcher.micro_steps, shards, train_cfg.micro_batch_size)
@@ -122,8 +124,8 @@ def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
     try:
         while step < total_steps:
             tick = time.perf_counter()
-            host_batch = batcher.next()
-            batch = {k: place(v, batch_sharding) for k, v in host_batch.items()}
+            host_batch = batcher.next()  # this process's rows only
+            batch = {k: place_local(v, batch_sharding, batcher.global_shape(v)) for k, v in host_batch.items()}
             state, metrics = train_step(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1

