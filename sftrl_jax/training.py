@@ -43,13 +43,19 @@ def init_train_state(model_options: ModelOptions, mesh, optimizer):
                                           compute_dtype=model_options.compute_dtype, mesh=mesh,
                                           remat=model_options.remat)
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
+    state, shardings = train_state(params, optimizer, mesh)
+    return graphdef, model_config, state, shardings
+
+
+def train_state(params, optimizer, mesh):
+    """``({params, opt_state, step}, shardings)`` on ``mesh`` for parameters already placed on it."""
     shardings = {"params": shardings_on(params, mesh),
                  "opt_state": opt_state_shardings(optimizer, params, mesh),
                  "step": NamedSharding(mesh, PartitionSpec())}
     state = {"params": params,
              "opt_state": jax.jit(lambda p: init_opt_state(optimizer, p), out_shardings=shardings["opt_state"])(params),
              "step": jnp.zeros((), jnp.int32)}
-    return graphdef, model_config, jax.device_put(state, shardings), shardings
+    return jax.device_put(state, shardings), shardings
 
 
 def opt_state_shardings(optimizer, params, mesh):

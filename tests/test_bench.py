@@ -1,0 +1,29 @@
+"""scripts/bench.py runs every code path at toy sizes (``--smoke``), so the benchmark cannot rot.
+
+This checks that the numbers are produced and consistent, not how fast anything is: speed is
+measured by running the script itself (docs/benchmarks.md), never by a timed test.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_bench_smoke_covers_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    sft = results["sft"]
+    # same weights, same data: the first losses agree, so both sides run the same model
+    assert abs(sft["first_loss"]["jax"] - sft["first_loss"]["torch"]) < 1e-4
+    assert sft["jax"]["tokens_per_s"] > 0 and sft["torch"]["tokens_per_s"] > 0 and sft["attainable_flops_per_s"] > 0
+    assert results["generate"]["greedy_token_agreement"] == 1.0
+    memory = results["memory"]
+    assert memory["state_ratio_fsdp8_over_data8"] <= 1 / 7  # fsdp=8 shards parameters and optimizer state
+    assert {"mfu", "decode", "fit7b"} <= set(results)  # accelerator code paths ran at toy sizes on CPU
