@@ -34,7 +34,7 @@ KEYS = ("probe_sft_loss", "probe_reward")
 EXTRA = {"full": {"splits": {"heldout": 256, "probe": 128}, "seeds": [0, 1], "probe_every": 10,
                   "second_sft_steps": 60, "second_sft_lr": 5e-4},
          "quick": {"splits": {"heldout": 32, "probe": 16}, "seeds": [0], "probe_every": 2,
-                   "second_sft_steps": 4, "second_sft_lr": 5e-4}}
+                   "first_sft_steps": 40, "second_sft_steps": 4, "second_sft_lr": 5e-4}}
 
 
 def _settings(quick: bool) -> dict:
@@ -62,6 +62,8 @@ def run_repro_coupling(out: str | Path = "runs/repro_coupling", *, quick: bool =
     runs = []
     for seed in seeds:
         seed_sft = {"train": {"seed": seed}}
+        if settings.get("first_sft_steps"):  # quick mode: a short first stage (the demo's own length otherwise)
+            seed_sft["train"]["max_steps"] = settings["first_sft_steps"]
         config = from_dict(PipelineConfig, {
             "model": {"path": str(work.base)},
             "stages": [{"kind": "sft", "settings": seed_sft},

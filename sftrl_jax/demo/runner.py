@@ -31,7 +31,7 @@ FULL = {
                       "warmup_ratio": 0.1, "lr_schedule": "cosine", "weight_decay": 0.0},
             "data": {"max_length": 128}},
     "rl": {"rl": {"prompts_per_step": 32, "group_size": 8, "mini_batches_per_step": 2, "ppo_epochs": 2, "micro_batch_size": 128,
-                  "max_steps": 40, "learning_rate": 3e-4, "max_new_tokens": 40, "temperature": 0.7,
+                  "max_steps": 40, "learning_rate": 2e-4, "max_new_tokens": 40, "temperature": 1.0,
                   "norm_adv_by_std": True, "agg_mode": "token-mean", "generation_batch_size": 32,
                   "reward_workers": 1}},
 }
