@@ -18,6 +18,7 @@ Calling conventions (all integer arrays int32):
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -133,11 +134,15 @@ def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, mask, cache_kv
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache_kv is not None:
-        cache_k, cache_v = cache_kv
-        k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
-        new_kv = (k, v)
-        k, v = k.astype(dtype), v.astype(dtype)
+        # write this step's keys/values into the whole [layers, B, S, KV, D] cache in place (it is
+        # carried through the layer scan, so only the new positions are written), then read the layer
+        cache_k, cache_v, layer = cache_kv
+        at = (layer, 0, cache_index, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+        new_kv = (cache_k, cache_v)
+        k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(dtype)
+        v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(dtype)
     else:
         new_kv = None
     attn = attention(q, k, v, mask)
@@ -242,19 +247,29 @@ class Decoder(nnx.Module):
         x = self.embed[...][input_ids].astype(self.dtype)
         x = self._constrain(x)
 
-        def body(carry, scanned):
-            w, kv = scanned
-            out, new_kv = _decoder_layer(carry, w, config=c, dtype=self.dtype, cos=cos, sin=sin, mask=mask,
-                                         cache_kv=kv, cache_index=cache_index)
-            return self._constrain(out), new_kv
+        layer = partial(_decoder_layer, config=c, dtype=self.dtype, cos=cos, sin=sin, mask=mask,
+                        cache_index=cache_index)
+        if cache is None:
+            def body(carry, w):
+                out, _ = layer(carry, w, cache_kv=None)
+                return self._constrain(out), None
 
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(body, x, (self.layers.arrays(), kv_in))
+            if self.remat != "none":
+                body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, self.layers.arrays())
+        else:
+            # the cache rides in the scan carry (not in xs/ys), so each step updates it in place
+            # instead of copying every layer's cache out of and back into the stack
+            def body(carry, scanned):
+                h, cache_k, cache_v = carry
+                w, index = scanned
+                out, (cache_k, cache_v) = layer(h, w, cache_kv=(cache_k, cache_v, index))
+                return (self._constrain(out), cache_k, cache_v), None
+
+            (x, cache_k, cache_v), _ = jax.lax.scan(
+                body, (x, cache.k, cache.v), (self.layers.arrays(), jnp.arange(c.num_layers)))
+            cache = KVCache(k=cache_k, v=cache_v, valid=key_valid, index=cache_index + length)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
-        if cache is not None:
-            cache = KVCache(k=kv_out[0], v=kv_out[1], valid=key_valid, index=cache_index + length)
         return x, cache
 
     def _constrain(self, x: jax.Array) -> jax.Array:
