@@ -47,8 +47,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def plot_curves(records: Sequence[dict] | Mapping[str, Sequence[dict]], keys: Iterable[str],
                 path: str | os.PathLike, *, x: str = "step", title: str = "",
-                boundaries: Sequence[float] = ()) -> Path | None:
-    """One panel per key present in ``records`` (y against ``x``); stage ``boundaries`` as lines.
+                boundaries: Sequence[float] = (), log_keys: Iterable[str] = ()) -> Path | None:
+    """One panel per key present in ``records`` (y against ``x``); stage ``boundaries`` as lines;
+    ``log_keys`` on a logarithmic y axis (a loss that falls by orders of magnitude, then moves a little).
 
     ``records`` may also map a label to each run's records: one line per run, with a legend.
     """
@@ -73,6 +74,8 @@ def plot_curves(records: Sequence[dict] | Mapping[str, Sequence[dict]], keys: It
         if len(series) > 1:
             ax.legend(fontsize=8)
         ax.set_ylabel(key)
+        if key in set(log_keys):
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         for b in boundaries:
             ax.axvline(b, color="grey", linestyle="--", linewidth=1)

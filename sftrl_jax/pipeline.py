@@ -217,7 +217,8 @@ def summarize_pipeline(config: PipelineConfig) -> dict:
         (out / "boundaries.json").write_text(json.dumps(table, indent=2) + "\n")
         probe_records = [r for r in records if "probe_sft_loss" in r or "probe_reward" in r]
         plot_curves(probe_records, ["probe_sft_loss", "probe_reward"], out / "cross_stage.png", x="global_step",
-                    title=" -> ".join(s.kind.upper() for s in config.stages), boundaries=boundaries[:-1])
+                    title=" -> ".join(s.kind.upper() for s in config.stages), boundaries=boundaries[:-1],
+                    log_keys=["probe_sft_loss"])
     for row in table:
         log.info("stage %d (%s, %d steps): start %s -> end %s", row["stage"], row["kind"], row["steps"],
                  row["start"], row["end"])

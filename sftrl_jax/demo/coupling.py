@@ -120,7 +120,8 @@ def _report(out: Path, settings: dict, seeds: list[int], runs: list[dict], secon
         total += stage["steps"]
         offsets.append(total)
     plot_curves({f"seed {r['seed']}": r["records"] for r in runs}, KEYS, out / "cross_stage.png", x="global_step",
-                title="SFT → RL → SFT: held-out SFT loss and held-out reward", boundaries=offsets)
+                title="SFT → RL → SFT: held-out SFT loss and held-out reward", boundaries=offsets,
+                log_keys=["probe_sft_loss"])
     with (out / "metrics.jsonl").open("w") as f:
         for r in runs:
             for record in r["records"]:
