@@ -41,11 +41,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .distributed import initialize
     from .sft import SFTConfig, run_sft
 
     config = load_config(SFTConfig, args.config, args.overrides)
-    initialize(config.distributed)  # before anything touches a device (multi-process runs)
     result = run_sft(config, resume=args.resume)
     print(f"sft: {result.steps} steps; metrics {result.output_dir / 'metrics.jsonl'}; model {result.final_dir}")
     return 0
@@ -53,11 +51,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_rl(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .distributed import initialize
     from .rl import RLConfig, run_rl
 
     config = load_config(RLConfig, args.config, args.overrides)
-    initialize(config.distributed)  # before anything touches a device (multi-process runs)
     result = run_rl(config, resume=args.resume)
     print(f"rl: {result.steps} steps; metrics {result.output_dir / 'metrics.jsonl'}; model {result.final_dir}")
     return 0
@@ -65,11 +61,9 @@ def cmd_rl(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .distributed import initialize
     from .pipeline import PipelineConfig, run_pipeline
 
     config = load_config(PipelineConfig, args.config, args.overrides)
-    initialize(config.distributed)  # before anything touches a device (multi-process runs)
     summary = run_pipeline(config, resume=args.resume)
     for row in summary["stages"]:
         print(f"stage {row['stage']} {row['kind']}: {row['steps']} steps; probe {row['start']} -> {row['end']}")
@@ -116,11 +110,9 @@ def cmd_repro(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .distributed import initialize
     from .evaluation import EvalConfig, run_eval
 
     config = load_config(EvalConfig, args.config, args.overrides)
-    initialize(config.distributed)  # before anything touches a device (multi-process runs)
     results = run_eval(config)
     average = results["math_average"]
     print(f"eval: results {config.output_dir}/results.json"
