@@ -45,7 +45,7 @@ def save_model(model: Decoder, path: str | os.PathLike, *, tokenizer_dir: str | 
 
 
 def load_model(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh: Mesh | None = None,
-               rules: Rules = DEFAULT_RULES, remat: str = "none") -> tuple[Decoder, ModelConfig]:
+               rules: Rules = DEFAULT_RULES, remat: str = "none", scan_layers: bool = True) -> tuple[Decoder, ModelConfig]:
     """Restore a model written by :func:`save_model`, sharded on ``mesh``.
 
     ``dtype`` defaults to the dtype the checkpoint was saved in.
@@ -59,8 +59,8 @@ def load_model(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh:
     config = ModelConfig.from_hf_dict(hf, source_dir=str(directory))
     param_dtype = as_dtype(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
     mesh = mesh or single_device_mesh()
-    model = abstract_model(config, dtype=param_dtype, compute_dtype=compute_dtype, remat=remat, mesh=mesh,
-                           rules=rules)
+    model = abstract_model(config, dtype=param_dtype, compute_dtype=compute_dtype, remat=remat,
+                           scan_layers=scan_layers, mesh=mesh, rules=rules)
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, param_dtype, sharding=s),
                           nnx.to_pure_dict(nnx.state(model)), param_shardings(model))
     with ocp.StandardCheckpointer() as checkpointer:

@@ -191,7 +191,8 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
         from .sharding import make_mesh
 
         model, _ = load_pretrained(config.model.path, dtype=config.model.dtype,
-                                   compute_dtype=config.model.compute_dtype, mesh=make_mesh(config.mesh))
+                                   compute_dtype=config.model.compute_dtype, scan_layers=config.model.scan_layers,
+                                   mesh=make_mesh(config.mesh))
         generator = model_generator(model, tokenizer, config.sampling, progress=False)
     if todo:
         from tqdm.auto import tqdm

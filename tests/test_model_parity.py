@@ -129,20 +129,26 @@ def test_rope_frequencies_match_transformers(hf_checkpoint, family):
     assert config.rope_scaling is None or config.rope_scaling[0] in ROPE_INIT_FUNCTIONS
 
 
-def test_remat_gives_same_gradients(hf_checkpoint):
+def test_remat_and_unrolled_layers_give_same_gradients(hf_checkpoint):
+    """Every way of running the layer loop (scan or unrolled, with or without remat) is the same math."""
     directory = hf_checkpoint("qwen2_tied")
     ids, mask = _batch()
+    reference = load_hf(directory)
     grads = {}
-    for remat in ("none", "full", "dots"):
-        model, _ = load_pretrained(directory, remat=remat)
+    variants = [("none", True), ("full", True), ("dots", True), ("none", False), ("full", False)]
+    for remat, scan_layers in variants:
+        model, _ = load_pretrained(directory, remat=remat, scan_layers=scan_layers)
         graphdef, state = nnx.split(model)
+        if not scan_layers and remat == "none":
+            assert np.abs(logits_of(model, ids, mask) - hf_logits(reference, ids, mask))[mask.astype(bool)].max() \
+                <= FP32_TOLERANCE
 
         def loss(state):
             logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)
             return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask)
 
-        grads[remat] = jax.jit(jax.grad(loss))(state)
-    for remat in ("full", "dots"):
-        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat])):
+        grads[remat, scan_layers] = jax.jit(jax.grad(loss))(state)
+    for variant in variants[1:]:
+        for a, b in zip(jax.tree.leaves(grads["none", True]), jax.tree.leaves(grads[variant])):
             # recomputation changes float rounding only: compare relative to each tensor's scale
             assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()

@@ -32,11 +32,13 @@ def hf_logprobs(model, prompt, tokens):
     return [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens)]
 
 
-@pytest.mark.parametrize("family", ["qwen2_tied", "llama3_rope", "qwen3_headdim"])
-def test_greedy_matches_transformers(hf_checkpoint, family):
+@pytest.mark.parametrize("family,scan_layers", [("qwen2_tied", True), ("llama3_rope", True), ("qwen3_headdim", True),
+                                               ("qwen3_headdim", False)],
+                         ids=["qwen2_tied", "llama3_rope", "qwen3_headdim", "qwen3_headdim-unrolled"])
+def test_greedy_matches_transformers(hf_checkpoint, family, scan_layers):
     directory = hf_checkpoint(family)
     reference = load_hf(directory)
-    model, _ = load_pretrained(directory, mesh=make_mesh({"fsdp": 8}))
+    model, _ = load_pretrained(directory, mesh=make_mesh({"fsdp": 8}), scan_layers=scan_layers)
     first = generate(model, PROMPTS, max_new_tokens=10, temperature=0, eos_token_id=[])
     eos = first[0].tokens[4]  # a token the first prompt emits: now it must stop there
     samples = generate(model, PROMPTS, max_new_tokens=10, temperature=0, eos_token_id=eos)

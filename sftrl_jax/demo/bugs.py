@@ -22,7 +22,8 @@ from ..config import from_dict
 from ..metrics import plot_curves, read_metrics
 from ..models import load_tokenizer
 from ..sft import SFTConfig, run_sft
-from .workspace import TASK_SEED, build_workspace, deep_merge, evaluate, mean, spread
+from .workspace import (MODEL_OPTIONS, TASK_SEED, build_workspace, deep_merge, evaluate, mean, spread,
+                        with_compilation_cache)
 
 log = logging.getLogger("sftrl_jax.demo")
 
@@ -54,6 +55,7 @@ def _settings(quick: bool) -> dict:
     return settings
 
 
+@with_compilation_cache
 def run_repro_bugs(out: str | Path = "runs/repro_bugs", *, quick: bool = False, seeds: list[int] | None = None,
                    progress: bool = True) -> dict:
     start = time.time()
@@ -72,7 +74,7 @@ def run_repro_bugs(out: str | Path = "runs/repro_bugs", *, quick: bool = False, 
             run_dir = out / bug / f"seed{seed}"
             tick = time.time()
             config = from_dict(SFTConfig, deep_merge({
-                "model": {"path": str(work.base)}, "output_dir": str(run_dir / "sft"),
+                "model": {"path": str(work.base), **MODEL_OPTIONS}, "output_dir": str(run_dir / "sft"),
                 "data": {"train_files": [str(work.sft_file)], "eval_files": [str(heldout_sft)]},
                 "train": {"seed": seed, "emulate_bug": bug}, "mesh": {"data": 1, "fsdp": -1}}, settings["sft"]))
             result = run_sft(config, progress=progress)

@@ -26,7 +26,7 @@ from ..config import from_dict
 from ..metrics import plot_curves
 from ..pipeline import PipelineConfig, run_pipeline
 from .runner import demo_settings
-from .workspace import TASK_SEED, build_workspace, mean, spread
+from .workspace import MODEL_OPTIONS, TASK_SEED, build_workspace, mean, spread, with_compilation_cache
 
 log = logging.getLogger("sftrl_jax.demo")
 
@@ -45,6 +45,7 @@ def _settings(quick: bool) -> dict:
     return settings
 
 
+@with_compilation_cache
 def run_repro_coupling(out: str | Path = "runs/repro_coupling", *, quick: bool = False,
                        seeds: list[int] | None = None, progress: bool = True, reward_fn=None) -> dict:
     start = time.time()
@@ -65,7 +66,7 @@ def run_repro_coupling(out: str | Path = "runs/repro_coupling", *, quick: bool =
         if settings.get("first_sft_steps"):  # quick mode: a short first stage (the demo's own length otherwise)
             seed_sft["train"]["max_steps"] = settings["first_sft_steps"]
         config = from_dict(PipelineConfig, {
-            "model": {"path": str(work.base)},
+            "model": {"path": str(work.base), **MODEL_OPTIONS},
             "stages": [{"kind": "sft", "settings": seed_sft},
                        {"kind": "rl", "settings": {"rl": {"seed": seed}}},
                        {"kind": "sft", "settings": {"train": {"seed": seed + 1000,

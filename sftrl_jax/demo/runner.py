@@ -19,7 +19,8 @@ from ..metrics import plot_curves, read_metrics
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
 from .task import teacher_accuracy
-from .workspace import TASK_SEED, build_workspace, deep_merge, evaluate, mean, spread
+from .workspace import (MODEL_OPTIONS, TASK_SEED, build_workspace, deep_merge, evaluate, mean, spread,
+                        with_compilation_cache)
 
 log = logging.getLogger("sftrl_jax.demo")
 
@@ -54,6 +55,7 @@ def demo_settings(quick: bool) -> dict:
     return settings
 
 
+@with_compilation_cache
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[int] | None = None,
              progress: bool = True) -> dict:
     start = time.time()
@@ -74,14 +76,14 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[
     for seed in seeds:
         run_dir = out / f"seed{seed}"
         tick = time.time()
-        sft_cfg = from_dict(SFTConfig, deep_merge({"model": {"path": str(base)}, "output_dir": str(run_dir / "sft"),
+        sft_cfg = from_dict(SFTConfig, deep_merge({"model": {"path": str(base), **MODEL_OPTIONS}, "output_dir": str(run_dir / "sft"),
                                               "data": {"train_files": [str(sft_file)]},
                                               "train": {"seed": seed}, "mesh": {"fsdp": -1}}, settings["sft"]))
         sft = run_sft(sft_cfg, progress=progress)
         sft_seconds = time.time() - tick
         sft_accuracy = evaluate(sft.final_dir, test_file, run_dir / "eval_sft")
         tick = time.time()
-        rl_cfg = from_dict(RLConfig, deep_merge({"model": {"path": str(sft.final_dir)}, "output_dir": str(run_dir / "rl"),
+        rl_cfg = from_dict(RLConfig, deep_merge({"model": {"path": str(sft.final_dir), **MODEL_OPTIONS}, "output_dir": str(run_dir / "rl"),
                                             "data": {"files": [str(rl_file)]}, "rl": {"seed": seed},
                                             "mesh": {"fsdp": -1}}, settings["rl"]))
         rl = run_rl(rl_cfg, progress=progress)

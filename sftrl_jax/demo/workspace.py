@@ -3,8 +3,11 @@ config merging, and held-out evaluation through ``run_eval``."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
+import inspect
 import logging
 import statistics
 from pathlib import Path
@@ -17,6 +20,9 @@ from .task import BENCHMARK, TEACHER_SKIP_RATE, Problem, corpus, make_splits, pr
 log = logging.getLogger("sftrl_jax.demo")
 
 TASK_SEED = 1234
+# Model options of every embedded-task run. The embedded model has 2 layers: an unrolled layer loop
+# makes its training steps about a quarter faster than the scanned one (docs/design.md, "The demo").
+MODEL_OPTIONS = {"scan_layers": False}
 
 
 @dataclasses.dataclass
@@ -53,10 +59,49 @@ def build_workspace(out: Path, sizes: dict[str, int], model: dict, *, ops: tuple
 def evaluate(model_path: Path, test_file: Path, out: Path, *, max_new_tokens: int = 40) -> float:
     """Greedy held-out accuracy of ``model_path`` on ``test_file`` (math-verify grading)."""
     config = from_dict(EvalConfig, {
-        "model": {"path": str(model_path)}, "data": {"files": [str(test_file)], "benchmark_field": "data_source"},
+        "model": {"path": str(model_path), **MODEL_OPTIONS}, "data": {"files": [str(test_file)], "benchmark_field": "data_source"},
         "sampling": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "batch_size": 64},
         "reward": {"num_workers": 1}, "math_benchmarks": [BENCHMARK], "output_dir": str(out)})
     return run_eval(config, progress=False)["benchmarks"][BENCHMARK]["accuracy"]
+
+
+@contextlib.contextmanager
+def compilation_cache(directory: Path):
+    """Keep compiled XLA programs in ``directory`` while the block runs (JAX's persistent cache).
+
+    Every seed of an embedded-task run compiles the same programs again (each ``run_sft`` /
+    ``run_rl`` builds its own jitted step); with the cache the second and later seeds load them
+    instead. A cache the user configured (``JAX_COMPILATION_CACHE_DIR``) is left as it is.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+        cache.reset_cache()
+
+
+def with_compilation_cache(run):
+    """Run ``run(out, ...)`` inside :func:`compilation_cache` at ``<out>/xla_cache``."""
+
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        bound = inspect.signature(run).bind(*args, **kwargs)
+        bound.apply_defaults()
+        with compilation_cache(Path(bound.arguments["out"]) / "xla_cache"):
+            return run(*args, **kwargs)
+
+    return wrapper
 
 
 def deep_merge(base: dict, update: dict) -> dict:

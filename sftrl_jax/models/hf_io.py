@@ -158,10 +158,11 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
 # ---------------------------------------------------------------------------------------- models
 def abstract_model(config: ModelConfig, *, dtype="float32", compute_dtype=None, remat="none",
-                   mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
+                   scan_layers: bool = True, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
     """A :class:`Decoder` whose parameters are shapes only (nothing allocated)."""
     return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype,
-                                          remat=remat, mesh=mesh or single_device_mesh(), rules=rules))
+                                          remat=remat, scan_layers=scan_layers, mesh=mesh or single_device_mesh(),
+                                          rules=rules))
 
 
 def param_items(model: nnx.Module) -> Iterator[tuple[tuple[str, ...], nnx.Param]]:
@@ -182,10 +183,10 @@ def param_shardings(model: Decoder) -> dict:
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, dtype="float32", compute_dtype=None, remat="none",
-               mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
+               scan_layers: bool = True, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
     """A randomly initialised model, created directly in its sharded layout."""
     mesh = mesh or single_device_mesh()
-    kwargs = dict(param_dtype=dtype, dtype=compute_dtype, remat=remat, mesh=mesh, rules=rules)
+    kwargs = dict(param_dtype=dtype, dtype=compute_dtype, remat=remat, scan_layers=scan_layers, mesh=mesh, rules=rules)
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed), **kwargs))
 
     @functools.partial(jax.jit, out_shardings=param_shardings(abstract))
@@ -201,7 +202,8 @@ def _write_layer(stacked: jax.Array, layer_value: jax.Array, layer: int) -> jax.
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype="float32", compute_dtype=None, mesh: Mesh | None = None,
-                    rules: Rules = DEFAULT_RULES, remat: str = "none") -> tuple[Decoder, ModelConfig]:
+                    rules: Rules = DEFAULT_RULES, remat: str = "none",
+                    scan_layers: bool = True) -> tuple[Decoder, ModelConfig]:
     """Load a local Hugging Face directory into a sharded :class:`Decoder`.
 
     ``dtype`` is the parameter dtype; ``compute_dtype`` defaults to it. Raises with the offending
@@ -233,8 +235,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype="float32", compute_dtype=N
                 raise ValueError(f"{directory}: tensor {name!r} has shape {shape}, expected {spec.hf_shape} "
                                  f"from config.json")
 
-    model = abstract_model(config, dtype=param_dtype, compute_dtype=compute_dtype, remat=remat, mesh=mesh,
-                           rules=rules)
+    model = abstract_model(config, dtype=param_dtype, compute_dtype=compute_dtype, remat=remat,
+                           scan_layers=scan_layers, mesh=mesh, rules=rules)
     params = dict(param_items(model))
     for spec in specs:
         var = params[spec.path]
