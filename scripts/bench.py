@@ -202,9 +202,9 @@ def cpu_compare(args, results: dict) -> None:
     sections = args.sections
     workdir = Path(tempfile.mkdtemp(prefix="sftrl-bench-"))
     torch_model = write_hf_model(hf_dict, workdir)
-    model, config = load_pretrained(workdir)
-    results["cpu_model"] = {**hf_dict, "matmul_params": flops.matmul_params(config),
-                            "torch_threads": torch.get_num_threads()}
+    model, config = load_pretrained(workdir, scan_layers=not args.unroll_layers)
+    results["cpu_model"] = {**hf_dict, "scan_layers": not args.unroll_layers,
+                            "matmul_params": flops.matmul_params(config), "torch_threads": torch.get_num_threads()}
     mm_n = 256 if args.smoke else args.matmul_n
 
     if "matmul" in sections:
@@ -644,6 +644,7 @@ def parse_args(argv=None):
     p.add_argument("--accel-seq", type=int, default=4096)
     p.add_argument("--accel-batch", type=int, default=8, help="sequences per SFT step (halved on OOM)")
     p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])
+    p.add_argument("--unroll-layers", action="store_true", help="CPU sections: model.scan_layers=false")
     p.add_argument("--decode-prompt", type=int, default=512)
     p.add_argument("--decode-new", type=int, default=256)
     p.add_argument("--peak-tflops", type=float, default=None)
