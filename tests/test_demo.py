@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 
 from sftrl_jax.cli import main
@@ -45,6 +46,9 @@ def test_demo_quick_runs_end_to_end_and_sft_beats_base(tmp_path, capsys):
     for name in ("report.md", "sft_loss.png", "rl_reward.png", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert "| held-out accuracy" in (out / "report.md").read_text()
+    # compiled programs were cached in the report folder for the run, and the setting restored after it
+    assert any((out / "xla_cache").iterdir())
+    assert not jax.config.jax_compilation_cache_dir
     model, _ = load_pretrained(report["final_model"])
     from transformers import AutoModelForCausalLM
 
