@@ -45,7 +45,8 @@ def save_model(model: Decoder, path: str | os.PathLike, *, tokenizer_dir: str | 
 
 
 def load_model(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh: Mesh | None = None,
-               rules: Rules = DEFAULT_RULES, remat: str = "none", scan_layers: bool = True) -> tuple[Decoder, ModelConfig]:
+               rules: Rules = DEFAULT_RULES, remat: str = "none",
+               scan_layers: bool = True) -> tuple[Decoder, ModelConfig]:
     """Restore a model written by :func:`save_model`, sharded on ``mesh``.
 
     ``dtype`` defaults to the dtype the checkpoint was saved in.

@@ -183,7 +183,8 @@ class ModelOptions:
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameters (optimizer state is always float32)
     compute_dtype: Literal["float32", "bfloat16"] | None = None  # matmuls; default: dtype
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    scan_layers: bool = True  # False: unroll the layer loop (faster steps for shallow models; compile time grows with depth)
+    # False: unroll the layer loop (faster steps for shallow models; compile time grows with depth)
+    scan_layers: bool = True
 
 
 @dataclasses.dataclass

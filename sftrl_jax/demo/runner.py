@@ -76,16 +76,16 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[
     for seed in seeds:
         run_dir = out / f"seed{seed}"
         tick = time.time()
-        sft_cfg = from_dict(SFTConfig, deep_merge({"model": {"path": str(base), **MODEL_OPTIONS}, "output_dir": str(run_dir / "sft"),
-                                              "data": {"train_files": [str(sft_file)]},
-                                              "train": {"seed": seed}, "mesh": {"fsdp": -1}}, settings["sft"]))
+        sft_cfg = from_dict(SFTConfig, deep_merge({
+            "model": {"path": str(base), **MODEL_OPTIONS}, "output_dir": str(run_dir / "sft"),
+            "data": {"train_files": [str(sft_file)]}, "train": {"seed": seed}, "mesh": {"fsdp": -1}}, settings["sft"]))
         sft = run_sft(sft_cfg, progress=progress)
         sft_seconds = time.time() - tick
         sft_accuracy = evaluate(sft.final_dir, test_file, run_dir / "eval_sft")
         tick = time.time()
-        rl_cfg = from_dict(RLConfig, deep_merge({"model": {"path": str(sft.final_dir), **MODEL_OPTIONS}, "output_dir": str(run_dir / "rl"),
-                                            "data": {"files": [str(rl_file)]}, "rl": {"seed": seed},
-                                            "mesh": {"fsdp": -1}}, settings["rl"]))
+        rl_cfg = from_dict(RLConfig, deep_merge({
+            "model": {"path": str(sft.final_dir), **MODEL_OPTIONS}, "output_dir": str(run_dir / "rl"),
+            "data": {"files": [str(rl_file)]}, "rl": {"seed": seed}, "mesh": {"fsdp": -1}}, settings["rl"]))
         rl = run_rl(rl_cfg, progress=progress)
         rl_seconds = time.time() - tick
         rl_accuracy = evaluate(rl.final_dir, test_file, run_dir / "eval_rl")

@@ -59,7 +59,8 @@ def build_workspace(out: Path, sizes: dict[str, int], model: dict, *, ops: tuple
 def evaluate(model_path: Path, test_file: Path, out: Path, *, max_new_tokens: int = 40) -> float:
     """Greedy held-out accuracy of ``model_path`` on ``test_file`` (math-verify grading)."""
     config = from_dict(EvalConfig, {
-        "model": {"path": str(model_path), **MODEL_OPTIONS}, "data": {"files": [str(test_file)], "benchmark_field": "data_source"},
+        "model": {"path": str(model_path), **MODEL_OPTIONS},
+        "data": {"files": [str(test_file)], "benchmark_field": "data_source"},
         "sampling": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "batch_size": 64},
         "reward": {"num_workers": 1}, "math_benchmarks": [BENCHMARK], "output_dir": str(out)})
     return run_eval(config, progress=False)["benchmarks"][BENCHMARK]["accuracy"]
