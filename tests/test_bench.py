@@ -5,6 +5,7 @@ measured by running the script itself (docs/benchmarks.md), never by a timed tes
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ ROOT = Path(__file__).parents[1]
 
 def test_bench_smoke_covers_every_section(tmp_path):
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
