@@ -52,7 +52,11 @@ def as_dtype(dtype) -> jnp.dtype:
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values ``[layers, batch, max_len, kv_heads, head_dim]``.
+    """Per-layer keys/values ``[layers, batch, kv_heads, max_len, head_dim]``.
+
+    Heads before positions: the attention dots then read a layer's cache as it is stored, with
+    the batch and head axes leading (the layout XLA's batched dot wants), instead of transposing the
+    whole cache on every decode step.
 
     ``valid [batch, max_len]`` marks filled, non-padding slots; ``index`` is the next slot written
     (shared by all rows: prompts are left-padded to a common length).
@@ -65,11 +69,11 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype="float32") -> KVCache:
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, as_dtype(dtype)),
         v=jnp.zeros(shape, as_dtype(dtype)),
@@ -128,19 +132,19 @@ def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, mask, cache_kv
     cast = lambda name: w[name].astype(dtype)  # noqa: E731
     h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
     q = jnp.einsum("bte,ehd->bthd", h, cast("q_proj"))
-    k = jnp.einsum("bte,ehd->bthd", h, cast("k_proj"))
-    v = jnp.einsum("bte,ehd->bthd", h, cast("v_proj"))
+    k = jnp.einsum("bte,ehd->bhtd", h, cast("k_proj"))  # keys/values [B, KV, T, D]
+    v = jnp.einsum("bte,ehd->bhtd", h, cast("v_proj"))
     if c.qkv_bias:
-        q, k, v = q + cast("q_bias"), k + cast("k_bias"), v + cast("v_bias")
+        q, k, v = q + cast("q_bias"), k + cast("k_bias")[:, None], v + cast("v_bias")[:, None]
     if c.qk_norm:
         q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos[:, None], sin[:, None], heads_axis=1)
     if cache_kv is not None:
-        # write this step's keys/values into the whole [layers, B, S, KV, D] cache in place (it is
+        # write this step's keys/values into the whole [layers, B, KV, S, D] cache in place (it is
         # carried through the layer scan, so only the new positions are written), then read the layer
         cache_k, cache_v, layer = cache_kv
-        at = (layer, 0, cache_index, 0, 0)
+        at = (layer, 0, 0, cache_index, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
         new_kv = (cache_k, cache_v)

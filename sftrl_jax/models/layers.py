@@ -55,11 +55,13 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x [batch, seq, heads, head_dim]`` (the half-split convention of HF Llama/Qwen)."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, heads_axis: int = 2) -> jax.Array:
+    """Rotate ``x [batch, seq, heads, head_dim]`` (or ``[batch, heads, seq, head_dim]`` with
+    ``heads_axis=1`` and tables already expanded there) by the half-split convention of HF Llama/Qwen."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if heads_axis == 2:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
@@ -76,15 +78,16 @@ def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None) 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention.
 
-    q ``[B, T, H, D]``, k/v ``[B, S, KV, D]`` with ``H % KV == 0``, mask ``[B, T, S]`` (True = attend).
+    q ``[B, T, H, D]``, k/v ``[B, KV, S, D]`` (heads before positions, the KV cache's layout) with
+    ``H % KV == 0``, mask ``[B, T, S]`` (True = attend).
     Scores and softmax in float32; a query row with nothing to attend to returns a finite value.
     """
     batch, q_len, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
+    num_kv = k.shape[1]
     q = q.reshape(batch, q_len, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(head_dim))
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(v.dtype)
