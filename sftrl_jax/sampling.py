@@ -74,16 +74,19 @@ def _pick(logits, key, temperature, top_k, top_p):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "eos_ids", "pad_id", "cache_dtype"))
+                                             "top_p", "eos_ids", "pad_id", "cache_dtype", "split_layers"))
 def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, max_new_tokens, temperature,
-                    top_k, top_p, eos_ids, pad_id, cache_dtype):
+                    top_k, top_p, eos_ids, pad_id, cache_dtype, split_layers):
     model = nnx.merge(graphdef, params)
+    layer_weights = model.split_layer_weights() if split_layers else None  # once, outside the decode loop
     rows, prompt_len = prompt_ids.shape
     cache = init_cache(model.config, rows, prompt_len + max_new_tokens, cache_dtype)
     logits, cache = model.prefill(prompt_ids, prompt_mask, cache)
     if n > 1:  # every sample of a prompt continues from the same prefill
         cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=1 if x.ndim == 5 else 0) if x.ndim else x, cache)
         logits, live = jnp.repeat(logits, n, axis=0), jnp.repeat(live, n, axis=0)
+    if split_layers:
+        cache = cache.split()
     total = rows * n
     eos = jnp.asarray(eos_ids, jnp.int32)
 
@@ -98,7 +101,7 @@ def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, 
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
-        logits, cache = model.decode(token, cache)
+        logits, cache = model.decode(token, cache, layer_weights)
         return step + 1, logits, cache, done, tokens, logprobs
 
     carry = (jnp.zeros((), jnp.int32), logits, cache, ~live,
@@ -121,12 +124,17 @@ def generate(
     batch_size: int = 64,
     pad_token_id: int = 0,
     progress: bool = False,
+    split_layer_weights: bool | None = None,
 ) -> list[Sample]:
     """Sample ``n`` continuations of each prompt.
 
     Returns ``len(prompt_ids) * n`` samples, prompt-major: sample ``j`` of prompt ``i`` is at
     ``i * n + j``. ``temperature=0`` is greedy. ``batch_size`` is the number of prompts per
     compiled batch (rounded to a power of two and to the data-parallel size).
+    ``split_layer_weights`` decodes from per-layer copies of the layer weights made once per batch
+    (:meth:`Decoder.split_layer_weights`; same tokens and log-probs, one extra copy of the layer
+    weights in memory); default: on the CPU backend only, where slicing the stacked weights copies
+    them on every decode step. GPU and TPU fuse that slice into the matmul.
     """
     if not prompt_ids:
         return []
@@ -137,6 +145,8 @@ def generate(
     eos_ids = tuple(int(e) for e in ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
     if not eos_ids:
         eos_ids = (-1,)  # no EOS: every row runs to max_new_tokens
+    if split_layer_weights is None:
+        split_layer_weights = jax.default_backend() == "cpu"
     mesh = model.mesh
     shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
     graphdef, params = nnx.split(model)
@@ -161,7 +171,8 @@ def generate(
         tokens, logprobs, _ = _generate_batch(
             graphdef, params, ids, mask, live, jax.random.fold_in(jax.random.key(seed), batch_index), n=n,
             max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-            eos_ids=eos_ids, pad_id=pad_token_id, cache_dtype=jnp.dtype(model.dtype).name)
+            eos_ids=eos_ids, pad_id=pad_token_id, cache_dtype=jnp.dtype(model.dtype).name,
+            split_layers=bool(split_layer_weights))
         tokens, logprobs = to_host(tokens), to_host(logprobs)  # gathered from every process when multi-host
         for row in range(len(chunk) * n):
             hits = np.flatnonzero(np.isin(tokens[row], eos_ids))

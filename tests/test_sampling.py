@@ -103,6 +103,18 @@ def test_same_seed_same_output_and_n_samples_per_prompt(hf_checkpoint):
     assert greedy[0].tokens == greedy[1].tokens and greedy[2].tokens == greedy[3].tokens
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_split_layer_weights_decode_like_the_layer_stack(hf_checkpoint, scan_layers):
+    """The CPU default (per-layer weights and cache in the decode loop) samples what the stacked path does."""
+    model, _ = load_pretrained(hf_checkpoint("qwen2_untied"), mesh=make_mesh({"fsdp": 8}), scan_layers=scan_layers)
+    kwargs = dict(max_new_tokens=8, temperature=1.0, eos_token_id=[], n=3, seed=3)
+    split = generate(model, PROMPTS, split_layer_weights=True, **kwargs)
+    stacked = generate(model, PROMPTS, split_layer_weights=False, **kwargs)
+    assert [s.tokens for s in split] == [s.tokens for s in stacked]
+    np.testing.assert_allclose(np.array([s.logprobs for s in split]), np.array([s.logprobs for s in stacked]),
+                               atol=1e-5)
+
+
 def test_filter_logits_by_hand():
     logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]]))
 

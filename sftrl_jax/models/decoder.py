@@ -60,16 +60,25 @@ class KVCache(NamedTuple):
 
     ``valid [batch, max_len]`` marks filled, non-padding slots; ``index`` is the next slot written
     (shared by all rows: prompts are left-padded to a common length).
+
+    :meth:`split` gives the same cache with ``k`` and ``v`` as tuples of per-layer arrays
+    ``[batch, kv_heads, max_len, head_dim]``, the form :meth:`Decoder.decode` takes together with
+    per-layer weights (no layer slicing inside a decode loop).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
+
+    def split(self) -> "KVCache":
+        if isinstance(self.k, tuple):
+            return self
+        return self._replace(k=tuple(self.k), v=tuple(self.v))
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype="float32") -> KVCache:
@@ -140,7 +149,15 @@ def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, mask, cache_kv
         q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos[:, None], sin[:, None], heads_axis=1)
-    if cache_kv is not None:
+    if cache_kv is not None and cache_kv[2] is None:
+        # this layer's own cache [B, KV, S, D] (a split cache): write the new positions, read it whole
+        cache_k, cache_v, _ = cache_kv
+        at = (0, 0, cache_index, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
+        new_kv = (cache_k, cache_v)
+        k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+    elif cache_kv is not None:
         # write this step's keys/values into the whole [layers, B, KV, S, D] cache in place (it is
         # carried through the layer scan, so only the new positions are written), then read the layer
         cache_k, cache_v, layer = cache_kv
@@ -210,11 +227,29 @@ class Decoder(nnx.Module):
         hidden, cache = self.forward(input_ids, attention_mask=attention_mask, cache=cache)
         return self.logits(hidden[:, -1:])[:, 0], cache
 
-    def decode(self, tokens, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Append one token per row (``tokens [B]``); returns next-token logits ``[B, V]``."""
+    def decode(self, tokens, cache: KVCache, layer_weights: list[dict] | None = None) -> tuple[jax.Array, KVCache]:
+        """Append one token per row (``tokens [B]``); returns next-token logits ``[B, V]``.
+
+        ``layer_weights`` (from :meth:`split_layer_weights`, made once outside a decode loop, with
+        ``cache.split()``) runs the layers from per-layer arrays instead of slicing the stacked
+        weights and cache on every step.
+        """
         ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
-        hidden, cache = self.forward(tokens[:, None], attention_mask=ones, cache=cache)
+        hidden, cache = self.forward(tokens[:, None], attention_mask=ones, cache=cache, layer_weights=layer_weights)
         return self.logits(hidden)[:, 0], cache
+
+    def split_layer_weights(self) -> list[dict]:
+        """Each layer's weights as separate arrays (a copy of the layer stack), for :meth:`decode`.
+
+        XLA:CPU copies a layer's weights out of the ``[layers, ...]`` stack every time a step slices
+        them (it does not fuse the slice into the dot); in a decode loop that is every token. Slicing
+        once before the loop removes those copies at the price of a second copy of the layer
+        weights while the loop runs (``docs/design.md``, "Stacked layers and `lax.scan`").
+        """
+        arrays = self.layers.arrays()
+        split = [{name: value[i] for name, value in arrays.items()} for i in range(self.config.num_layers)]
+        # the barrier keeps XLA from sinking the slices back into the loop that uses them
+        return jax.lax.optimization_barrier(split)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits from final hidden states (matmul in the compute dtype, fp32 accumulation)."""
@@ -225,8 +260,13 @@ class Decoder(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def forward(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
-                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Final hidden states ``[B, T, E]`` (compute dtype) and the updated cache."""
+                cache: KVCache | None = None, layer_weights: list[dict] | None = None
+                ) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states ``[B, T, E]`` (compute dtype) and the updated cache.
+
+        ``layer_weights`` (with a split cache only): per-layer weights from
+        :meth:`split_layer_weights`, applied in a Python loop instead of the layer scan.
+        """
         c = self.config
         batch, length = input_ids.shape
         if attention_mask is None:
@@ -259,6 +299,9 @@ class Decoder(nnx.Module):
         layer = partial(_decoder_layer, config=c, dtype=self.dtype, cos=cos, sin=sin, mask=mask,
                         cache_index=cache_index)
         if cache is None:
+            if layer_weights is not None:
+                raise ValueError("layer_weights is for decoding with a KV cache")
+
             def body(carry, w):
                 out, _ = layer(carry, w, cache_kv=None)
                 return self._constrain(out), None
@@ -275,9 +318,21 @@ class Decoder(nnx.Module):
                 out, (cache_k, cache_v) = layer(h, w, cache_kv=(cache_k, cache_v, index))
                 return (self._constrain(out), cache_k, cache_v), None
 
-            (x, cache_k, cache_v), _ = jax.lax.scan(
-                body, (x, cache.k, cache.v), (self.layers.arrays(), jnp.arange(c.num_layers)),
-                unroll=not self.scan_layers)
+            if layer_weights is None:
+                if isinstance(cache.k, tuple):
+                    raise ValueError("a split cache (KVCache.split()) needs layer_weights")
+                (x, cache_k, cache_v), _ = jax.lax.scan(
+                    body, (x, cache.k, cache.v), (self.layers.arrays(), jnp.arange(c.num_layers)),
+                    unroll=not self.scan_layers)
+            else:  # per-layer weights and a split cache: nothing is sliced out of a layer stack
+                if not isinstance(cache.k, tuple):
+                    raise ValueError("layer_weights needs a split cache (KVCache.split())")
+                cache_k, cache_v = [], []
+                for w, layer_k, layer_v in zip(layer_weights, cache.k, cache.v):
+                    (x, layer_k, layer_v), _ = body((x, layer_k, layer_v), (w, None))
+                    cache_k.append(layer_k)
+                    cache_v.append(layer_v)
+                cache_k, cache_v = tuple(cache_k), tuple(cache_v)
             cache = KVCache(k=cache_k, v=cache_v, valid=key_valid, index=cache_index + length)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         return x, cache
