@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from sftrl_jax.cli import main
-from sftrl_jax.demo.task import make_problem, make_splits
+from sftrl_jax.demo.task import make_problem, make_splits, trace_stats
 from sftrl_jax.models import load_pretrained
 from sftrl_jax.rewards import RewardPool
 
@@ -34,6 +34,20 @@ def test_splits_are_disjoint_and_reference_solutions_score_1():
         assert eval(last_step.split("=")[0]) == problem.answer == int(last_step.split("=")[1])
 
 
+def test_trace_stats_counts_the_teachers_slip_and_wrong_steps():
+    splits = make_splits(1234, {"test": 60})["test"]
+    three = next(i for i, p in enumerate(splits) if p.solution.count("=") == 3)
+    two = next(i for i, p in enumerate(splits) if p.solution.count("=") == 2)
+    slip = "<think>\n" + "\n".join(splits[three].solution.split("\n")[1:3]) + "\n</think>\n\\boxed{0}"
+    responses = {three: slip, two: "<think>\n2+2=5\n5-1=4\n</think>\n\\boxed{4}"}
+    stats = trace_stats([splits[three], splits[two]], {0: responses[three], 1: responses[two]})
+    assert stats == {"three_step_problems": 1, "stopped_after_two_steps": 1, "steps": 4, "wrong_steps": 1}
+    # the reference solutions: every step right, nothing stopped early
+    exact = trace_stats(splits, {i: p.solution for i, p in enumerate(splits)})
+    assert exact["wrong_steps"] == exact["stopped_after_two_steps"] == 0
+    assert exact["three_step_problems"] == sum(p.solution.count("=") == 3 for p in splits) > 0
+
+
 def test_demo_quick_runs_end_to_end_and_sft_beats_base(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
@@ -46,6 +60,9 @@ def test_demo_quick_runs_end_to_end_and_sft_beats_base(tmp_path, capsys):
     for name in ("report.md", "sft_loss.png", "rl_reward.png", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert "| held-out accuracy" in (out / "report.md").read_text()
+    answers = report["runs"][0]["answers"]
+    assert set(answers) == {"sft", "rl"} and answers["sft"]["three_step_problems"] > 0
+    assert "three-step problems stopped after two steps" in (out / "report.md").read_text()
     # compiled programs were cached in the report folder for the run, and the setting restored after it
     assert any((out / "xla_cache").iterdir())
     assert not jax.config.jax_compilation_cache_dir

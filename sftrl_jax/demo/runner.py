@@ -19,8 +19,8 @@ from ..metrics import plot_curves, read_metrics
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
 from .task import teacher_accuracy
-from .workspace import (MODEL_OPTIONS, TASK_SEED, build_workspace, deep_merge, evaluate, mean, spread,
-                        with_compilation_cache)
+from .workspace import (MODEL_OPTIONS, TASK_SEED, answer_stats, build_workspace, deep_merge, evaluate, mean,
+                        spread, with_compilation_cache)
 
 log = logging.getLogger("sftrl_jax.demo")
 
@@ -89,7 +89,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[
         rl = run_rl(rl_cfg, progress=progress)
         rl_seconds = time.time() - tick
         rl_accuracy = evaluate(rl.final_dir, test_file, run_dir / "eval_rl")
-        runs.append({"seed": seed, "sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
+        answers = {stage: answer_stats(splits["test"], run_dir / f"eval_{stage}") for stage in ("sft", "rl")}
+        runs.append({"seed": seed, "sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy, "answers": answers,
                      "sft_seconds": sft_seconds, "rl_seconds": rl_seconds, "sft_dir": str(sft.output_dir),
                      "rl_dir": str(rl.output_dir), "final_model": str(rl.final_dir)})
         log.info("seed %d: base %.3f -> SFT %.3f -> SFT+RL %.3f", seed, base_accuracy, sft_accuracy, rl_accuracy)
@@ -129,6 +130,10 @@ def _report(out: Path, settings: dict, seeds, base_accuracy: float, runs: list[d
     per_seed = "\n".join(f"| {r['seed']} | {100 * base_accuracy:.1f} | {100 * r['sft_accuracy']:.1f} | "
                          f"{100 * r['rl_accuracy']:.1f} | {r['sft_seconds']:.0f} | {r['rl_seconds']:.0f} |" for r in runs)
     verdict = "PASSED" if report["accepted"] else "NOT MET"
+    answers = "\n".join(
+        f"| {r['seed']} | {stage} | {a['stopped_after_two_steps']} / {a['three_step_problems']} | "
+        f"{a['wrong_steps']} / {a['steps']} |"
+        for r in runs for stage, a in (("SFT", r["answers"]["sft"]), ("SFT→RL", r["answers"]["rl"])))
     text = f"""# sftrl-jax demo report
 
 Task: arithmetic word problems (2-3 steps, integer answer), generated from seed {TASK_SEED};
@@ -151,6 +156,14 @@ Seed-to-seed spread (largest std over seeds of the SFT and SFT→RL accuracies):
 Margins: SFT − base = {100 * report['margin_sft_over_base']:.1f} points; SFT→RL − SFT =
 {100 * report['margin_rl_over_sft']:.1f} points. Acceptance (each margin larger than the spread, and
 the order holds for every seed): **{verdict}**.
+
+How the held-out answers go wrong (greedy, `seed*/eval_*/generations.jsonl`): three-operation
+problems answered after two steps, the teacher's slip that SFT copies and GRPO can unlearn; and
+written steps whose arithmetic is wrong.
+
+| seed | model | three-step problems stopped after two steps | wrong arithmetic steps |
+|---|---|---|---|
+{answers}
 
 Settings: SFT {json.dumps(settings['sft'])}; RL {json.dumps(settings['rl'])}.
 

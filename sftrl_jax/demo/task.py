@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,24 @@ def corpus(problems: list[Problem]) -> list[str]:
 def teacher_accuracy(problems: list[Problem]) -> float:
     """Share of problems whose teacher trace boxes the true answer."""
     return sum(p.teacher_solution == p.solution for p in problems) / len(problems)
+
+
+STEP = re.compile(r"(\d+)([+-])(\d+)=(\d+)")  # one "a+b=c" / "a-b=c" line of a trace
+
+
+def trace_stats(problems: list[Problem], responses: dict[int, str]) -> dict:
+    """How a model's answers to ``problems`` (``responses``: problem index -> text) go wrong.
+
+    Counts the three-operation problems answered after two steps (the teacher's slip) and the
+    written steps whose arithmetic is wrong.
+    """
+    stats = {"three_step_problems": 0, "stopped_after_two_steps": 0, "steps": 0, "wrong_steps": 0}
+    for index, problem in enumerate(problems):
+        steps = STEP.findall(responses.get(index, ""))
+        if len(STEP.findall(problem.solution)) == 3:
+            stats["three_step_problems"] += 1
+            stats["stopped_after_two_steps"] += len(steps) == 2
+        stats["steps"] += len(steps)
+        stats["wrong_steps"] += sum((int(a) + int(b) if op == "+" else int(a) - int(b)) != int(c)
+                                    for a, op, b, c in steps)
+    return stats

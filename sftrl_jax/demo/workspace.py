@@ -13,9 +13,10 @@ import statistics
 from pathlib import Path
 
 from ..config import from_dict
-from ..evaluation import EvalConfig, run_eval
+from ..evaluation import EvalConfig, read_generations, run_eval
 from .assets import build_base_model, build_tokenizer
-from .task import BENCHMARK, TEACHER_SKIP_RATE, Problem, corpus, make_splits, prompt_row, sft_row, write_jsonl
+from .task import (BENCHMARK, TEACHER_SKIP_RATE, Problem, corpus, make_splits, prompt_row, sft_row, trace_stats,
+                   write_jsonl)
 
 log = logging.getLogger("sftrl_jax.demo")
 
@@ -65,6 +66,11 @@ def evaluate(model_path: Path, test_file: Path, out: Path, *, max_new_tokens: in
         "sampling": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "batch_size": 64},
         "reward": {"num_workers": 1}, "math_benchmarks": [BENCHMARK], "output_dir": str(out)})
     return run_eval(config, progress=False)["benchmarks"][BENCHMARK]["accuracy"]
+
+
+def answer_stats(problems: list[Problem], out: Path) -> dict:
+    """:func:`trace_stats` of the greedy answers :func:`evaluate` wrote to ``out/generations.jsonl``."""
+    return trace_stats(problems, {r["prompt_id"]: r["response"] for r in read_generations(out / "generations.jsonl")})
 
 
 @contextlib.contextmanager

@@ -84,10 +84,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     """
     batch, q_len, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
+    out_dtype = v.dtype
+    if v.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no bf16 x bf16 -> f32 kernel for a plain dot (it fails at run time when the
+        # keys come from the KV cache); a CPU gains nothing from bf16 here, so compute in float32
+        q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
     q = q.reshape(batch, q_len, num_kv, num_heads // num_kv, head_dim)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(head_dim))
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, num_heads, head_dim).astype(v.dtype)
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(out_dtype)
