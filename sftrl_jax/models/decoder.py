@@ -76,8 +76,6 @@ class KVCache(NamedTuple):
         return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
 
     def split(self) -> "KVCache":
-        if isinstance(self.k, tuple):
-            return self
         return self._replace(k=tuple(self.k), v=tuple(self.v))
 
 
@@ -149,24 +147,25 @@ def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, mask, cache_kv
         q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos[:, None], sin[:, None], heads_axis=1)
-    if cache_kv is not None and cache_kv[2] is None:
-        # this layer's own cache [B, KV, S, D] (a split cache): write the new positions, read it whole
-        cache_k, cache_v, _ = cache_kv
-        at = (0, 0, cache_index, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
-        new_kv = (cache_k, cache_v)
-        k, v = cache_k.astype(dtype), cache_v.astype(dtype)
-    elif cache_kv is not None:
-        # write this step's keys/values into the whole [layers, B, KV, S, D] cache in place (it is
-        # carried through the layer scan, so only the new positions are written), then read the layer
+    if cache_kv is not None:
+        # write this step's keys/values in place, then read the layer's whole cache. ``layer`` None:
+        # the cache is this layer's own [B, KV, S, D] (a split cache); otherwise it is the whole
+        # [layers, B, KV, S, D] stack, carried through the layer scan so only new positions are written
         cache_k, cache_v, layer = cache_kv
-        at = (layer, 0, 0, cache_index, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+
+        def write(cache, new):
+            new = new.astype(cache.dtype)
+            if layer is None:
+                return jax.lax.dynamic_update_slice(cache, new, (0, 0, cache_index, 0))
+            return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, cache_index, 0))
+
+        def read(cache):
+            whole = cache if layer is None else jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
+            return whole.astype(dtype)
+
+        cache_k, cache_v = write(cache_k, k), write(cache_v, v)
         new_kv = (cache_k, cache_v)
-        k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(dtype)
-        v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(dtype)
+        k, v = read(cache_k), read(cache_v)
     else:
         new_kv = None
     attn = attention(q, k, v, mask)
