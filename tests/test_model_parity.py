@@ -152,3 +152,33 @@ def test_remat_and_unrolled_layers_give_same_gradients(hf_checkpoint):
         for a, b in zip(jax.tree.leaves(grads["none", True]), jax.tree.leaves(grads[variant])):
             # recomputation changes float rounding only: compare relative to each tensor's scale
             assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_dense_is_the_einsum_and_its_weight_gradient_copies_no_activations():
+    """``dense`` computes the einsum it replaces; compiled on CPU, its gradient moves no data.
+
+    The 3-D einsum form made XLA:CPU copy activations into transposed layouts for the weight
+    gradient (docs/benchmarks.md, SFT step); the flattened 2-D matmul needs no copy or transpose.
+    """
+    from sftrl_jax.models.layers import dense
+
+    kx, kw, ko = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 8, 4, 6))
+    w = jax.random.normal(kw, (4, 6, 10))
+    np.testing.assert_allclose(dense(x, w, n_in=2), jnp.einsum("bthd,hde->bte", x, w), rtol=1e-5, atol=1e-5)
+    h, wq = x.reshape(2, 8, 24), w.reshape(24, 2, 5)
+    np.testing.assert_allclose(dense(h, wq), jnp.einsum("bte,ehd->bthd", h, wq), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="contracted axes"):
+        dense(h, w)
+
+    def loss(w, x):
+        return jnp.sum(jnp.tanh(dense(x, w)) ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    x3 = jax.random.normal(ko, (4, 32, 24))
+    hlo = grad.lower(wq, x3).compile().as_text()
+    if jax.default_backend() == "cpu":
+        assert " transpose(" not in hlo and " copy(" not in hlo, hlo
+    expected = jax.grad(lambda w, x: jnp.sum(jnp.tanh(jnp.einsum("bte,ehd->bthd", x, w)) ** 2), argnums=(0, 1))(wq, x3)
+    for got, want in zip(grad(wq, x3), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from ..sharding import DEFAULT_RULES, Rules, named_sharding
 from .config import ModelConfig
-from .layers import apply_rope, attention, default_positions, rms_norm, rope_inv_freq, rope_tables
+from .layers import apply_rope, attention, default_positions, dense, rms_norm, rope_inv_freq, rope_tables
 
 REMAT_POLICIES = {
     "none": None,
@@ -138,9 +138,9 @@ def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, mask, cache_kv
     c = config
     cast = lambda name: w[name].astype(dtype)  # noqa: E731
     h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
-    q = jnp.einsum("bte,ehd->bthd", h, cast("q_proj"))
-    k = jnp.einsum("bte,ehd->bhtd", h, cast("k_proj"))  # keys/values [B, KV, T, D]
-    v = jnp.einsum("bte,ehd->bhtd", h, cast("v_proj"))
+    q = dense(h, cast("q_proj"))  # [B, T, H, D]
+    k = dense(h, cast("k_proj")).transpose(0, 2, 1, 3)  # keys/values heads-first [B, KV, T, D]
+    v = dense(h, cast("v_proj")).transpose(0, 2, 1, 3)
     if c.qkv_bias:
         q, k, v = q + cast("q_bias"), k + cast("k_bias")[:, None], v + cast("v_bias")[:, None]
     if c.qk_norm:
@@ -169,16 +169,16 @@ def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, mask, cache_kv
     else:
         new_kv = None
     attn = attention(q, k, v, mask)
-    out = jnp.einsum("bthd,hde->bte", attn, cast("o_proj"))
+    out = dense(attn, cast("o_proj"), n_in=2)
     if c.o_bias:
         out = out + cast("o_bias")
     x = x + out
     h = rms_norm(x, w["post_norm"], c.rms_norm_eps)
-    gate = jnp.einsum("bte,em->btm", h, cast("gate_proj"))
-    up = jnp.einsum("bte,em->btm", h, cast("up_proj"))
+    gate = dense(h, cast("gate_proj"))
+    up = dense(h, cast("up_proj"))
     if c.mlp_bias:
         gate, up = gate + cast("gate_bias"), up + cast("up_bias")
-    down = jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, cast("down_proj"))
+    down = dense(jax.nn.silu(gate) * up, cast("down_proj"))
     if c.mlp_bias:
         down = down + cast("down_bias")
     return x + down, new_kv
@@ -253,10 +253,8 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits from final hidden states (matmul in the compute dtype, fp32 accumulation)."""
         if self.config.tie_word_embeddings:
-            return jnp.einsum("bte,ve->btv", hidden, self.embed[...].astype(self.dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("bte,ev->btv", hidden, self.lm_head[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+            return dense(hidden, self.embed[...].astype(self.dtype).T, preferred_element_type=jnp.float32)
+        return dense(hidden, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
     def forward(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
                 cache: KVCache | None = None, layer_weights: list[dict] | None = None

@@ -23,6 +23,25 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (weight.astype(jnp.float32) * normed).astype(x.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, preferred_element_type=None) -> jax.Array:
+    """Contract ``x``'s last ``n_in`` axes with ``w``'s first ``n_in`` axes, as one 2-D matmul.
+
+    ``x [..., *in]``, ``w [*in, *out]`` -> ``[..., *out]``. The leading axes of ``x`` (batch, time)
+    are flattened into the matmul's rows and the weight's axes into its columns, so the weight
+    gradient is a single-contraction ``x^T @ dy``. The same product written as a 3-D einsum
+    (``"bte,em->btm"``) makes XLA:CPU contract two axes in the backward pass, which it canonicalises
+    by copying activations into transposed layouts (``docs/benchmarks.md``, SFT step); the 2-D form
+    has no such copies and the same math.
+    """
+    lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:]
+    if tuple(w.shape[:n_in]) != tuple(inner):
+        raise ValueError(f"dense: x {x.shape} and w {w.shape} disagree on the contracted axes")
+    out = w.shape[n_in:]
+    rows = x.reshape(math.prod(lead), math.prod(inner))
+    y = jnp.dot(rows, w.reshape(math.prod(inner), math.prod(out)), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *out)
+
+
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies ``[head_dim // 2]`` (float32), with linear or llama3 scaling applied.
 
