@@ -75,6 +75,21 @@ def init_opt_state(optimizer: optax.GradientTransformation, params):
     return optimizer.init(to_float32(params))
 
 
+def sum_micro_step_grads(grad_fn, params, xs):
+    """``sum_i grad_fn(params, xs[i])[0]`` over the leading micro-step axis of ``xs``, in float32.
+
+    ``grad_fn(params, x) -> (grads, aux)``; returns the gradient sum and ``aux`` stacked
+    ``[micro_steps, ...]``. The SFT and GRPO steps both accumulate through this one ``lax.scan``.
+    """
+
+    def body(grad_sum, x):
+        grads, aux = grad_fn(params, x)
+        return jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sum, grads), aux
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return jax.lax.scan(body, zeros, xs)
+
+
 def apply_update(optimizer: optax.GradientTransformation, grads, opt_state, params):
     """One optimizer update in float32; parameters keep their own dtype."""
     params32 = to_float32(params)

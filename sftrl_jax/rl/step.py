@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from ..losses import agg_weights, token_logprobs
-from ..optim import apply_update
+from ..optim import apply_update, sum_micro_step_grads
 from .algorithms import entropy_from_logits, kl_penalty, ppo_token_losses
 from .config import RLSection
 
@@ -61,7 +61,7 @@ def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, schedule, 
         weights = agg_weights(mask, cfg.agg_mode, loss_scale_factor=scale)
         token_mean = agg_weights(mask, "token-mean")
 
-        def micro_step(grad_sum, xs):
+        def micro_step(params, xs):
             micro_batch, micro_weights, micro_token_mean = xs
 
             def loss_fn(params):
@@ -81,13 +81,9 @@ def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, schedule, 
                 summed = {name: jnp.sum(micro_token_mean * value) for name, value in stats.items()}
                 return jnp.sum(micro_weights * per_token), summed
 
-            grads, summed = jax.grad(loss_fn, has_aux=True)(state["params"])
-            grad_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sum, grads)
-            return grad_sum, summed
+            return jax.grad(loss_fn, has_aux=True)(params)
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
-        xs = (batch, weights, token_mean)
-        grads, summed = jax.lax.scan(micro_step, zeros, xs)
+        grads, summed = sum_micro_step_grads(micro_step, state["params"], (batch, weights, token_mean))
         params, opt_state = apply_update(optimizer, grads, state["opt_state"], state["params"])
         metrics = {name: jnp.sum(value) for name, value in summed.items()}
         metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from ..losses import agg_weights, token_logprobs
-from ..optim import apply_update
+from ..optim import apply_update, sum_micro_step_grads
 
 EmulateBug = Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "both"]
 BUGS = ("none", "deepspeed_offload", "openrlhf_mean_of_means", "both")
@@ -57,24 +57,22 @@ def sequence_nll(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
 
 
 def accumulate_gradients(graphdef, params, batch, weights, keep):
-    """Scan over micro-steps: ``sum_i keep_i * grad(sum(weights_i * nll_i))`` in float32.
+    """Over micro-steps: ``sum_i keep_i * grad(sum(weights_i * nll_i))`` in float32.
 
     Also returns the true loss statistics (nll sum and token count over every micro-step).
     """
 
-    def micro_step(grad_sum, xs):
+    def micro_step(params, xs):
         micro_batch, micro_weights, micro_keep = xs
 
         def loss_fn(p):
             nll, mask = sequence_nll(graphdef, p, micro_batch)
             return jnp.sum(micro_weights * nll), (jnp.sum(nll * mask), jnp.sum(mask))
 
-        grads, (nll_sum, tokens) = jax.grad(loss_fn, has_aux=True)(params)
-        grad_sum = jax.tree.map(lambda acc, g: acc + micro_keep * g.astype(jnp.float32), grad_sum, grads)
-        return grad_sum, (nll_sum, tokens)
+        grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+        return jax.tree.map(lambda g: micro_keep * g.astype(jnp.float32), grads), stats
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    grads, (nll_sums, token_counts) = jax.lax.scan(micro_step, zeros, (batch, weights, keep))
+    grads, (nll_sums, token_counts) = sum_micro_step_grads(micro_step, params, (batch, weights, keep))
     return grads, jnp.sum(nll_sums), jnp.sum(token_counts)
 
 
