@@ -1,7 +1,7 @@
 """Benchmarks: sftrl-jax against PyTorch ``transformers`` on CPU, MFU / roofline on an accelerator.
 
     python scripts/bench.py                      # auto: the CPU comparison, or the accelerator set
-    python scripts/bench.py --device cpu --sections matmul,sft,generate,memory
+    python scripts/bench.py --device cpu --sections matmul,sft,generate,decode_floor,memory
     python scripts/bench.py --device gpu         # bf16 MFU (Qwen3-0.6B, Qwen2.5-1.5B shapes), decode
                                                  # roofline, and the Qwen2.5-Math-7B fit on one GPU
     python scripts/bench.py --smoke              # every code path at toy sizes (tests/test_bench.py)
@@ -17,6 +17,12 @@ loaded into sftrl-jax, so both sides hold the same weights):
                FLOPs: :func:`sftrl_jax.flops.train_flops` = 3 x (2·N·T + 4·L·H·D·T²) per sequence.
 * ``generate`` new tokens/s at batch 16, 128 new tokens, greedy, no EOS stop: our
                :func:`sftrl_jax.sampling.generate` vs ``model.generate`` with its KV cache.
+* ``decode_floor`` what the decode step's weight matmuls cost on their own: the memory read rate
+               (a jitted sum over ``--floor-mb`` MB), then every weight matrix of the model's decode
+               step timed as a ``--gen-batch``-row product with cold weights (each matrix cycles
+               through ``--floor-copies`` distinct copies), both as ``x @ W`` (``W [in, out]``, our
+               layout) and as ``(W^T @ x^T)^T`` (``W^T [out, in]``, the weight as the left operand);
+               their sum is the step's matmul floor in each layout.
 * ``memory``   (child process with 8 simulated devices) per-device bytes of parameters + optimizer
                state, from the state's shardings and from the compiled SFT step's
                ``memory_analysis()``, for mesh fsdp=8 vs data=8.
@@ -318,8 +324,58 @@ def cpu_compare(args, results: dict) -> None:
         log(f"  speedup {res['speedup_vs_torch']:.2f}x (median {res['speedup_vs_torch_median']:.2f}x), greedy tokens "
             f"agree {agree:.1%}  load {loads}")
 
+    if "decode_floor" in sections:
+        results["decode_floor"] = decode_floor(config, args)
+
     if "memory" in sections:
         results["memory"] = run_memory_child(args)
+
+
+def decode_floor(config, args) -> dict:
+    """The decode step's weight matmuls timed one by one with cold weights, in two weight layouts."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = 2 if args.smoke else args.gen_batch
+    copies = 2 if args.smoke else args.floor_copies
+    x = jnp.ones(((1 if args.smoke else args.floor_mb) * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    read = x.nbytes / min(timed(lambda: total(x).block_until_ready()) for _ in range(args.repeats))
+    del x
+    c = config
+    per_layer = {"q_proj": (c.hidden_size, c.num_heads * c.head_dim),
+                 "k_proj": (c.hidden_size, c.num_kv_heads * c.head_dim),
+                 "v_proj": (c.hidden_size, c.num_kv_heads * c.head_dim),
+                 "o_proj": (c.num_heads * c.head_dim, c.hidden_size),
+                 "gate_proj": (c.hidden_size, c.intermediate_size), "up_proj": (c.hidden_size, c.intermediate_size),
+                 "down_proj": (c.intermediate_size, c.hidden_size)}
+    matrices = {**{name: (shape, c.num_layers) for name, shape in per_layer.items()},
+                "lm_head": ((c.hidden_size, c.vocab_size), 1)}
+    right = jax.jit(lambda a, ws: [a @ w for w in ws])
+    left = jax.jit(lambda a, wts: [jax.lax.dot_general(wt, a, (((1,), (1,)), ((), ()))).T for wt in wts])
+    log(f"[decode_floor] memory read {read / 1e9:.1f} GB/s; {rows}-row products, cold weights")
+    res = {"rows": rows, "read_bytes_per_s": read, "matrices": {}}
+    floor = {"x @ W": 0.0, "(W^T @ x^T)^T": 0.0}
+    for name, ((k, n), per_step) in matrices.items():
+        a = jax.random.normal(jax.random.key(0), (rows, k))
+        ws = [jax.random.normal(jax.random.key(i + 1), (k, n)) for i in range(copies)]
+        wts = [jnp.asarray(w.T) for w in ws]
+        entry = {"shape": [k, n], "per_step": per_step}
+        for label, fn, weights in (("x @ W", right, ws), ("(W^T @ x^T)^T", left, wts)):
+            jax.block_until_ready(fn(a, weights))
+            each = min(timed(lambda: jax.block_until_ready(fn(a, weights))) for _ in range(args.repeats)) / copies
+            entry[label] = {"seconds": each, "weight_bytes_per_s": k * n * 4 / each}
+            floor[label] += per_step * each
+        res["matrices"][name] = entry
+        log(f"  {name:9s} [{k}, {n}] x{per_step}: x @ W {entry['x @ W']['seconds'] * 1e3:.3f} ms "
+            f"({entry['x @ W']['weight_bytes_per_s'] / 1e9:.1f} GB/s), (W^T @ x^T)^T "
+            f"{entry['(W^T @ x^T)^T']['seconds'] * 1e3:.3f} ms "
+            f"({entry['(W^T @ x^T)^T']['weight_bytes_per_s'] / 1e9:.1f} GB/s)")
+    res["floor_seconds_per_step"] = floor
+    log(f"  matmul floor per decode step: x @ W {floor['x @ W'] * 1e3:.1f} ms, "
+        f"(W^T @ x^T)^T {floor['(W^T @ x^T)^T'] * 1e3:.1f} ms")
+    return res
 
 
 # ============================================================================ memory on 8 devices
@@ -601,7 +657,7 @@ def accel_bench(args, results: dict) -> None:
 
 
 # ============================================================================ main
-CPU_SECTIONS = ("matmul", "sft", "generate", "memory")
+CPU_SECTIONS = ("matmul", "sft", "generate", "decode_floor", "memory")
 ACCEL_SECTIONS = ("matmul", "mfu", "decode", "fit7b")
 
 
@@ -630,7 +686,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "tpu"])
     p.add_argument("--smoke", action="store_true", help="every code path at toy sizes (CPU and accelerator)")
-    p.add_argument("--sections", default=None, help="comma list; CPU: matmul,sft,generate,memory; accelerator: "
+    p.add_argument("--sections", default=None, help="comma list; CPU: matmul,sft,generate,decode_floor,memory; "
+                   "accelerator: "
                    "matmul,mfu,decode,fit7b (default: all of the device's)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", default=None, help="write all results here")
@@ -641,6 +698,8 @@ def parse_args(argv=None):
     p.add_argument("--gen-prompt", type=int, default=64)
     p.add_argument("--gen-new", type=int, default=128)
     p.add_argument("--gen-repeats", type=int, default=3)
+    p.add_argument("--floor-mb", type=int, default=256, help="decode_floor: MB summed for the memory read rate")
+    p.add_argument("--floor-copies", type=int, default=24, help="decode_floor: distinct copies of each matrix")
     p.add_argument("--accel-seq", type=int, default=4096)
     p.add_argument("--accel-batch", type=int, default=8, help="sequences per SFT step (halved on OOM)")
     p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])

@@ -25,6 +25,9 @@ def test_bench_smoke_covers_every_section(tmp_path):
     assert abs(sft["first_loss"]["jax"] - sft["first_loss"]["torch"]) < 1e-4
     assert sft["jax"]["tokens_per_s"] > 0 and sft["torch"]["tokens_per_s"] > 0 and sft["attainable_flops_per_s"] > 0
     assert results["generate"]["greedy_token_agreement"] == 1.0
+    floor = results["decode_floor"]["floor_seconds_per_step"]  # every weight matrix timed, both layouts
+    assert set(results["decode_floor"]["matrices"]) >= {"q_proj", "down_proj", "lm_head"}
+    assert floor["x @ W"] > 0 and floor["(W^T @ x^T)^T"] > 0
     memory = results["memory"]
     assert memory["state_ratio_fsdp8_over_data8"] <= 1 / 7  # fsdp=8 shards parameters and optimizer state
     assert {"mfu", "decode", "fit7b"} <= set(results)  # accelerator code paths ran at toy sizes on CPU
