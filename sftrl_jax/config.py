@@ -185,6 +185,12 @@ class ModelOptions:
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     # False: unroll the layer loop (faster steps for shallow models; compile time grows with depth)
     scan_layers: bool = True
+    # attention kernel; auto: splash on TPU, cudnn on GPU (blockwise where cuDNN can't), dense on CPU
+    attention: Literal["auto", "dense", "blockwise", "splash", "cudnn"] = "auto"
+    attention_block_size: int = 512  # query/key block of blockwise and splash attention
+    # losses turn hidden states into float32 log-probs this many positions at a time, so [T, vocab]
+    # logits never exist at once (0: all positions at once)
+    logits_chunk_size: int = 1024
 
 
 @dataclasses.dataclass

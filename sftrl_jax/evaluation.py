@@ -75,8 +75,9 @@ Generator = Callable[[Sequence[PromptItem], int], list[Completion]]
 
 def model_generator(model, tokenizer, sampling: SamplingOptions, *, progress: bool = True) -> Generator:
     """The real generator: the shared sampler, decoded with the tokenizer (EOS not included in the text)."""
-    from .sampling import generate
+    from .sampling import generate, sampling_layout
 
+    model = sampling_layout(model)  # once: every batch decodes from whole (not FSDP-split) weights
     eos_ids = sorted({tokenizer.eos_token_id, *model.config.eos_token_ids} - {None})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -192,6 +193,8 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
 
         model, _ = load_pretrained(config.model.path, dtype=config.model.dtype,
                                    compute_dtype=config.model.compute_dtype, scan_layers=config.model.scan_layers,
+                                   attention=config.model.attention,
+                                   attention_block_size=config.model.attention_block_size,
                                    mesh=make_mesh(config.mesh))
         generator = model_generator(model, tokenizer, config.sampling, progress=False)
     if todo:

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from .data.batching import bucket_length
 from .models.decoder import Decoder, init_cache
-from .sharding import named_sharding, place, to_host
+from .models.hf_io import param_shardings
+from .sharding import named_sharding, place, sampling_rules, to_host
 
 _NEG_INF = -1e30
 
@@ -108,6 +109,32 @@ def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, 
              jnp.full((total, max_new_tokens), pad_id, jnp.int32), jnp.zeros((total, max_new_tokens), jnp.float32))
     steps, _, _, _, tokens, logprobs = jax.lax.while_loop(cond, body, carry)
     return tokens, logprobs, steps
+
+
+def sampling_layout(model: Decoder) -> Decoder:
+    """The same model laid out for decoding; made once per rollout phase, not per token.
+
+    Parameters move to :func:`sftrl_jax.sharding.sampling_rules` (whole on every data-parallel shard,
+    still split over ``tensor``), so a decode step reads local weights instead of all-gathering the
+    FSDP shards of every layer for each token; and the weights every step casts to the compute dtype
+    are cast once here (norm weights, read in float32, keep theirs). The tokens and log-probs are
+    those of the training layout: the same values reach the same operations. The price is one more
+    copy of the weights (in the compute dtype) while sampling; ``sftrl-jax compile`` shows both the
+    copy and the bytes each decode step saves (``docs/scaling.md``).
+    """
+    if model.mesh is None or model.mesh.size == 1:
+        return model
+    graphdef, state = nnx.split(model)
+    shardings = param_shardings(model, sampling_rules(model.rules))
+    keeps_dtype = nnx.to_pure_dict(jax.tree.map(lambda var: "norm" in var.get_metadata()["logical_axes"],
+                                                nnx.state(model, nnx.Param),
+                                                is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def relayout(params):
+        return jax.tree.map(lambda x, keep: x if keep else x.astype(model.dtype), params, keeps_dtype)
+
+    return nnx.merge(graphdef, relayout(nnx.to_pure_dict(state)))
 
 
 def generate(

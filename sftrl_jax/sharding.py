@@ -38,6 +38,22 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
+def sampling_rules(rules: Rules = DEFAULT_RULES) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """The decode layout of ``rules``: no weight axis maps to ``fsdp`` (the ``batch`` axis still does).
+
+    Training splits every weight over ``fsdp`` (ZeRO-3), so each decode step would all-gather every
+    weight to produce one token per row. Under these rules the weights are whole on every
+    data-parallel shard and split only over ``tensor`` (tunix's sampling layout does the same).
+    """
+
+    def without_fsdp(target):
+        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        kept = tuple(axis for axis in axes if axis != "fsdp")
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    return tuple((name, target if name == "batch" else without_fsdp(target)) for name, target in rules)
+
+
 def make_mesh(spec: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build a mesh from e.g. ``{"data": 1, "fsdp": -1, "tensor": 1}``.
 

@@ -41,7 +41,10 @@ def init_train_state(model_options: ModelOptions, mesh, optimizer):
     """
     model, model_config = load_pretrained(model_options.path, dtype=model_options.dtype,
                                           compute_dtype=model_options.compute_dtype, mesh=mesh,
-                                          remat=model_options.remat, scan_layers=model_options.scan_layers)
+                                          remat=model_options.remat, scan_layers=model_options.scan_layers,
+                                          attention=model_options.attention,
+                                          attention_block_size=model_options.attention_block_size,
+                                          logits_chunk_size=model_options.logits_chunk_size)
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
     state, shardings = train_state(params, optimizer, mesh)
     return graphdef, model_config, state, shardings

@@ -9,7 +9,7 @@ from flax import nnx
 
 from hf_checkpoints import load_hf
 from sftrl_jax.models import ModelConfig, init_model, load_pretrained
-from sftrl_jax.sampling import filter_logits, generate
+from sftrl_jax.sampling import filter_logits, generate, sampling_layout
 from sftrl_jax.sharding import make_mesh
 
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [88, 3, 61]]
@@ -112,6 +112,31 @@ def test_split_layer_weights_decode_like_the_layer_stack(hf_checkpoint, scan_lay
     stacked = generate(model, PROMPTS, split_layer_weights=False, **kwargs)
     assert [s.tokens for s in split] == [s.tokens for s in stacked]
     np.testing.assert_allclose(np.array([s.logprobs for s in split]), np.array([s.logprobs for s in stacked]),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_sampling_layout_drops_fsdp_and_samples_what_the_training_layout_samples(hf_checkpoint, compute_dtype):
+    """Weights whole on every data-parallel shard (tensor split kept), matmul weights in the compute
+    dtype, norms untouched; the same tokens and log-probs as decoding from the FSDP training layout."""
+    model, _ = load_pretrained(hf_checkpoint("qwen2_untied"), mesh=make_mesh({"fsdp": 4, "tensor": 2}),
+                               compute_dtype=compute_dtype)
+    decoding = sampling_layout(model)
+
+    def specs(m):
+        return {path: (var[...].sharding.spec, var[...].dtype) for path, var in nnx.to_flat_state(nnx.state(m))}
+
+    train, sample = specs(model), specs(decoding)
+    assert any("fsdp" in str(spec) for spec, _ in train.values())  # the test model is split over fsdp
+    assert not any("fsdp" in str(spec) for spec, _ in sample.values())
+    assert any("tensor" in str(spec) for spec, _ in sample.values())
+    for path, (_, dtype) in sample.items():
+        expected = jnp.float32 if "norm" in path[-1] else jnp.dtype(compute_dtype)
+        assert dtype == expected, (path, dtype)
+    kwargs = dict(max_new_tokens=8, temperature=1.0, eos_token_id=[], n=2, seed=5)
+    reference, resharded = generate(model, PROMPTS, **kwargs), generate(decoding, PROMPTS, **kwargs)
+    assert [s.tokens for s in resharded] == [s.tokens for s in reference]
+    np.testing.assert_allclose(np.array([s.logprobs for s in resharded]), np.array([s.logprobs for s in reference]),
                                atol=1e-5)
 
 

@@ -17,6 +17,11 @@ Calling conventions (all integer arrays int32):
   restart per segment unless given).
 * ``model.prefill(input_ids, attention_mask, cache)`` and ``model.decode(tokens, cache)`` run the
   same layers against a :class:`KVCache` for sampling.
+
+Attention (:mod:`sftrl_jax.models.attention`) masks by segment ids: padding is segment 0, real
+tokens their segment (1 when unpacked). ``attention=`` picks the implementation for the forward
+pass without a cache ("auto" resolves from the mesh's platform, once, in ``__init__``); the
+KV-cache path (prefill/decode) always uses ``dense``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from jax.sharding import Mesh
 
 from ..sharding import DEFAULT_RULES, Rules, named_sharding
 from .config import ModelConfig
-from .layers import apply_rope, attention, default_positions, dense, rms_norm, rope_inv_freq, rope_tables
+from .attention import attention, resolve_attention
+from .layers import apply_rope, default_positions, dense, rms_norm, rope_inv_freq, rope_tables
 
 REMAT_POLICIES = {
     "none": None,
@@ -89,6 +95,17 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype="float32") -
     )
 
 
+def _mesh_platform(mesh) -> str:
+    """"cpu", "gpu" or "tpu": the platform of ``mesh``'s devices ("cpu" without a mesh)."""
+    if mesh is None:
+        return "cpu"
+    devices = getattr(mesh, "devices", None)
+    if devices is not None:
+        return devices.flat[0].platform
+    device = getattr(mesh, "abstract_device", None)  # an AbstractMesh may carry its device kind
+    return getattr(device, "platform", None) or "cpu"
+
+
 def _param(rngs: nnx.Rngs, shape, axes, dtype, *, fan_in: int | None = None, value: float | None = None):
     if value is not None:
         data = jnp.full(shape, value, dtype)
@@ -133,8 +150,9 @@ class DecoderLayers(nnx.Module):
         return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
-def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, mask, cache_kv, cache_index):
-    """One pre-norm decoder block. ``w`` holds this layer's weights (no ``layers`` axis)."""
+def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, attend, cache_kv, cache_index):
+    """One pre-norm decoder block. ``w`` holds this layer's weights (no ``layers`` axis);
+    ``attend(q, k, v)`` is the attention with its masking bound."""
     c = config
     cast = lambda name: w[name].astype(dtype)  # noqa: E731
     h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
@@ -168,7 +186,7 @@ def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, mask, cache_kv
         k, v = read(cache_k), read(cache_v)
     else:
         new_kv = None
-    attn = attention(q, k, v, mask)
+    attn = attend(q, k, v)
     out = dense(attn, cast("o_proj"), n_in=2)
     if c.o_bias:
         out = out + cast("o_bias")
@@ -196,6 +214,9 @@ class Decoder(nnx.Module):
         scan_layers: bool = True,
         mesh: Mesh | None = None,
         rules: Rules = DEFAULT_RULES,
+        attention: str = "auto",
+        attention_block_size: int = 512,
+        logits_chunk_size: int = 1024,
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
@@ -206,6 +227,14 @@ class Decoder(nnx.Module):
         self.scan_layers = bool(scan_layers)
         self.mesh = mesh
         self.rules = tuple(rules)
+        # static config (part of the graphdef): the platform comes from the mesh, so model math never
+        # asks jax.default_backend(); "auto" is resolved here, once
+        self.platform = _mesh_platform(mesh)
+        self.attention = resolve_attention(attention, self.platform)
+        self.attention_block_size = int(attention_block_size)
+        # positions per chunk where a loss turns hidden states into log-probs (losses.chunked_logprobs);
+        # 0: all at once
+        self.logits_chunk_size = int(logits_chunk_size)
         c = config
         self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.param_dtype)
         self.layers = DecoderLayers(c, rngs=rngs, param_dtype=self.param_dtype)
@@ -266,34 +295,39 @@ class Decoder(nnx.Module):
         """
         c = self.config
         batch, length = input_ids.shape
+        unpadded = attention_mask is None and segment_ids is None  # static: plain causal rows
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
         attention_mask = attention_mask.astype(jnp.bool_)
         if cache is None:
             if positions is None:
                 positions = default_positions(attention_mask, segment_ids)
-            q_slot = k_slot = jnp.arange(length)
-            key_valid = attention_mask
+            # padding is segment 0 (attends only padding), real tokens their segment (1 if unpacked)
+            q_segments = attention_mask.astype(jnp.int32)
+            if segment_ids is not None:
+                q_segments = segment_ids.astype(jnp.int32) * q_segments
+            attend = partial(attention, q_segment_ids=q_segments, kv_segment_ids=q_segments, q_offset=0,
+                             implementation=self.attention, mesh=self.mesh, rules=self.rules,
+                             block_size=self.attention_block_size, platform=self.platform, unpadded=unpadded)
             cache_index = None
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
             if positions is None:
                 past = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
                 positions = past + default_positions(attention_mask, None)
             cache_index = cache.index
-            q_slot = cache_index + jnp.arange(length)
-            k_slot = jnp.arange(cache.max_len)
             key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache_index, axis=1)
-        mask = (q_slot[:, None] >= k_slot[None, :])[None] & key_valid[:, None, :]
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            # decoding keeps the dense KV-cache path: queries at slots index.., keys the whole cache
+            attend = partial(attention, q_segment_ids=attention_mask.astype(jnp.int32),
+                             kv_segment_ids=key_valid.astype(jnp.int32), q_offset=cache_index,
+                             implementation="dense", platform=self.platform)
         cos, sin = rope_tables(positions, rope_inv_freq(c))
 
         x = self.embed[...][input_ids].astype(self.dtype)
         x = self._constrain(x)
 
-        layer = partial(_decoder_layer, config=c, dtype=self.dtype, cos=cos, sin=sin, mask=mask,
+        layer = partial(_decoder_layer, config=c, dtype=self.dtype, cos=cos, sin=sin, attend=attend,
                         cache_index=cache_index)
         if cache is None:
             if layer_weights is not None:

@@ -158,11 +158,15 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
 # ---------------------------------------------------------------------------------------- models
 def abstract_model(config: ModelConfig, *, dtype="float32", compute_dtype=None, remat="none",
-                   scan_layers: bool = True, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
+                   scan_layers: bool = True, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                   attention: str = "auto", attention_block_size: int = 512,
+                   logits_chunk_size: int = 1024) -> Decoder:
     """A :class:`Decoder` whose parameters are shapes only (nothing allocated)."""
     return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype,
                                           remat=remat, scan_layers=scan_layers, mesh=mesh or single_device_mesh(),
-                                          rules=rules))
+                                          rules=rules, attention=attention,
+                                          attention_block_size=attention_block_size,
+                                          logits_chunk_size=logits_chunk_size))
 
 
 def param_items(model: nnx.Module) -> Iterator[tuple[tuple[str, ...], nnx.Param]]:
@@ -175,18 +179,24 @@ def param_sharding(var: nnx.Param, mesh: Mesh, rules: Rules) -> NamedSharding:
     return named_sharding(var.get_metadata()["logical_axes"], mesh, rules, var.shape)
 
 
-def param_shardings(model: Decoder) -> dict:
-    """Pure dict (like ``nnx.to_pure_dict(nnx.state(model))``) of each parameter's NamedSharding."""
+def param_shardings(model: Decoder, rules: Rules | None = None) -> dict:
+    """Pure dict (like ``nnx.to_pure_dict(nnx.state(model))``) of each parameter's NamedSharding under
+    ``rules`` (default: the model's own)."""
     state = nnx.state(model, nnx.Param)
-    return nnx.to_pure_dict(jax.tree.map(lambda v: param_sharding(v, model.mesh, model.rules), state,
+    rules = model.rules if rules is None else rules
+    return nnx.to_pure_dict(jax.tree.map(lambda v: param_sharding(v, model.mesh, rules), state,
                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, dtype="float32", compute_dtype=None, remat="none",
-               scan_layers: bool = True, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
+               scan_layers: bool = True, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+               attention: str = "auto", attention_block_size: int = 512,
+               logits_chunk_size: int = 1024) -> Decoder:
     """A randomly initialised model, created directly in its sharded layout."""
     mesh = mesh or single_device_mesh()
-    kwargs = dict(param_dtype=dtype, dtype=compute_dtype, remat=remat, scan_layers=scan_layers, mesh=mesh, rules=rules)
+    kwargs = dict(param_dtype=dtype, dtype=compute_dtype, remat=remat, scan_layers=scan_layers, mesh=mesh, rules=rules,
+                  attention=attention, attention_block_size=attention_block_size,
+                  logits_chunk_size=logits_chunk_size)
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed), **kwargs))
 
     @functools.partial(jax.jit, out_shardings=param_shardings(abstract))
@@ -202,11 +212,14 @@ def _write_layer(stacked: jax.Array, layer_value: jax.Array, layer: int) -> jax.
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype="float32", compute_dtype=None, mesh: Mesh | None = None,
-                    rules: Rules = DEFAULT_RULES, remat: str = "none",
-                    scan_layers: bool = True) -> tuple[Decoder, ModelConfig]:
+                    rules: Rules = DEFAULT_RULES, remat: str = "none", scan_layers: bool = True,
+                    attention: str = "auto", attention_block_size: int = 512,
+                    logits_chunk_size: int = 1024) -> tuple[Decoder, ModelConfig]:
     """Load a local Hugging Face directory into a sharded :class:`Decoder`.
 
-    ``dtype`` is the parameter dtype; ``compute_dtype`` defaults to it. Raises with the offending
+    ``dtype`` is the parameter dtype; ``compute_dtype`` defaults to it. ``attention`` /
+    ``attention_block_size``: see :func:`sftrl_jax.models.attention.attention`; ``logits_chunk_size``:
+    see :class:`Decoder`. Raises with the offending
     path / tensor name on a missing directory or file, a missing or unexpected tensor, or a
     shape mismatch.
     """
@@ -236,7 +249,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype="float32", compute_dtype=N
                                  f"from config.json")
 
     model = abstract_model(config, dtype=param_dtype, compute_dtype=compute_dtype, remat=remat,
-                           scan_layers=scan_layers, mesh=mesh, rules=rules)
+                           scan_layers=scan_layers, mesh=mesh, rules=rules, attention=attention,
+                           attention_block_size=attention_block_size, logits_chunk_size=logits_chunk_size)
     params = dict(param_items(model))
     for spec in specs:
         var = params[spec.path]

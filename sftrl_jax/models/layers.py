@@ -1,4 +1,6 @@
-"""Pure functions the decoder is built from: RMSNorm, RoPE, masks and grouped-query attention.
+"""Pure functions the decoder is built from: RMSNorm, matmuls, RoPE and positions.
+
+Attention lives in :mod:`sftrl_jax.models.attention`.
 
 Norms, softmax and RoPE tables are computed in float32 whatever the compute dtype.
 """
@@ -12,8 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -92,26 +92,3 @@ def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None) 
         start_index = jax.lax.cummax(jnp.where(starts, seq, 0), axis=1)
         return seq - start_index
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention.
-
-    q ``[B, T, H, D]``, k/v ``[B, KV, S, D]`` (heads before positions, the KV cache's layout) with
-    ``H % KV == 0``, mask ``[B, T, S]`` (True = attend).
-    Scores and softmax in float32; a query row with nothing to attend to returns a finite value.
-    """
-    batch, q_len, num_heads, head_dim = q.shape
-    num_kv = k.shape[1]
-    out_dtype = v.dtype
-    if v.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        # XLA:CPU has no bf16 x bf16 -> f32 kernel for a plain dot (it fails at run time when the
-        # keys come from the KV cache); a CPU gains nothing from bf16 here, so compute in float32
-        q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-    q = q.reshape(batch, q_len, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(head_dim))
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, num_heads, head_dim).astype(out_dtype)

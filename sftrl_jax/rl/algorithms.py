@@ -1,4 +1,7 @@
-"""GRPO's pure functions (verl semantics, BRIEF §5): advantages, the PPO-clip policy loss, KL, entropy.
+"""GRPO's pure functions (verl semantics, BRIEF §5): advantages, the PPO-clip policy loss, KL.
+
+The entropy (bonus and metric) is :func:`sftrl_jax.losses.entropy_from_logits`, computed with the
+log-probs in chunks (:func:`sftrl_jax.losses.chunked_logprobs`).
 
 All of them are unit-tested against hand-computed values without a model; the trainer only wires
 them together. Loss aggregation goes through :func:`sftrl_jax.losses.agg_weights`, the same
@@ -82,13 +85,6 @@ def kl_penalty(logp, ref_logp, estimator: str = "k3") -> jax.Array:
         kl = jnp.clip(ref_logp - logp, -20.0, 20.0)
         return jnp.clip(jnp.exp(kl) - kl - 1.0, -10.0, 10.0)
     raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
-
-
-def entropy_from_logits(logits: jax.Array) -> jax.Array:
-    """Per-position entropy (float32) of softmax(logits) over the last axis."""
-    logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def overlong_penalty(lengths, max_new_tokens: int, buffer_len: int, factor: float) -> jax.Array:

@@ -3,7 +3,9 @@
 A rollout batch holds ``S`` sequences, each a left-padded prompt (``P`` tokens) followed by a
 right-padded response (``R`` tokens): ``input_ids [S, P+R]``. Log-probs of the response tokens
 come from the logits at positions ``P-1 .. P+R-2``, divided by the sampling temperature (as verl
-does), so with ``top_k=0, top_p=1`` they are the sampler's distribution.
+does), so with ``top_k=0, top_p=1`` they are the sampler's distribution. Log-probs and entropy are
+computed ``model.logits_chunk_size`` positions at a time (:func:`sftrl_jax.losses.chunked_logprobs`), so
+the ``[S, R, V]`` float32 logits never exist at once.
 
 The update receives one mini-batch laid out ``[micro_steps, shards * rows, ...]``; per-token
 weights are computed over the whole mini-batch (``agg_weights``), so the loss, and therefore the
@@ -17,9 +19,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ..losses import agg_weights, token_logprobs
+from ..losses import agg_weights, chunked_logprobs
 from ..optim import apply_update, sum_micro_step_grads
-from .algorithms import entropy_from_logits, kl_penalty, ppo_token_losses
+from .algorithms import kl_penalty, ppo_token_losses
 from .config import RLSection
 
 ROLLOUT_KEYS = ("input_ids", "attention_mask", "positions", "response_ids", "response_mask")
@@ -32,11 +34,13 @@ def response_logprobs(graphdef, params, batch, temperature: float, *, with_entro
     prompt_len = batch["input_ids"].shape[-1] - response_len
     hidden, _ = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"],
                               positions=batch["positions"])
-    logits = model.logits(hidden[:, prompt_len - 1:prompt_len - 1 + response_len])
-    if temperature > 0:
-        logits = logits / temperature
-    logp = token_logprobs(logits, batch["response_ids"])
-    return (logp, entropy_from_logits(logits)) if with_entropy else (logp, None)
+
+    def logits_fn(h):
+        logits = model.logits(h)
+        return logits / temperature if temperature > 0 else logits
+
+    return chunked_logprobs(logits_fn, hidden[:, prompt_len - 1:prompt_len - 1 + response_len], batch["response_ids"],
+                            chunk_size=model.logits_chunk_size, with_entropy=with_entropy)
 
 
 def make_logprob_fn(graphdef, temperature: float):

@@ -35,7 +35,7 @@ from ..flops import generation_flops, train_flops
 from ..metrics import MetricsWriter, is_writer, plot_curves, read_metrics
 from ..models import load_tokenizer, save_pretrained
 from ..optim import make_optimizer
-from ..sampling import generate
+from ..sampling import generate, sampling_layout
 from ..sharding import make_mesh, named_sharding, place, to_host
 from ..training import init_train_state, open_checkpoints, prepare_output, stop_on_nonfinite
 from .algorithms import compute_advantages, kl_penalty, overlong_penalty
@@ -167,7 +167,7 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool = True, rew
         return {k: place(v, named_sharding((None, "batch") + (None,) * (v.ndim - 2), mesh)) for k, v in arrays.items()}
 
     def collect(step: int, params, score) -> Rollouts:
-        policy = nnx.merge(graphdef, params)
+        policy = sampling_layout(nnx.merge(graphdef, params))  # once per rollout phase (decode layout)
         out_rollouts = Rollouts([], [], [], [], [], [])
         groups = 0
         while groups < cfg.prompts_per_step:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ..losses import agg_weights, token_logprobs
+from ..losses import agg_weights, chunked_logprobs
 from ..optim import apply_update, sum_micro_step_grads
 
 EmulateBug = Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "both"]
@@ -51,9 +51,10 @@ def step_weights(label_mask: jax.Array, emulate_bug: str, shards: int) -> jax.Ar
 def sequence_nll(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
     """Per-position negative log-likelihood ``[rows, length]`` of the labels, and the label mask."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["input_ids"], attention_mask=batch["segment_ids"] > 0, positions=batch["positions"],
-                   segment_ids=batch["segment_ids"])
-    return -token_logprobs(logits, batch["labels"]), batch["label_mask"]
+    hidden, _ = model.forward(batch["input_ids"], attention_mask=batch["segment_ids"] > 0,
+                              positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logp, _ = chunked_logprobs(model.logits, hidden, batch["labels"], chunk_size=model.logits_chunk_size)
+    return -logp, batch["label_mask"]
 
 
 def accumulate_gradients(graphdef, params, batch, weights, keep):
