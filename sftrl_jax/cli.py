@@ -120,6 +120,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .aot import main_compile
+
+    return main_compile(args.config, args.topology, args.overrides, json_out=args.json, kind=args.kind,
+                        quiet=args.quiet)
+
+
+def _has_accelerator() -> bool:
+    """A TPU (Google PCI device), NVIDIA or AMD GPU is attached (the checks JAX's own start-up makes)."""
+    import glob
+    import os
+
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if open(vendor).read().strip() == "0x1ae0":  # Google: TPU chips
+                return True
+        except OSError:
+            pass
+    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")) \
+        or bool(glob.glob("/dev/accel*"))
+
+
+def _quiet_cpu_only_start(command: str) -> None:
+    """Keep installed accelerator plugins (libtpu, jax-cuda12-plugin: the ``aot`` extra) from probing for
+    hardware that is not there: on a host without a TPU or GPU, or for ``compile`` (which needs no
+    accelerator backend, only the topology API), default ``JAX_PLATFORMS`` to ``cpu``. An explicit
+    ``JAX_PLATFORMS`` (or ``JAX_FORCE_TPU_INIT``) wins; a host with a TPU or GPU is left alone."""
+    import os
+
+    if "jax" in sys.modules or "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
+        return
+    if command == "compile" or not _has_accelerator():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # the CUDA plugin's "no CUDA drivers" INFO line
+
+
 def _config_command(sub, name: str, run, *, help: str, description: str, example: str,
                     resume_help: str | None = None) -> None:
     """A subcommand that takes ``--config FILE`` plus dotted ``key=value`` overrides (and maybe ``--resume``)."""
@@ -185,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(sub, "eval", cmd_eval, help="evaluate a model on reasoning benchmarks", example="sampling.n=4",
                     description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
                                 "output_dir/generations.jsonl.")
+
+    p = sub.add_parser("compile", help="ahead-of-time compile a run's jitted functions for a TPU slice or GPU host",
+                       description="Compile, on this machine (a CPU is enough), every jitted function the run "
+                                   "CONFIG describes for TOPOLOGY's chips, with the real XLA:TPU / XLA:GPU "
+                                   "compiler, and report per-device memory (does it fit the HBM?), FLOPs, bytes "
+                                   "and the roofline bound. Only config.json is read from model.path. Needs "
+                                   "pip install -e '.[aot]'. Topologies: v5e-N, v6e-N (N chips), v5p-N (N "
+                                   "TensorCores = N/2 chips), KxH100, KxH200, or a JAX TPU name like v5p:2x4x4.")
+    p.add_argument("--config", required=True, help="YAML config file (SFT, RL or pipeline)")
+    p.add_argument("--topology", required=True, help="e.g. v5p-64, v6e-8, v5e-4, 8xh100, 16xh100, 8xh200")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--kind", choices=["sft", "rl", "pipeline"], help="config kind (default: from its sections)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. model.path=configs/models/Qwen2.5-Math-7B")
+    p.set_defaults(func=cmd_compile)
     return parser
 
 
@@ -192,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     args = build_parser().parse_args(argv)
+    _quiet_cpu_only_start(args.command)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src"):  # per-save orbax chatter; our own loggers report progress

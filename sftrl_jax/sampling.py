@@ -111,6 +111,13 @@ def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, 
     return tokens, logprobs, steps
 
 
+def generation_rows(batch_size: int, num_prompts: int, shards: int) -> int:
+    """Prompts per compiled generation batch: ``batch_size`` (or fewer when there are fewer prompts)
+    rounded up to a power of two and to a multiple of the data-parallel ``shards``."""
+    rows = max(bucket_length(min(batch_size, num_prompts), maximum=max(batch_size, 1), minimum=1), shards)
+    return -(-rows // shards) * shards
+
+
 def sampling_layout(model: Decoder) -> Decoder:
     """The same model laid out for decoding; made once per rollout phase, not per token.
 
@@ -160,7 +167,7 @@ def generate(
     compiled batch (rounded to a power of two and to the data-parallel size).
     ``split_layer_weights`` decodes from per-layer copies of the layer weights made once per batch
     (:meth:`Decoder.split_layer_weights`; same tokens and log-probs, one extra copy of the layer
-    weights in memory); default: on the CPU backend only, where slicing the stacked weights copies
+    weights in memory); default: on a CPU mesh only, where slicing the stacked weights copies
     them on every decode step. GPU and TPU fuse that slice into the matmul.
     """
     if not prompt_ids:
@@ -173,13 +180,11 @@ def generate(
     if not eos_ids:
         eos_ids = (-1,)  # no EOS: every row runs to max_new_tokens
     if split_layer_weights is None:
-        split_layer_weights = jax.default_backend() == "cpu"
+        split_layer_weights = model.platform == "cpu"  # the platform of the model's mesh
     mesh = model.mesh
     shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
     graphdef, params = nnx.split(model)
-    batch_prompts = max(bucket_length(min(batch_size, len(prompt_ids)), maximum=max(batch_size, 1), minimum=1),
-                        shards)
-    batch_prompts = -(-batch_prompts // shards) * shards
+    batch_prompts = generation_rows(batch_size, len(prompt_ids), shards)
     rows_sharding = named_sharding(("batch", "length"), mesh) if mesh is not None else None
     vector_sharding = named_sharding(("batch",), mesh) if mesh is not None else None
     samples: list[Sample] = []

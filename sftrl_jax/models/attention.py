@@ -217,7 +217,7 @@ def _flash_forward(qh, kh, vh, qs, ks, q_offset, bq, bk):
         q_pos = q_offset + i * bq + jnp.arange(bq)
 
         def kv_step(j, carry):
-            m, l, acc = carry
+            m, denom, acc = carry
             kj = jax.lax.dynamic_slice_in_dim(kh, j * bk, bk, axis=2)
             vj = jax.lax.dynamic_slice_in_dim(vh, j * bk, bk, axis=2)
             ksj = jax.lax.dynamic_slice_in_dim(ks, j * bk, bk, axis=1)
@@ -225,15 +225,15 @@ def _flash_forward(qh, kh, vh, qs, ks, q_offset, bq, bk):
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
-            l = l * correction + jnp.sum(p, axis=-1)
+            denom = denom * correction + jnp.sum(p, axis=-1)
             pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vh.dtype), vj, preferred_element_type=jnp.float32)
-            return m_new, l, acc * correction[..., None] + pv
+            return m_new, denom, acc * correction[..., None] + pv
 
         init = (jnp.full((batch, num_kv, groups, bq), _MASK_VALUE, jnp.float32),
                 jnp.zeros((batch, num_kv, groups, bq), jnp.float32),
                 jnp.zeros((batch, num_kv, groups, bq, head_dim), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(0, _kv_blocks_needed(i, q_offset, bq, bk, nk), kv_step, init)
-        return (acc / l[..., None]).astype(vh.dtype), m + jnp.log(l)
+        m, denom, acc = jax.lax.fori_loop(0, _kv_blocks_needed(i, q_offset, bq, bk, nk), kv_step, init)
+        return (acc / denom[..., None]).astype(vh.dtype), m + jnp.log(denom)
 
     out, lse = jax.lax.map(q_block, jnp.arange(nq))  # [nq, B, KV, G, bq, (D)]
     out = jnp.moveaxis(out, 0, 3).reshape(batch, num_kv, groups, t_len, head_dim)

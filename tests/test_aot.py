@@ -1,0 +1,142 @@
+"""``sftrl-jax compile``: AOT compilation for TPU slices and GPU hosts on this CPU (needs the ``aot`` extra)."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sftrl_jax import aot
+from sftrl_jax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has_libtpu() -> bool:
+    from jax._src.cloud_tpu_init import get_tpu_library_path
+
+    return get_tpu_library_path() is not None
+
+
+# CI installs the aot extra (.ci/run): there a missing compiler is a failure, not a skip
+IN_CI = bool(os.environ.get("CI"))
+needs_libtpu = pytest.mark.skipif(not (_has_libtpu() or IN_CI), reason="libtpu not installed (pip install -e '.[aot]')")
+needs_cuda_plugin = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None and not IN_CI,
+                                       reason="jax-cuda12-plugin not installed (pip install -e '.[aot]')")
+
+TINY = {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 0, "eos_token_id": 1}
+KEYS = {"name", "fits", "argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "flops",
+        "bytes_accessed"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A model directory holding only config.json (the compile never reads weights)."""
+    directory = tmp_path_factory.mktemp("tiny_model")
+    (directory / "config.json").write_text(json.dumps(TINY))
+    return str(directory)
+
+
+def _overrides(model_dir):
+    return [f"model.path={model_dir}", "model.compute_dtype=bfloat16"]
+
+
+def _by_name(result):
+    return {f["name"]: f for f in result["functions"]}
+
+
+def test_topology_names():
+    assert aot.parse_topology("v5p-64").jax_name == "v5p:2x4x4"  # 64 TensorCores = 32 chips
+    assert aot.parse_topology("v5p-8").jax_name == "v5p:2x2x1"
+    assert aot.parse_topology("v6e-64").jax_name == "v6e:8x8"
+    assert aot.parse_topology("v5e-4").jax_name == "v5e:2x2"
+    assert aot.parse_topology("v5p:2x2x2").jax_name == "v5p:2x2x2"  # JAX's own names pass through
+    assert aot.parse_topology("8xh100").jax_name == "1x1x8"
+    assert aot.parse_topology("16xh100").jax_name == "1x2x8"  # two hosts of 8
+    assert aot.parse_topology("1xh200").chip_key == "h200"
+    with pytest.raises(aot.AotError, match="unknown topology 'v9z-3'.*v5p-64"):
+        aot.parse_topology("v9z-3")
+
+
+def test_vendored_gpu_specs_match_the_chip_table():
+    for key in aot.GPU_SPECS:
+        figures = aot.gpu_spec_figures(aot.gpu_spec_text(key))
+        chip = aot.CHIPS[key]
+        assert figures["hbm_bytes"] == chip.hbm_bytes
+        assert figures["hbm_bandwidth"] == chip.hbm_bandwidth
+        assert figures["peak_flops"] == pytest.approx(chip.peak_flops, rel=1e-3)  # 989 TFLOP/s bf16 dense
+
+
+@needs_libtpu
+def test_sft_step_compiles_for_a_tpu_slice(tiny_model, tmp_path, capsys):
+    out = tmp_path / "sft.json"
+    assert main(["compile", "--config", str(ROOT / "configs/tiny_sft.yaml"), "--topology", "v5e-4", "--quiet",
+                 "--json", str(out), *_overrides(tiny_model)]) == 0
+    assert "sft/train_step" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["topology"] == "v5e-4" and result["devices"] == 4
+    functions = _by_name(result)
+    assert set(functions) == {"sft/train_step", "sft/eval_step"}  # tiny_sft holds out an eval split
+    for f in functions.values():
+        assert KEYS <= set(f)
+        assert f["fits"] and f["flops"] > 0 and f["bytes_accessed"] > 0
+        assert f["total_bytes"] == f["argument_bytes"] + f["output_bytes"] - f["alias_bytes"] + f["temp_bytes"] \
+            + f["generated_code_bytes"]
+        assert f["hbm_bytes"] == 16 * 2**30
+    assert functions["sft/train_step"]["alias_bytes"] > 0  # the train state is donated
+
+
+@needs_libtpu
+def test_rl_functions_compile_for_a_tpu_slice(tiny_model):
+    result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", _overrides(tiny_model))
+    functions = _by_name(result)
+    assert {"rl/grpo_update", "rl/logprobs", "rl/generate", "rl/prefill", "rl/decode_step"} <= set(functions)
+    for f in functions.values():
+        if f["name"] != "rl/sampling_layout":  # a relayout: copies, no FLOPs
+            assert f["fits"] and f["flops"] > 0, f
+    # the decode layout (sampling.sampling_layout) gathers no weights per token; the FSDP training layout does
+    decode, decode_from_training_layout = functions["rl/decode_step"], functions["rl/decode_step[train_layout]"]
+    assert decode["collective_bytes"] < decode_from_training_layout["collective_bytes"]
+
+
+@needs_cuda_plugin
+def test_sft_and_rl_compile_for_a_gpu(tiny_model):
+    sft = _by_name(aot.compile_run(ROOT / "configs/tiny_sft.yaml", "1xh100", _overrides(tiny_model)))
+    rl = _by_name(aot.compile_run(ROOT / "configs/tiny_rl.yaml", "1xh200", _overrides(tiny_model)))
+    for f in [sft["sft/train_step"], rl["rl/grpo_update"], rl["rl/decode_step"], rl["rl/generate"]]:
+        assert f["fits"] and f["flops"] > 0 and f["bytes_accessed"] > 0, f
+    assert rl["rl/decode_step"]["usable_bytes"] == int(0.9 * aot.CHIPS["h200"].hbm_bytes)
+
+
+def test_unknown_topology_is_one_line_exit_2(tiny_model, capsys):
+    assert main(["compile", "--config", str(ROOT / "configs/tiny_sft.yaml"), "--topology", "v7x-9",
+                 *_overrides(tiny_model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown topology 'v7x-9'" in err[0] and "v5p-64" in err[0]
+
+
+@needs_libtpu
+def test_mesh_that_does_not_match_the_slice(tiny_model, capsys):
+    assert main(["compile", "--config", str(ROOT / "configs/tiny_sft.yaml"), "--topology", "v5e-4", "--quiet",
+                 "mesh.fsdp=8", *_overrides(tiny_model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "does not fit v5e-4 (4 devices)" in err and "needs 8 devices" in err and "v5e-8" in err
+    assert "mesh.fsdp=4" in err
+
+
+def test_config_kind_detection():
+    assert aot.detect_kind(ROOT / "configs/tiny_sft.yaml") == "sft"
+    assert aot.detect_kind(ROOT / "configs/tiny_rl.yaml") == "rl"
+    assert aot.detect_kind(ROOT / "configs/pipeline_qwen3-0.6b_sft_rl.yaml") == "pipeline"
+
+
+def test_an_over_full_tpu_program_is_reported_not_fit():
+    """XLA:TPU refuses an over-full program; its message's temporaries become a 'refused' row."""
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(99.31G) exceeds available HBM (95.74G).")
+    assert aot._refused_temp_bytes(RuntimeError(message)) == int(99.31 * 1024 ** 3)
+    assert aot._refused_temp_bytes(RuntimeError("INTERNAL: something else")) is None
