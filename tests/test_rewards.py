@@ -3,12 +3,19 @@ worker pool's hard per-item timeout."""
 
 import logging
 import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
 import pytest
 
-from sftrl_jax.rewards import RewardPool, ScoreResult, compute_score, extract_boxed, extract_choice
+from sftrl_jax.rewards import RewardPool, ScoreResult, compute_score, extract_boxed, extract_choice, math_reward
+from sftrl_jax.rewards.pool import _snippet
 
 # (response, ground truth, require_think, expected score)
 #
@@ -248,3 +255,207 @@ def test_worker_crash_scores_zero_and_recovers():
         assert result.num_crashed == 1 and result.num_timeouts == 0
         assert victim.exitcode is not None  # reaped
         assert pool.score_batch([r"\boxed{2}"] * 3, ["2"] * 3).scores == [1.0] * 3
+
+
+# ----------------------------------------------------------------------------- degenerate output
+# A model that fills its token budget with "\boxed{" (or other junk) must not stall anything that
+# runs in the trainer's process: extraction is linear, the pool's log excerpt parses nothing, and a
+# worker grading a hopeless item dies with the process that started it (issue 18).
+
+DEGENERATE = "\\boxed{" * 100000  # 700 KB
+
+
+def _within(seconds: float, fn, *args):
+    """``fn(*args)``, failing (not hanging) if it takes longer than ``seconds``."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"took over {seconds} s"
+    assert out, "raised (see the thread's traceback above)"
+    return out[0], time.perf_counter() - start
+
+
+def _adversarial_mix(size: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    pieces = ["\\boxed{", "\\fbox{", "\\boxed ", "{", "}", "\\{", "\\}", "\\\\", "\\", " ", "$", "x", "\\frac{1}{"]
+    out, n = [], 0
+    while n < size:
+        piece = rng.choice(pieces)
+        out.append(piece)
+        n += len(piece)
+    return "".join(out)
+
+
+def _reference_extract_boxed(text):
+    """extract_boxed as it was: a brace scan from every box, last to first (quadratic, but plain)."""
+    boxes = list(re.finditer(r"\\(?:boxed|fbox)(?![A-Za-z])", text))
+    for match in reversed(boxes):
+        i = j = match.end()
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if j < len(text) and text[j] == "{":
+            depth, k = 0, j
+            while k < len(text):
+                if text[k] == "\\":
+                    k += 2
+                    continue
+                depth += {"{": 1, "}": -1}.get(text[k], 0)
+                if depth == 0:
+                    return text[j + 1 : k]
+                k += 1
+        elif j > i:
+            token = re.match(r"[^\s$]+", text[j:])
+            if token:
+                return token.group(0)
+    return None
+
+
+def test_extract_boxed_matches_reference_on_random_text():
+    rng = random.Random(0)
+    pieces = ["\\boxed", "\\fbox", "\\boxedx", "{", "}", "\\", "\\{", "\\}", "\\\\", " ", "\n", "$", "1", "\u00a0"]
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert extract_boxed(text) == _reference_extract_boxed(text), text
+
+
+def test_extract_boxed_linear_time():
+    # Quadratic before: 21 KB of "\boxed{" took 4.4 s, 70 KB 47 s; 700 KB would take hours.
+    # Each well under a second (about 0.1-0.3 s on a busy 2-core runner).
+    assert _within(1.0, extract_boxed, DEGENERATE)[0] is None
+    assert _within(1.0, extract_boxed, DEGENERATE + "\\boxed{7}")[0] == "7"
+    assert _within(1.0, extract_boxed, "\\boxed{3}" + DEGENERATE)[0] == "3"  # the last complete one
+    mix = _adversarial_mix(1 << 20)  # 1 MB
+    _within(1.0, extract_boxed, mix)
+    assert extract_boxed(mix[:5000]) == _reference_extract_boxed(mix[:5000])
+
+
+# extract_choice's text pattern before it was made linear: "\s*:?\s*(...|\s)*" can split a run of
+# spaces in cubically many ways ("answer" and 800 spaces: 8 s).
+_OLD_TEXT_CHOICE = re.compile(
+    r"(?i:answer)(?:\s+(?i:is))?\s*:?\s*(?:\*\*|\$|\\text(?:bf)?\{|\s)*(?:(?i:option|choice)\s*)?"
+    r"(?:\(([A-Ja-j])\)|\[([A-Ja-j])\]|([A-J])(?![A-Za-z0-9]))"
+)
+
+
+def test_text_choice_pattern_unchanged_on_random_text():
+    rng = random.Random(1)
+    pieces = ["answer", "ANSWER", " is", " ", "\n", ":", "**", "*", "$", "\\text{", "option", "Choice", "(", ")",
+              "[", "]", "C", "c", "I", "x", "B."]
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        old = [(m.span(), m.groups()) for m in _OLD_TEXT_CHOICE.finditer(text)]
+        assert [(m.span(), m.groups()) for m in math_reward._TEXT_CHOICE.finditer(text)] == old, text
+
+
+def test_extract_choice_linear_time():
+    assert _within(1.0, extract_choice, "The answer is" + " " * 1_000_000 + "x")[0] is None
+    assert _within(1.0, extract_choice, "answer:" + " \\text{" * 100_000 + "(C)")[0] == "C"
+    assert _within(1.0, extract_choice, DEGENERATE)[0] is None
+
+
+def test_evaluation_extraction_is_bounded():
+    from sftrl_jax.evaluation import _extracted
+
+    assert _within(1.0, _extracted, DEGENERATE, "1", False)[0] is None
+    assert _within(1.0, _extracted, "</think>" + DEGENERATE + "\\boxed{7}", "7", True)[0] == "7"
+    assert _within(1.0, _extracted, "</think>Answer:" + " " * 500_000 + "x", "C", True)[0] is None
+    assert _within(1.0, _extracted, _adversarial_mix(1 << 20, seed=1), "C", False)[0] is None
+
+
+def test_log_snippet_is_bounded():
+    snippet, seconds = _within(5.0, _snippet, DEGENERATE * 10)
+    assert seconds < 0.1 and len(snippet) < 200 and "boxed" in snippet
+    assert _snippet(r"\boxed{1}") == repr(r"\boxed{1}")
+    assert _snippet(None) == "<NoneType>"
+
+
+def test_degenerate_response_times_out_promptly(caplog):
+    # Before: on the timeout the pool's process ran the quadratic extract_boxed on the response
+    # (to log it) before killing the worker, so this never returned.
+    pool = RewardPool(num_workers=1, timeout_s=3)
+    pool.wait_ready()
+    try:
+        with caplog.at_level(logging.WARNING, logger="sftrl_jax.rewards"):
+            result, elapsed = _within(3.0 + 6.0, pool.score_batch, [DEGENERATE, r"\boxed{2}"], ["1", "2"])
+    except AssertionError:  # stuck in score_batch, holding the pool's lock: close() would wait too
+        for worker in pool._workers:
+            worker.process.kill()
+        raise
+    with pool:
+        assert result.scores == [0.0, 1.0] and result.timed_out == [True, False]
+        assert result.num_timeouts == 1 and elapsed >= 3.0
+        assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie nobody has reaped yet counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+_OWNER = textwrap.dedent(
+    """
+    import sys, threading
+    from sftrl_jax.rewards import RewardPool
+
+    if __name__ == "__main__":
+        pools = []
+        make = lambda: pools.append(RewardPool(num_workers=1, timeout_s=3600))
+        if sys.argv[1] == "thread":  # started from a thread that is gone by the time it grades
+            thread = threading.Thread(target=make)
+            thread.start()
+            thread.join()
+        else:
+            make()
+        pools[0].wait_ready()
+        print(pools[0]._workers[0].process.pid, flush=True)
+        pools[0].score_batch([sys.argv[2]], ["1"])
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_worker_dies_with_its_parent(tmp_path, where):
+    # The pool's process is killed (-9: no cleanup runs) while its worker is busy on an item sympy
+    # never finishes; the worker must not run on as an orphan.
+    script = tmp_path / "owner.py"
+    script.write_text(_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), where, TOWER], stdout=subprocess.PIPE, text=True)
+    worker_pid = None
+    try:
+        worker_pid = int(owner.stdout.readline())
+        time.sleep(1.5)  # the worker is now grading the tower
+        assert not _gone(worker_pid)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=30)
+        deadline = time.monotonic() + 5.0
+        while not _gone(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(worker_pid)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if worker_pid is not None and not _gone(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+
+
+def test_pool_started_in_finished_thread_keeps_its_workers():
+    # The parent-death signal follows the thread that forks a worker: a pool made in a thread that
+    # then finishes must keep its workers.
+    pools = []
+    thread = threading.Thread(target=lambda: pools.append(RewardPool(num_workers=1, timeout_s=30)))
+    thread.start()
+    thread.join()
+    with pools[0] as pool:
+        pool.wait_ready()
+        pids = [w.process.pid for w in pool._workers]
+        result = pool.score_batch([r"\boxed{2}", r"\boxed{3}"], ["2", "2"])
+        assert result.scores == [1.0, 0.0] and result.num_crashed == 0
+        assert [w.process.pid for w in pool._workers] == pids

@@ -38,40 +38,35 @@ __all__ = ["compute_score", "extract_boxed", "extract_choice", "is_choice_answer
 _SIGNAL_TIMEOUT_S = 5
 
 _BOX_START = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+# An escaped character (\{, \}, \\, \b, ...): a backslash and whatever follows it.
+_ESCAPE_PAIR = re.compile(r"\\[\s\S]")
+_BRACE = re.compile(r"[{}]")
+_SPACES = re.compile(r"\s*")
+_BOX_TOKEN = re.compile(r"[^\s$]+")
 
 
-def _matching_brace(text: str, open_pos: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_pos`` (escaped ``\\{``/``\\}`` ignored)."""
-    depth = 0
-    i = open_pos
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # skip the escaped character (\{, \}, \\)
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
+def _closing_braces(text: str, opens: set[int]) -> dict[int, int]:
+    """For each ``{`` at a position in ``opens``, the position of the ``}`` that closes it.
 
-
-def _box_content_at(text: str, match: re.Match) -> str | None:
-    """Content of the box command matched at ``match``, or None if it is malformed/unterminated."""
-    i = match.end()
-    j = i
-    while j < len(text) and text[j].isspace():
-        j += 1
-    if j < len(text) and text[j] == "{":
-        close = _matching_brace(text, j)
-        return None if close is None else text[j + 1 : close]
-    if j > i:  # "\boxed 5": a single token after whitespace
-        token = re.match(r"[^\s$]+", text[j:])
-        return token.group(0) if token else None
-    return None
+    One left-to-right pass with a stack of open braces, so linear in ``len(text)``. A backslash
+    escapes the character after it (``\\{``, ``\\}``, ``\\\\``), scanning pairs from the start of the
+    text; every position in ``opens`` is a ``{`` that follows no backslash, so each is reached
+    exactly as a scan starting there would reach it. An unterminated ``{`` has no entry.
+    """
+    # Blank out escape pairs (same length, so positions are kept): only real braces remain.
+    plain = _ESCAPE_PAIR.sub("  ", text)
+    stack: list[int] = []
+    closes: dict[int, int] = {}
+    # Braces before the first box cannot close one of the boxes' braces: start there.
+    for match in _BRACE.finditer(plain, min(opens)):
+        pos = match.start()
+        if plain[pos] == "{":
+            stack.append(pos)
+        elif stack:  # a "}" with nothing open closes nothing
+            open_pos = stack.pop()
+            if open_pos in opens:
+                closes[open_pos] = pos
+    return closes
 
 
 def extract_boxed(text: str) -> str | None:
@@ -80,13 +75,29 @@ def extract_boxed(text: str) -> str | None:
     Nested braces are handled (``\\boxed{\\frac{\\sqrt{3}}{2}}`` -> ``\\frac{\\sqrt{3}}{2}``). A
     trailing unterminated ``\\boxed{...`` (a truncated response) is skipped in favour of the last
     complete one. Returns None when there is no boxed answer.
+
+    Linear time in ``len(text)`` (a degenerate ``"\\boxed{" * 100000`` included): one regex pass
+    for the box commands and one brace-matching pass, never a scan per box.
     """
     if not isinstance(text, str):
         return None
-    for match in reversed(list(_BOX_START.finditer(text))):
-        content = _box_content_at(text, match)
-        if content is not None:
-            return content
+    # (command end, position after the whitespace following it) for every box command, in order.
+    # Whitespace runs after distinct commands are disjoint, so this is linear too.
+    boxes = [(m.end(), _SPACES.match(text, m.end()).end()) for m in _BOX_START.finditer(text)]
+    if not boxes:
+        return None
+    n = len(text)
+    opens = {j for _, j in boxes if j < n and text[j] == "{"}
+    closes = _closing_braces(text, opens) if opens else {}
+    for i, j in reversed(boxes):
+        if j in opens:  # \boxed{...}: complete when its brace is closed
+            close = closes.get(j)
+            if close is not None:
+                return text[j + 1 : close]
+        elif i < j < n:  # "\boxed 5": a single token after whitespace
+            token = _BOX_TOKEN.match(text, j)
+            if token:
+                return token.group(0)
     return None
 
 
@@ -99,9 +110,11 @@ _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|textit|mathit)\s*\{|
 _LEADING_CHOICE = re.compile(r"^[(\[]?([A-Ja-j])(?:[)\].:,]|$|\s)")
 # In running text: "the answer is (C)", "Answer: C", "ANSWER: **C**", "answer is option c)".
 # The word "answer" is matched case-insensitively; a bare letter must be upper case (so that
-# "the answer is a prime" is not read as A), a bracketed one may be either case.
+# "the answer is a prime" is not read as A), a bracketed one may be either case. No two adjacent
+# quantifiers share a run of spaces (it used to be "\s*:?\s*(...|\s)*", which can split a run in
+# cubically many ways: "answer" and 800 spaces took 8 s); same matches, linear time.
 _TEXT_CHOICE = re.compile(
-    r"(?i:answer)(?:\s+(?i:is))?\s*:?\s*(?:\*\*|\$|\\text(?:bf)?\{|\s)*(?:(?i:option|choice)\s*)?"
+    r"(?i:answer)(?:\s+(?i:is))?(?:\s*:)?(?:\*\*|\$|\\text(?:bf)?\{|\s)*(?:(?i:option|choice)\s*)?"
     r"(?:\(([A-Ja-j])\)|\[([A-Ja-j])\]|([A-J])(?![A-Za-z0-9]))"
 )
 

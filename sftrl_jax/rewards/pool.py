@@ -5,7 +5,10 @@ sympy can take practically forever on some expressions a model may write (``9^{9
 the main thread. :class:`RewardPool` therefore grades each item in a worker process and kills the
 worker when an item exceeds ``timeout_s``; the item scores 0.0, is reported in
 ``ScoreResult.timed_out`` and logged (logger ``sftrl_jax.rewards``), and a fresh worker takes the
-dead one's place, so the next item and the next batch are unaffected.
+dead one's place, so the next item and the next batch are unaffected. The pool's own process
+only does cheap work per item (it sends the text, waits, kills, and logs a fixed-size excerpt; it
+never parses a response), and workers end with it: on Linux through the kernel's parent-death
+signal, even mid-item, and elsewhere through a thread that watches the parent.
 
 The pool manages its ``multiprocessing`` processes itself rather than using
 ``concurrent.futures.ProcessPoolExecutor``: an executor cannot cancel a running task, and it does
@@ -22,19 +25,21 @@ forking unsafe. Like any spawn-based pool, a script that creates one needs an
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import queue
 import signal
+import sys
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
-
-from sftrl_jax.rewards.math_reward import extract_boxed
 
 logger = logging.getLogger("sftrl_jax.rewards")
 
@@ -44,6 +49,9 @@ _READY = "ready"
 # A worker that dies before it is ready this many times in a row means the pool cannot start.
 _MAX_START_FAILURES = 3
 _START_TIMEOUT_S = 300.0
+# How often a worker's watcher thread checks that the pool's process is still alive.
+_PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclasses.dataclass
@@ -60,9 +68,58 @@ class ScoreResult:
         return sum(self.scores) / len(self.scores) if self.scores else 0.0
 
 
-def _worker_main(conn, memory_limit_mb: int | None) -> None:
+def _set_parent_death_signal() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent dies. False if unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        pass
+    return True
+
+
+def _watch_parent(parent_pid: int, pool_pid: int) -> None:
+    while True:
+        time.sleep(_PARENT_POLL_S)
+        # Reparented (the parent died: the pool's process, or the forkserver, which exits with
+        # it), or the pool's process is gone.
+        if os.getppid() != parent_pid or not _alive(pool_pid):
+            os._exit(1)
+
+
+def _exit_with_parent(pool_pid: int) -> None:
+    """Make this worker end when the pool's process dies, even in the middle of grading an item.
+
+    A worker grading a hopeless item (sympy on ``9^{9^{9^{9}}}``) never reads its pipe again, so
+    it would not notice the pool's process dying and would run on as an orphan at 100 % CPU. Two
+    guards: on Linux the kernel's parent-death signal (``PR_SET_PDEATHSIG``), which kills the
+    worker even inside long C-level work; everywhere, a daemon thread that polls ``os.getppid()``
+    (needs the GIL, so it cannot stop C code that holds the GIL for long, such as a huge integer
+    power). The death signal fires when the *thread* that started the worker exits, so workers are
+    started from threads that live as long as the process (see ``_start``).
+    """
+    parent_pid = os.getppid()
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid or not _alive(pool_pid):
+        os._exit(1)  # the pool's process died before the guards were up
+    threading.Thread(target=_watch_parent, args=(parent_pid, pool_pid), name="parent-watcher", daemon=True).start()
+
+
+def _worker_main(conn, memory_limit_mb: int | None, pool_pid: int) -> None:
     """Worker loop: receive ``(response, ground_truth, require_think)``, send back the score."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _exit_with_parent(pool_pid)
     if memory_limit_mb:
         # A blow-up (2^{2^{36}}) then ends in MemoryError (score 0) instead of eating the host's RAM.
         import resource
@@ -85,6 +142,53 @@ def _worker_main(conn, memory_limit_mb: int | None) -> None:
             return
         response, ground_truth, require_think = task
         conn.send(_score(response, ground_truth, require_think, None))
+
+
+_spawner_lock = threading.Lock()
+_spawner_requests: queue.SimpleQueue | None = None
+
+
+def _spawner_loop(requests: queue.SimpleQueue) -> None:
+    while True:
+        process, done = requests.get()
+        try:
+            process.start()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            done.set_exception(e)
+        else:
+            done.set_result(None)
+
+
+def _forget_spawner() -> None:
+    global _spawner_requests
+    _spawner_requests = None  # a forked child has no spawner thread
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_spawner)
+
+
+def _start(process: multiprocessing.process.BaseProcess) -> None:
+    """``process.start()`` from a thread that lives as long as this process.
+
+    A worker's parent-death signal (``_exit_with_parent``) is tied to the thread that forked it;
+    the main thread qualifies, any other thread (which may finish while the pool lives on, and
+    would take the workers with it) hands the start to one long-lived daemon thread.
+    """
+    global _spawner_requests
+    if threading.current_thread() is threading.main_thread():
+        process.start()
+        return
+    with _spawner_lock:
+        if _spawner_requests is None:
+            _spawner_requests = queue.SimpleQueue()
+            threading.Thread(
+                target=_spawner_loop, args=(_spawner_requests,), name="sftrl-jax-reward-spawner", daemon=True
+            ).start()
+        requests = _spawner_requests
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    requests.put((process, done))
+    done.result()
 
 
 @dataclasses.dataclass(eq=False)
@@ -126,11 +230,17 @@ def _default_num_workers() -> int:
 
 
 def _snippet(text, limit: int = 120) -> str:
+    """A log excerpt of a response: its start and end, a fixed amount of work whatever the text.
+
+    Never parses the text (runs in the pool's process, where a pathological response must not
+    cost anything); the end is where the final answer usually is, so it gets the larger share.
+    """
     if not isinstance(text, str):
-        return repr(text)[:limit]
-    boxed = extract_boxed(text)
-    text = f"\\boxed{{{boxed}}}" if boxed is not None else text[-limit:]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        return f"<{type(text).__name__}>"
+    if len(text) <= limit:
+        return repr(text)
+    head, tail = limit // 3, limit - limit // 3
+    return f"{text[:head]!r} ... [{len(text) - limit} chars] ... {text[-tail:]!r}"
 
 
 class RewardPool:
@@ -178,9 +288,12 @@ class RewardPool:
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=_worker_main, args=(child_conn, self.memory_limit_mb), name="sftrl-jax-reward-worker", daemon=True
+            target=_worker_main,
+            args=(child_conn, self.memory_limit_mb, os.getpid()),
+            name="sftrl-jax-reward-worker",
+            daemon=True,
         )
-        process.start()
+        _start(process)
         child_conn.close()
         return _Worker(process, parent_conn)
 
@@ -293,7 +406,7 @@ class RewardPool:
                     else:
                         num_crashed += 1
                         remaining -= 1
-                        logger.error(
+                        logger.error(  # the worker is dead already; the snippet is bounded work
                             "reward worker died (exit code %s) grading item %d; scored 0 (answer %s)",
                             worker.process.exitcode, worker.task, _snippet(responses[worker.task]),
                         )
@@ -314,12 +427,12 @@ class RewardPool:
                     idx = worker.task
                     timed_out[idx] = True
                     remaining -= 1
+                    self._replace(i)  # kill the worker first; the log line below is bounded work
                     logger.warning(
                         "reward grading of item %d timed out after %.1f s; scored 0, worker replaced "
-                        "(ground truth %r, answer %s)",
-                        idx, self.timeout_s, str(ground_truths[idx])[:60], _snippet(responses[idx]),
+                        "(ground truth %s, answer %s)",
+                        idx, self.timeout_s, _snippet(ground_truths[idx], 60), _snippet(responses[idx]),
                     )
-                    self._replace(i)
 
         return ScoreResult(scores, timed_out, sum(timed_out), num_crashed)
 
