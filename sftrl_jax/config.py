@@ -1,15 +1,23 @@
 """Typed run configs: dataclasses loaded from YAML with dotted ``key=value`` overrides.
 
 ``load_config(SFTConfig, "configs/tiny_sft.yaml", ["train.learning_rate=1e-4"])`` reads the file,
-applies the overrides, and builds the dataclass tree, checking every key and value: an unknown key
-or a value of the wrong type raises :class:`ConfigError` naming the dotted key and what was
-expected. A file may leave out anything that has a default.
+applies the overrides, and builds the dataclass tree, checking every key and value: an unknown key,
+a value of the wrong type, or a number outside its key's allowed range raises :class:`ConfigError`
+naming the dotted key and what was expected. A file may leave out anything that has a default.
+
+Allowed ranges are declared per class in a ``_ranges`` table (not a dataclass field, so not a key),
+``{"field": ">= 1", "top_p": "(0, 1]"}``; a subclass's table adds to (or overrides) its bases',
+so a section can range-check the fields it inherits. Specs: ``">= x"``, ``"> x"``, ``"<= x"``,
+``"< x"`` or an interval ``"[a, b]"`` / ``"(a, b]"`` / ``"[a, b)"`` / ``"(a, b)"``. ``null`` passes
+wherever the type allows it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,7 +33,12 @@ class ConfigError(ValueError):
     """A config key that does not exist, or a value that does not fit its key."""
 
 
-def _describe(tp) -> str:
+def _describe(tp, spec: str | None = None) -> str:
+    """The type ``tp`` in words (``int``, ``'a' | 'b'``, ``str or null``), with allowed range ``spec`` if any."""
+    if spec is not None:
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        text = f"{' or '.join(_describe(a) for a in args)} {_range_text(spec)}"
+        return text + " or null" if type(None) in typing.get_args(tp) else text
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -107,10 +120,52 @@ def _convert(value: Any, tp, key: str):
     fail()
 
 
+_NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf)"
+_BOUND = re.compile(rf"^(>=|>|<=|<)\s*{_NUMBER}$")
+_INTERVAL = re.compile(rf"^([\[(])\s*{_NUMBER}\s*,\s*{_NUMBER}\s*([\])])$")
+
+
+def _parse_range(spec: str) -> tuple[float, bool, float, bool]:
+    """``(low, low_inclusive, high, high_inclusive)`` of a range spec like ``">= 1"`` or ``"(0, 1]"``."""
+    text = spec.strip()
+    if match := _BOUND.match(text):
+        op, number = match.group(1), float(match.group(2))
+        if op.startswith(">"):
+            return number, op == ">=", math.inf, True
+        return -math.inf, True, number, op == "<="
+    if match := _INTERVAL.match(text):
+        return float(match.group(2)), match.group(1) == "[", float(match.group(3)), match.group(4) == "]"
+    raise ValueError(f"bad range spec {spec!r}")
+
+
+def _range_text(spec: str) -> str:
+    text = spec.strip()
+    return f"in {text}" if text[0] in "[(" else text
+
+
+def ranges_of(cls) -> dict[str, str]:
+    """The allowed range of each range-checked field of config class ``cls`` (``_ranges`` along the MRO)."""
+    table: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        table.update(vars(klass).get("_ranges", {}))
+    return table
+
+
+def check_range(value: Any, spec: str, tp, key: str) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` (of type ``tp``) lies in range ``spec`` (None passes)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, low_in, high, high_in = _parse_range(spec)
+    inside = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+    if not inside:  # NaN fails every comparison, so it is refused too
+        raise ConfigError(f"config key {key!r}: expected {_describe(tp, spec)}, got {value!r}")
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested mapping, checking keys and types."""
+    """Build dataclass ``cls`` from a nested mapping, checking keys, types and allowed ranges."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    ranges = ranges_of(cls)
     for key in data:
         if key not in fields:
             dotted = f"{prefix}.{key}" if prefix else str(key)
@@ -121,6 +176,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         dotted = f"{prefix}.{name}" if prefix else name
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], dotted)
+            if name in ranges:
+                check_range(kwargs[name], ranges[name], hints[name], dotted)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {dotted!r} ({_describe(hints[name])})")
     try:
@@ -192,6 +249,8 @@ class ModelOptions:
     # logits never exist at once (0: all positions at once)
     logits_chunk_size: int = 1024
 
+    _ranges = {"attention_block_size": ">= 1", "logits_chunk_size": ">= 0"}
+
 
 @dataclasses.dataclass
 class CheckpointOptions:
@@ -199,11 +258,22 @@ class CheckpointOptions:
     keep_last: int = 3
     async_save: bool = True
 
+    _ranges = {"save_every": ">= 0", "keep_last": ">= 1"}
+
+
+# allowed ranges of the optimizer keys (OptimizerOptions), for the sections that inherit them
+OPTIMIZER_RANGES = {
+    "learning_rate": "> 0", "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": ">= 0",
+    "adam_b1": "[0, 1)", "adam_b2": "[0, 1)", "adam_eps": "> 0", "max_grad_norm": ">= 0",
+}
+
 
 def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted key, type, default)`` for every key of config class ``cls`` (for docs and ``--help``)."""
+    """``(dotted key, type, default)`` for every key of config class ``cls`` (for docs and ``--help``);
+    the type names the allowed range where there is one."""
     rows = []
     hints = typing.get_type_hints(cls)
+    ranges = ranges_of(cls)
     for field in dataclasses.fields(cls):
         key = f"{prefix}{field.name}"
         tp = hints[field.name]
@@ -216,7 +286,7 @@ def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
             default = repr(field.default_factory())
         else:
             default = "(required)"
-        rows.append((key, _describe(tp), default))
+        rows.append((key, _describe(tp, ranges.get(field.name)), default))
     return rows
 
 

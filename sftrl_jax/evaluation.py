@@ -24,7 +24,7 @@ import numpy as np
 from .config import ModelOptions, save_config
 from .data.prompts import PromptDataOptions, PromptItem, load_prompt_items
 from .distributed import DistributedOptions, barrier, initialize, map_rows_across_processes
-from .metrics import is_writer
+from .metrics import is_writer, read_jsonl
 
 log = logging.getLogger("sftrl_jax.eval")
 
@@ -143,16 +143,14 @@ def _extracted(response: str, ground_truth: str, require_think: bool) -> str | N
     return extract_choice(response) if is_choice_answer(ground_truth) else extract_boxed(response)
 
 
+_GENERATION_FIELDS = ("prompt_id", "sample", "benchmark", "score", "num_tokens", "truncated", "timed_out")
+
+
 def read_generations(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut off by an interruption: regenerate that prompt
-            break
-    return records
+    """Every valid record of ``generations.jsonl``; a torn or corrupt line is reported (file and line)
+    and skipped, so a resumed evaluation regenerates only the prompts it leaves incomplete."""
+    return read_jsonl(path, valid=lambda r: all(k in r for k in _GENERATION_FIELDS)
+                      and isinstance(r["prompt_id"], int) and isinstance(r["sample"], int))
 
 
 def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress: bool = True) -> dict:
@@ -174,8 +172,13 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
     items, skipped = load_prompt_items(config.data, tokenizer)
     n = config.sampling.n
     generations = out / "generations.jsonl"
-    records = [r for r in read_generations(generations) if r["prompt_id"] < len(items)]
-    # Keep only prompts that have all n samples; a partly written prompt is generated again.
+    unique: dict[tuple[int, int], dict] = {}  # (prompt, sample) -> record; a repeated one counts once
+    for r in read_generations(generations):
+        if 0 <= r["prompt_id"] < len(items):
+            unique.setdefault((r["prompt_id"], r["sample"]), r)
+    records = list(unique.values())
+    # Keep only prompts that have all n samples; a partly written prompt (a lost or corrupt line) is
+    # generated again.
     counts: dict[int, int] = defaultdict(int)
     for r in records:
         counts[r["prompt_id"]] += 1

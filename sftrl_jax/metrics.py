@@ -3,16 +3,51 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import jax
 
+log = logging.getLogger("sftrl_jax.metrics")
+
 
 def is_writer() -> bool:
     return jax.process_index() == 0
+
+
+def read_jsonl(path: str | os.PathLike, *, valid: Callable[[dict], bool] | None = None) -> list[dict]:
+    """The JSON-object records of a journal file, one per line; bad lines are skipped, never fatal.
+
+    A journal is appended to as a run goes, so a kill can leave its last line cut off: a bad LAST
+    line is dropped with a warning. A bad line elsewhere (not JSON, not an object, or refused by
+    ``valid``) is reported with its line number and skipped; every valid record is kept.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            record, problem = None, f"not JSON ({err.msg})"
+        else:
+            problem = "not a JSON object" if not isinstance(record, dict) else (
+                "missing fields" if valid is not None and not valid(record) else None)
+        if problem is None:
+            records.append(record)
+        elif i == last:
+            log.warning("%s: dropped a torn last line %d (%s; an interrupted write)", path, i + 1, problem)
+        else:
+            log.warning("%s: line %d is corrupt (%s); skipped it, kept the other records", path, i + 1, problem)
+    return records
 
 
 class MetricsWriter:
@@ -23,12 +58,12 @@ class MetricsWriter:
         if is_writer():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if truncate_after_step is not None and self.path.exists():
-                # Drop records of steps after the restored checkpoint (they will be redone); a run
-                # starting from step 0 starts a fresh file.
-                kept = [line for line in self.path.read_text().splitlines()
-                        if truncate_after_step > 0 and line.strip()
-                        and json.loads(line).get("step", 0) <= truncate_after_step]
-                self.path.write_text("".join(line + "\n" for line in kept))
+                # Drop records of steps after the restored checkpoint (they will be redone), and any
+                # torn or corrupt line (read_jsonl reports them); a run starting from step 0 starts a
+                # fresh file.
+                kept = [record for record in read_jsonl(self.path)
+                        if truncate_after_step > 0 and record.get("step", 0) <= truncate_after_step]
+                self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         if not is_writer():
@@ -39,10 +74,8 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl`` (a torn or corrupt line is reported and skipped, see ``read_jsonl``)."""
+    return read_jsonl(path)
 
 
 def plot_curves(records: Sequence[dict] | Mapping[str, Sequence[dict]], keys: Iterable[str],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..config import CheckpointOptions, ModelOptions
+from ..config import OPTIMIZER_RANGES, CheckpointOptions, ModelOptions
 from ..data.prompts import PromptDataOptions
 from ..distributed import DistributedOptions
 from ..optim import OptimizerOptions
@@ -15,6 +15,8 @@ from ..optim import OptimizerOptions
 class RLDataSection(PromptDataOptions):
     split: str = "train"
     shuffle: bool = True
+
+    _ranges = {"max_prompt_length": ">= 1", "limit_per_benchmark": ">= 1"}
 
 
 @dataclasses.dataclass
@@ -60,6 +62,16 @@ class RLSection(OptimizerOptions):
     reward_timeout_s: float = 10.0
     reward_workers: int | None = None
     log_every: int = 1
+
+    _ranges = {
+        **OPTIMIZER_RANGES, "prompts_per_step": ">= 1", "group_size": ">= 1", "mini_batches_per_step": ">= 1",
+        "ppo_epochs": ">= 1", "micro_batch_size": ">= 1", "max_steps": ">= 1", "num_epochs": ">= 1", "seed": ">= 0",
+        "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0",
+        "generation_batch_size": ">= 1", "clip_low": ">= 0", "clip_high": ">= 0", "clip_c": "> 1",
+        "loss_scale_factor": "> 0", "kl_coef": ">= 0", "entropy_coef": ">= 0", "max_generation_rounds": ">= 1",
+        "overlong_buffer_len": ">= 0", "overlong_penalty_factor": ">= 0", "reward_timeout_s": "> 0",
+        "reward_workers": ">= 1", "log_every": ">= 1",
+    }
 
 
 @dataclasses.dataclass

@@ -140,7 +140,15 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool = True, rew
     rows_per_micro = cfg.micro_batch_size * shards
     tokenizer = load_tokenizer(config.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    items, _ = load_prompt_items(config.data, tokenizer)
+    items, skipped = load_prompt_items(config.data, tokenizer)
+    files = ", ".join(map(str, config.data.files))
+    if not items:
+        raise ValueError(f"data.files ({files}): no usable prompts ({skipped['bad_rows']} bad rows, "
+                         f"{skipped['prompt_too_long']} longer than data.max_prompt_length); nothing to train on")
+    if not any(item.prompt_ids for item in items):  # e.g. a model directory without its tokenizer files
+        raise ValueError(f"data.files ({files}): all {len(items)} prompts tokenise to no tokens with the tokenizer "
+                         f"of {config.model.path} (are its tokenizer.json / tokenizer_config.json missing?); "
+                         f"nothing to train on")
     prompt_sampler = EpochSampler(len(items), cfg.prompts_per_step, seed=cfg.seed, shuffle=config.data.shuffle)
     total_steps = cfg.max_steps or cfg.num_epochs * prompt_sampler.batches_per_epoch
     updates_per_step = cfg.mini_batches_per_step * cfg.ppo_epochs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..config import CheckpointOptions, ModelOptions
+from ..config import OPTIMIZER_RANGES, CheckpointOptions, ModelOptions
 from ..data.sft import SFTDataOptions
 from ..distributed import DistributedOptions
 from ..optim import OptimizerOptions
@@ -20,6 +20,8 @@ class SFTDataSection(SFTDataOptions):
     pack: bool = False  # pack several sequences per row (segment ids) instead of padding
     shuffle: bool = True
 
+    _ranges = {"max_length": ">= 2", "eval_fraction": "[0, 1)"}
+
 
 @dataclasses.dataclass
 class SFTTrainSection(OptimizerOptions):
@@ -31,6 +33,9 @@ class SFTTrainSection(OptimizerOptions):
     emulate_bug: Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "both"] = "none"
     eval_every: int = 0  # steps; 0 = only at the end (when there is an eval split)
     log_every: int = 1
+
+    _ranges = {**OPTIMIZER_RANGES, "global_batch_size": ">= 1", "micro_batch_size": ">= 1", "max_steps": ">= 1",
+               "num_epochs": ">= 1", "seed": ">= 0", "eval_every": ">= 0", "log_every": ">= 1"}
 
 
 @dataclasses.dataclass

@@ -66,7 +66,30 @@ def load_examples(config: SFTConfig, tokenizer):
         held_out = [e for i, e in enumerate(train) if i in held]
         train = [e for i, e in enumerate(train) if i not in held]
         log.info("held out %d of the training examples for evaluation", count)
+    _require_supervised_tokens(train, "data.train_files", data.train_files, config.model.path)
+    if data.eval_files:
+        _require_supervised_tokens(held_out, "data.eval_files", data.eval_files, config.model.path)
     return train, held_out
+
+
+def supervised_tokens(examples) -> int:
+    """Tokens the loss is taken over: response tokens after the first position (that one has no predecessor)."""
+    return int(sum(int(e.loss_mask[1:].sum()) for e in examples))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _require_supervised_tokens(examples, key: str, files, model_path: str) -> None:
+    """A split without a single supervised token would train (or evaluate) on nothing, with loss 0: refuse it."""
+    if supervised_tokens(examples):
+        return
+    missing = [name for name in _TOKENIZER_FILES if not (Path(model_path) / name).exists()]
+    hint = (f"the model directory {model_path} has no {' / '.join(missing)}, so the tokenizer it loads turns "
+            f"text into no tokens" if missing else
+            f"check the rows' prompt/response fields and the tokenizer of the model directory {model_path}")
+    raise ValueError(f"{key} ({', '.join(map(str, files))}): no supervised tokens in {len(examples)} examples "
+                     f"(a run would train on nothing with loss 0); {hint}")
 
 
 def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
