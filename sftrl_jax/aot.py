@@ -767,7 +767,7 @@ def sampling_params(run: AbstractRun):
 
 def compile_sampler(compiler: Compiler, run: AbstractRun, *, prefix: str, prompts: int, batch_size: int, n: int,
                     prompt_length: int, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                    resident=None, relayout: bool = True) -> None:
+                    resident=None) -> None:
     """The sampler's jitted functions: the whole ``_generate_batch`` (its memory is the truth: prefill,
     repeated cache, decode loop), and one prefill and one decode step for their FLOPs and bytes."""
     import jax
@@ -783,7 +783,7 @@ def compile_sampler(compiler: Compiler, run: AbstractRun, *, prefix: str, prompt
     mesh, config = run.mesh, run.model_config
     rows = generation_rows(batch_size, prompts, run.shards)
     length = bucket_length(prompt_length, maximum=1 << 30, minimum=16)
-    params, relaid = sampling_params(run) if relayout else (run.state["params"], False)
+    params, relaid = sampling_params(run)
     cache_dtype = jnp.dtype(run.model.dtype).name
     eos_ids = tuple(int(e) for e in config.eos_token_ids) or (-1,)
     rows_sharding = named_sharding(("batch", "length"), mesh)
@@ -963,7 +963,7 @@ def compile_pipeline(compiler: Compiler, config, mesh) -> None:
         compile_sampler(compiler, first_run, prefix="probe/", prompts=probe.prompt_limit, batch_size=64, n=1,
                         prompt_length=probe.max_prompt_length, max_new_tokens=probe.max_new_tokens,
                         temperature=probe.temperature,
-                        resident={k: v for k, v in first_run.state.items() if k != "params"}, relayout=False)
+                        resident={k: v for k, v in first_run.state.items() if k != "params"})
 
 
 # ------------------------------------------------------------------------------------------ entry

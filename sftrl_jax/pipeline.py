@@ -30,7 +30,7 @@ from .distributed import DistributedOptions, initialize
 from .metrics import is_writer, plot_curves, read_metrics
 from .models import load_tokenizer
 from .rl import RLConfig, run_rl
-from .sampling import generate
+from .sampling import generate, sampling_layout
 from .sft import SFTConfig, run_sft
 from .sft.step import make_eval_step
 from .sft.trainer import heldout_loss
@@ -101,7 +101,7 @@ class CrossStageProbe:
                                                  rows=self.shards * 4, max_length=self.options.max_length,
                                                  sharding=named_sharding(("batch", "length"), self.mesh))
         if self.items:
-            model = nnx.merge(graphdef, params)
+            model = sampling_layout(nnx.merge(graphdef, params))  # once per measurement (decode layout)
             eos = sorted({self.tokenizer.eos_token_id, *model.config.eos_token_ids} - {None})
             samples = generate(model, [it.prompt_ids for it in self.items], max_new_tokens=self.options.max_new_tokens,
                                temperature=self.options.temperature, eos_token_id=eos, seed=self.options.seed,
