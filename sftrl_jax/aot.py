@@ -58,10 +58,14 @@ On GPUs JAX takes ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of the memory (the launcher
 0.90), so "fits" compares with 0.90 of the HBM there; on TPUs with all of it.
 
 Limits: the GPU path has no ``cost_analysis()`` in this plugin, so FLOPs and bytes come from XLA's
-generic HLO cost analysis of the compiled (optimised, partitioned) module; GPU kernels are not
-autotuned (no GPU here); a program larger than the HBM still compiles (hence "fits"). Loops
-(``lax.scan`` over micro-steps / layers, the decode ``while_loop``) are counted by XLA's cost
-analysis as it counts them; compare ``flops`` with ``model_flops`` / devices in the JSON.
+generic HLO cost analysis of the compiled (optimised, partitioned) module. XLA counts a loop body once;
+:func:`loop_scaled_counts` multiplies the bodies of loops with a known trip count (layers, micro-steps,
+sequence chunks) and also sums the collectives' bytes (``collective_bytes``: the interconnect
+traffic, e.g. FSDP all-gathers). The decode ``while_loop`` has no known trip count, so ``generate``
+rows are memory figures only. Custom calls (Pallas splash attention, cuDNN) are invisible to the
+cost analysis, hence the time bound takes the larger of the compiler's and the model's FLOPs. GPU
+kernels are not autotuned. XLA:GPU compiles a program larger than the HBM ("fits" is our comparison);
+XLA:TPU refuses one, which is reported as a row that does not fit, with the temporaries it names.
 """
 
 from __future__ import annotations
