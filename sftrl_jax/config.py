@@ -208,6 +208,30 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` merges are overridable
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(f"duplicate key {key!r} at line {line} (first given at line "
+                                             f"{seen[key]}; YAML would silently keep the last)")
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Read YAML ``path`` (optional), apply ``key=value`` overrides, and build ``cls``."""
     data: dict = {}
@@ -216,7 +240,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         if not file.exists():
             raise FileNotFoundError(f"config file not found: {file}")
         try:
-            data = yaml.safe_load(file.read_text()) or {}
+            data = yaml.load(file.read_text(), Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKeyError as err:
+            raise ConfigError(f"{file}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{file}: invalid YAML: {err}") from None
         if not isinstance(data, dict):

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .sft import build_prompt_text
-from .sources import load_rows
+from .sources import UnreadableRow, load_rows
 
 log = logging.getLogger("sftrl_jax.data")
 
@@ -58,6 +58,10 @@ def load_prompt_items(options: PromptDataOptions, tokenizer) -> tuple[list[Promp
     skipped = {"bad_rows": 0, "prompt_too_long": 0}
     per_benchmark: dict[str, int] = defaultdict(int)
     for source, index, row in load_rows(options.files, split=options.split):
+        if isinstance(row, UnreadableRow):  # a line of a JSON(L) file that could not be parsed
+            skipped["bad_rows"] += 1
+            log.warning("%s row %d: %s (skipped)", source, index, row.problem)
+            continue
         benchmark = str(row.get(options.benchmark_field) or Path(source).stem)
         if options.limit_per_benchmark is not None and per_benchmark[benchmark] >= options.limit_per_benchmark:
             continue

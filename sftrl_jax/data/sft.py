@@ -17,6 +17,8 @@ from typing import Any, Literal, NamedTuple
 import jinja2
 import numpy as np
 
+from .sources import UnreadableRow
+
 logger = logging.getLogger("sftrl_jax.data")
 
 # Rows are tokenised in batches of this many (the fast tokenizer parallelises a batch).
@@ -62,7 +64,7 @@ class SFTExample(NamedTuple):
 class SFTDataStats:
     rows: int = 0  # rows read, bad ones included
     examples: int = 0  # examples returned
-    bad_rows: int = 0  # skipped: missing/malformed fields, empty response
+    bad_rows: int = 0  # skipped: unparseable lines, missing/malformed fields, empty response
     truncated: int = 0  # kept with the response cut to max_length
     dropped_too_long: int = 0  # over max_length and dropped (or a prompt alone of >= max_length tokens)
 
@@ -100,6 +102,8 @@ def tokenize_sft(rows: Iterable[tuple[str, int, dict]], tokenizer,
     for source, index, row in rows:
         stats.rows += 1
         try:
+            if isinstance(row, UnreadableRow):  # a line of a JSON(L) file that could not be parsed
+                raise _BadRow(row.problem)
             prompt_text, response_text = _row_texts(row, tokenizer, options)
         except _BadRow as problem:
             if options.on_bad_row == "error":

@@ -10,6 +10,7 @@ its Arrow cache, so iterating a file does not hold it in host memory.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 TFDS_PREFIX = "tfds:"
 _GLOB_CHARS = frozenset("*?[")
 
-Row = tuple[str, int, dict]
+Row = tuple[str, int, "dict | UnreadableRow"]
 
 
 def load_rows(spec: str | os.PathLike | Sequence[str | os.PathLike], *, split: str = "train") -> Iterator[Row]:
@@ -37,6 +38,8 @@ def load_rows(spec: str | os.PathLike | Sequence[str | os.PathLike], *, split: s
     - anything else: a Hugging Face dataset id, ``datasets.load_dataset(id, split=split)``.
 
     Sources are opened lazily, in order, so a later source's errors surface only when reached.
+    An empty or unreadable file is a ``ValueError`` naming it; a line of a JSON(L) file that is not
+    UTF-8 or not valid JSON is yielded as an :class:`UnreadableRow` (a bad row) naming the line.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
@@ -81,8 +84,107 @@ def _local_rows(spec: str, split: str) -> Iterator[Row]:
             raise ValueError(f"{path}: unsupported data file extension {Path(path).suffix!r} "
                              f"(expected one of {', '.join(FILE_BUILDERS)})")
     for path in files:
-        builder = FILE_BUILDERS[Path(path).suffix.lower()]
-        yield from _dataset_rows(path, _load_dataset(builder, data_files=str(path), split="train"))
+        yield from _file_rows(path)
+
+
+def _file_rows(path: str) -> Iterator[Row]:
+    """Rows of one local data file; a file that cannot be read is reported by name.
+
+    An empty or unreadable parquet file is a ``ValueError`` naming the file. A JSON(L) file that
+    ``datasets`` cannot read (a malformed line, bytes that are not UTF-8, rows whose types disagree)
+    is read again line by line: good lines are rows as usual and each bad line is yielded as an
+    :class:`UnreadableRow` naming its line, which the row consumers report or skip like any other
+    bad row (``on_bad_row``).
+    """
+    builder = FILE_BUILDERS[Path(path).suffix.lower()]
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), no rows to read")
+    try:
+        dataset = _load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # noqa: BLE001 - re-raised below with the file named
+        if builder != "json":
+            raise ValueError(f"{path}: cannot read as {builder}: {_root_cause(err)}") from None
+        yield from _json_rows(path)
+        return
+    done = 0  # ``datasets`` stores bytes that are not UTF-8 and fails only when they are read back
+    try:
+        for _, index, row in _dataset_rows(path, dataset):
+            yield path, index, row
+            done = index + 1
+    except Exception as err:  # noqa: BLE001 - re-read, or re-raised with the file and row named
+        if builder != "json":
+            raise ValueError(f"{path}: cannot read row {done}: {_root_cause(err)}") from None
+        for row in _json_rows(path):
+            if row[1] >= done:
+                yield row
+
+
+class UnreadableRow:
+    """A row of a local JSON(L) file that could not be parsed (``problem`` names its line).
+
+    Yielded by :func:`load_rows` in place of the row's dict so that a malformed line is a bad row
+    (skipped and counted, or an error with ``on_bad_row=error``) rather than a failure of the file.
+    """
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+    def __repr__(self) -> str:
+        return f"UnreadableRow({self.problem!r})"
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _json_rows(path: str) -> Iterator[Row]:
+    """Read a JSON(L) file without ``datasets``: a JSON array of rows, or one JSON object a line."""
+    with open(path, "rb") as file:
+        head = file.read(4096).lstrip()
+    if head.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+        head = head[3:].lstrip()
+    if head.startswith(b"["):  # one JSON array of rows: all or nothing
+        yield from _json_array_rows(path)
+        return
+    index = 0
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                row: Any = UnreadableRow(f"line {number} is not UTF-8 text "
+                                         f"(byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+            else:
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as err:
+                    row = UnreadableRow(f"line {number} is not valid JSON ({err.msg} at column {err.colno})")
+                else:
+                    if not isinstance(row, dict):
+                        row = UnreadableRow(f"line {number} is a JSON {type(row).__name__}, not an object")
+            yield path, index, row
+            index += 1
+
+
+def _json_array_rows(path: str) -> Iterator[Row]:
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    for index, row in enumerate(rows):
+        yield path, index, (row if isinstance(row, dict) else
+                            UnreadableRow(f"element {index} is a JSON {type(row).__name__}, not an object"))
 
 
 def _hub_rows(dataset_id: str, split: str) -> Iterator[Row]:

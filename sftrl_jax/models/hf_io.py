@@ -116,34 +116,47 @@ class SafetensorsReader:
 
     def __init__(self, directory: Path):
         self.directory = directory
+        self._open: dict[Path, object] = {}
         index_path, single_path = directory / INDEX_FILE, directory / SINGLE_FILE
         if index_path.exists():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_path}: no 'weight_map' mapping of tensor names to shard files")
             self.file_of = {name: directory / file for name, file in weight_map.items()}
             for file in sorted(set(self.file_of.values())):
                 if not file.exists():
                     raise FileNotFoundError(f"safetensors shard {file} (listed in {index_path}) not found")
         elif single_path.exists():
-            with safe_open(single_path, framework="numpy") as f:
-                self.file_of = {name: single_path for name in f.keys()}
+            self.file_of = {name: single_path for name in self._handle(single_path).keys()}
         else:
             raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
-        self._open: dict[Path, object] = {}
 
     def names(self) -> set[str]:
         return set(self.file_of)
 
+    def _handle(self, file: Path):
+        """The open safetensors ``file``; an empty, truncated or corrupt file is a ValueError naming it."""
+        if file not in self._open:
+            try:
+                self._open[file] = safe_open(file, framework="numpy")
+            except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: re-raised with the file
+                size = file.stat().st_size if file.exists() else 0
+                detail = "empty file (0 bytes)" if size == 0 else f"{str(err).strip()} ({size} bytes)"
+                raise ValueError(f"{file}: not a readable safetensors file: {detail} "
+                                 f"(truncated or incomplete download?)") from None
+        return self._open[file]
+
     def get(self, name: str) -> np.ndarray:
         file = self.file_of[name]
-        if file not in self._open:
-            self._open[file] = safe_open(file, framework="numpy")
-        return self._open[file].get_tensor(name)
+        try:
+            return self._handle(file).get_tensor(name)
+        except ValueError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"{file}: cannot read tensor {name!r}: {str(err).strip()}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        file = self.file_of[name]
-        if file not in self._open:
-            self._open[file] = safe_open(file, framework="numpy")
-        return tuple(self._open[file].get_slice(name).get_shape())
+        return tuple(self._handle(self.file_of[name]).get_slice(name).get_shape())
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -153,7 +166,21 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     config_file = directory / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"config.json not found in model directory {directory}")
-    return ModelConfig.from_hf_dict(json.loads(config_file.read_text()), source_dir=str(directory))
+    config = read_json(config_file)
+    return ModelConfig.from_hf_dict(config, source_dir=str(directory))
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from ``file``; invalid JSON (or text that is not UTF-8) is a ValueError naming it."""
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got a {type(data).__name__}")
+    return data
 
 
 # ---------------------------------------------------------------------------------------- models
