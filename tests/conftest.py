@@ -38,3 +38,21 @@ def hf_checkpoint(tmp_path_factory):
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param
+
+
+@pytest.fixture
+def isolated_datasets_cache(tmp_path, monkeypatch):
+    """Keep ``datasets``' Arrow cache for test files out of the user's home cache (and out of other tests')."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The tests' tiny character-level tokenizer, loaded with ``transformers``."""
+    import transformers
+
+    from hf_checkpoints import make_tokenizer
+
+    return transformers.AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path_factory.mktemp("tok"))))

@@ -6,11 +6,7 @@ import json
 import logging
 import shutil
 
-import datasets
-import datasets.config
 import pytest
-import transformers
-from hf_checkpoints import make_tokenizer
 
 from sftrl_jax.cli import main
 from sftrl_jax.config import ConfigError, load_config
@@ -25,14 +21,7 @@ from sftrl_jax.data.sources import UnreadableRow
 from sftrl_jax.sft import SFTConfig
 
 
-@pytest.fixture(autouse=True)
-def _datasets_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return transformers.AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path_factory.mktemp("tok"))))
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache")  # fixtures: tests/conftest.py
 
 
 def sft_row(answer: str = "two") -> dict:
