@@ -31,6 +31,11 @@ RUNS = [
     ("tpu_sft_qwen2.5-math-7b_v5p-64", "configs/tpu/sft_qwen2.5-math-7b_v5p-64.yaml", "v5p-64", []),
     ("tpu_sft_qwen2.5-math-7b_v5p-64_dense", "configs/tpu/sft_qwen2.5-math-7b_v5p-64.yaml", "v5p-64",
      ["model.attention=dense", "model.logits_chunk_size=0"]),
+    # the same comparison at one row per chip (the earlier shipped micro-batch)
+    ("tpu_sft_qwen2.5-math-7b_v5p-64_mb1", "configs/tpu/sft_qwen2.5-math-7b_v5p-64.yaml", "v5p-64",
+     ["train.micro_batch_size=1"]),
+    ("tpu_sft_qwen2.5-math-7b_v5p-64_mb1_dense", "configs/tpu/sft_qwen2.5-math-7b_v5p-64.yaml", "v5p-64",
+     ["train.micro_batch_size=1", "model.attention=dense", "model.logits_chunk_size=0"]),
     ("tpu_rl_qwen2.5-math-7b_v5p-64", "configs/tpu/rl_qwen2.5-math-7b_v5p-64.yaml", "v5p-64", []),
     ("tpu_sft_llama-3.1-8b_v6e-64", "configs/tpu/sft_llama-3.1-8b_v6e-64.yaml", "v6e-64", []),
     ("tpu_rl_llama-3.1-8b_v6e-64", "configs/tpu/rl_llama-3.1-8b_v6e-64.yaml", "v6e-64", []),
