@@ -64,12 +64,30 @@ parse_run_args() {
     esac
   done
   [[ -n "$CONFIG" ]] || die "--config FILE is required"
+}
+
+# The `kind:` a config file declares (sft, rl, pipeline or eval; through its `base:` includes), read by
+# sftrl_jax.config with $PYTHON; empty when it declares none.
+read_config_kind() {
+  "$PYTHON" -c '
+import sys
+from sftrl_jax.config import ConfigError, config_kind
+try:
+    print(config_kind(sys.argv[1]) or "")
+except (OSError, ConfigError) as err:
+    sys.exit(str(err))
+' "$1"
+}
+
+# CMD from the config's `kind:` unless --cmd gave it; then check it.
+resolve_cmd() {
   if [[ -z "$CMD" ]]; then
-    CMD="$(basename "$CONFIG")"
-    CMD="${CMD%%_*}"
+    [[ -f "$CONFIG" ]] || die "config file not found: $CONFIG"
+    CMD="$(read_config_kind "$CONFIG")" || die "could not read the kind of $CONFIG with $PYTHON (pass --cmd)"
+    [[ -n "$CMD" ]] || die "$CONFIG declares no 'kind:' (sft, rl, pipeline or eval): add one or pass --cmd"
   fi
   case "$CMD" in
     sft | rl | pipeline | eval) ;;
-    *) die "--cmd must be sft, rl, pipeline or eval (got '$CMD')" ;;
+    *) die "the command must be sft, rl, pipeline or eval (got '$CMD')" ;;
   esac
 }

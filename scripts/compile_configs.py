@@ -1,13 +1,14 @@
-"""Compile every shipped TPU and GPU config for its real target on this CPU, and render the table.
+"""Compile every shipped TPU and GPU config for its real target on this CPU, then render the docs.
 
     python scripts/compile_configs.py                 # all runs below (~15-25 min on 2 cores), then render
     python scripts/compile_configs.py --only sft_qwen # runs whose name contains this, then render
-    python scripts/compile_configs.py --render        # re-render docs/scaling.md from the JSON files only
+    python scripts/render_docs.py                     # re-render from the JSON files only (no compiling)
 
 Each run is one ``sftrl-jax compile --json docs/results/compile/NAME.json`` in its own process (the
 model shapes come from ``configs/models/*/config.json``: no weights are read). The table in
-``docs/scaling.md`` between the ``compile-table`` markers is generated from those files, so a re-run
-updates the page instead of a hand edit. Needs the ``aot`` extra (``pip install -e '.[aot]'``).
+``docs/scaling.md`` between the ``compile-table`` markers is generated from those files by
+``scripts/render_docs.py`` (the one renderer of every generated table; its rows follow ``RUNS``), so a
+re-run updates the page instead of a hand edit. Needs the ``aot`` extra (``pip install -e '.[aot]'``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "compile"
-DOC = ROOT / "docs" / "scaling.md"
-START, END = "<!-- compile-table:start -->", "<!-- compile-table:end -->"
 MODELS = {"qwen2.5-math-7b": "Qwen2.5-Math-7B", "llama-3.1-8b": "Llama-3.1-8B", "qwen3-0.6b": "Qwen3-0.6B"}
 
 # (result name, config, topology, extra overrides): every config in configs/tpu and configs/gpu with the
@@ -74,77 +73,17 @@ def run(name: str, config: str, topology: str, overrides: list[str]) -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 
-def _gb(x) -> str:
-    return "–" if x is None else f"{x / 1e9:.1f}"
-
-
-def _fits(f: dict) -> str:
-    if f.get("refused"):
-        return "**no**: the compiler refused it (temp alone exceeds HBM; args not counted)"
-    return f"{'yes' if f['fits'] else '**no**'} ({_gb(f.get('headroom_bytes'))})"
-
-
-def render() -> str:
-    rows = ["| run | function | args | temp | total (+ resident) | HBM usable | fits (headroom) | "
-            "TFLOP / device | GB accessed / device | GB collectives / device | roofline bound | MFU bound |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, *_ in RUNS:
-        path = RESULTS / f"{name}.json"
-        if not path.exists():
-            rows.append(f"| {name} | *not compiled yet* | | | | | | | | | | |")
-            continue
-        result = json.loads(path.read_text())
-        for i, f in enumerate(result["functions"]):
-            label = f"`{name}` ({result['devices']} devices)" if i == 0 else ""
-            mfu = f.get("mfu_bound")
-            if f.get("refused"):  # only the temporaries the refusal names are known
-                rows.append(f"| {label} | {f['name']} | ? | {_gb(f['temp_bytes'])} | > {_gb(f['temp_bytes'])} | "
-                            f"{_gb(f.get('usable_bytes'))} | {_fits(f)} | – | – | – | – | – |")
-                continue
-            if f["name"].endswith("generate"):  # memory only: the decode loop has no known trip count
-                rows.append(f"| {label} | {f['name']} | {_gb(f['argument_bytes'])} | {_gb(f['temp_bytes'])} | "
-                            f"{_gb(f['total_bytes'])} (+{_gb(f.get('resident_bytes', 0))}) | "
-                            f"{_gb(f.get('usable_bytes'))} | {_fits(f)} | – | – | – | – | – |")
-                continue
-            if "decode_step" in f["name"]:
-                # XLA's byte count inflates in-place KV-cache updates inside the layer loop; a decode step's
-                # floor is reading its arguments (weights + cache) once, plus writing and reading what it
-                # all-gathers: that is the figure and the bound shown
-                chip = result["chip"]
-                floor = f["argument_bytes"] + 2 * f.get("collective_bytes", 0)
-                bound = floor / chip["hbm_bandwidth"]
-                mfu = (f.get("model_flops") or 0) / (bound * chip["peak_flops"] * result["devices"])
-                f = dict(f, bytes_accessed=floor, time_bound_s=bound, mfu_bound=mfu)
-            rows.append(
-                f"| {label} | {f['name']} | {_gb(f['argument_bytes'])} | {_gb(f['temp_bytes'])} | "
-                f"{_gb(f['total_bytes'])} (+{_gb(f.get('resident_bytes', 0))}) | {_gb(f.get('usable_bytes'))} | "
-                f"{_fits(f)} | {f['flops'] / 1e12:.1f} | "
-                f"{f['bytes_accessed'] / 1e9:.1f} | {_gb(f.get('collective_bytes'))} | "
-                f"{f.get('time_bound_s', 0):.3g} s | "
-                f"{'–' if mfu is None else f'{100 * mfu:.0f} %'} |")
-    return "\n".join(rows) + "\n"
-
-
-def write_doc() -> None:
-    text = DOC.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{DOC}: markers {START} / {END} not found")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(head + START + "\n" + render() + END + tail)
-    print(f"rendered {DOC.relative_to(ROOT)}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--render", action="store_true", help="only re-render the table from the JSON files")
     parser.add_argument("--only", help="compile only the runs whose name contains this")
     args = parser.parse_args()
-    if not args.render:
-        for name, config, topology, overrides in RUNS:
-            if args.only is None or args.only in name:
-                run(name, config, topology, overrides)
-    write_doc()
+    for name, config, topology, overrides in RUNS:
+        if args.only is None or args.only in name:
+            run(name, config, topology, overrides)
+    import render_docs  # scripts/render_docs.py, next to this file
+
+    for path in render_docs.write_docs():
+        print(f"rendered {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

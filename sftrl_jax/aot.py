@@ -216,21 +216,14 @@ def topology_devices(topology: Topology) -> list:
 
 # ------------------------------------------------------------------------------------- config kind
 def detect_kind(path: str | os.PathLike) -> str:
-    """``sft`` / ``rl`` / ``pipeline`` from a config file's top-level sections."""
-    file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"config file not found: {file}")
-    data = yaml.safe_load(file.read_text()) or {}
-    if not isinstance(data, dict):
-        raise AotError(f"{file}: the top level must be a mapping of sections")
-    if "stages" in data:
-        return "pipeline"
-    if "rl" in data:
-        return "rl"
-    if "train" in data or "train_files" in (data.get("data") or {}):
-        return "sft"
-    raise AotError(f"{file}: cannot tell an SFT, RL or pipeline config apart (no 'train', 'rl' or 'stages' "
-                   "section); pass --kind")
+    """``sft`` / ``rl`` / ``pipeline``: the ``kind:`` a config file (or its ``base:``) declares."""
+    from .config import config_kind
+
+    kind = config_kind(path)
+    if kind not in ("sft", "rl", "pipeline"):
+        raise AotError(f"{path}: " + (f"kind {kind!r} has nothing to compile (sft, rl or pipeline)" if kind else
+                                      "no 'kind:' (sft, rl or pipeline) in the config; add it or pass --kind"))
+    return kind
 
 
 def load_run_config(path, overrides, kind: str | None = None):
@@ -335,6 +328,7 @@ def abstract_run(model_options, optimizer_options, mesh, total_steps: int = 1000
 
     from .models import abstract_model, param_shardings, read_config
     from .optim import init_opt_state, make_optimizer
+    from .sharding import data_parallel_size
     from .training import opt_state_shardings
 
     model_config = read_config(model_options.path)
@@ -349,8 +343,8 @@ def abstract_run(model_options, optimizer_options, mesh, total_steps: int = 1000
     state = {"params": params, "opt_state": opt_state, "step": _sds((), "int32", replicated)}
     shardings = {"params": jax.tree.map(lambda s: s.sharding, params), "opt_state": opt_shardings,
                  "step": replicated}
-    return AbstractRun(model, model_config, graphdef, mesh, mesh.shape["data"] * mesh.shape["fsdp"], optimizer,
-                       schedule, state, shardings)
+    return AbstractRun(model, model_config, graphdef, mesh, data_parallel_size(mesh), optimizer, schedule, state,
+                       shardings)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -688,22 +682,16 @@ def _refused_temp_bytes(err: Exception) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ SFT
-def _batch_sharding_for(ndim: int, mesh):
-    from .sharding import named_sharding
-
-    return named_sharding((None, "batch") + (None,) * (ndim - 2), mesh)
-
-
 def compile_sft(compiler: Compiler, config, mesh, *, prefix: str = "sft/") -> AbstractRun:
     import jax
 
     from .data.batching import pad_rows
     from .flops import forward_flops, train_flops
     from .sft.step import make_eval_step, make_train_step
-    from .sharding import named_sharding
+    from .sharding import micro_batch_sharding, rows_sharding
 
     train = config.train
-    run = abstract_run(config.model, train, mesh, train.max_steps or 1000)
+    run = abstract_run(config.model, config.optimizer, mesh, train.max_steps or 1000)
     shards = run.shards
     per_micro = train.micro_batch_size * shards
     if train.global_batch_size % per_micro:
@@ -712,7 +700,7 @@ def compile_sft(compiler: Compiler, config, mesh, *, prefix: str = "sft/") -> Ab
     micro_steps = train.global_batch_size // per_micro
     length = config.data.max_length
     dtypes = {k: v.dtype for k, v in pad_rows([], 1, 1).items()}  # the batcher's own arrays
-    batch_sharding = named_sharding((None, "batch", "length"), mesh)
+    batch_sharding = micro_batch_sharding(mesh, 3)
     batch = {k: _sds((micro_steps, per_micro, length), dtype, batch_sharding) for k, dtype in dtypes.items()}
     step = jax.jit(make_train_step(run.graphdef, run.optimizer, run.schedule, emulate_bug=train.emulate_bug,
                                    shards=shards),
@@ -723,7 +711,7 @@ def compile_sft(compiler: Compiler, config, mesh, *, prefix: str = "sft/") -> Ab
                      model_flops=sequences * train_flops(run.model_config, length),
                      note=f"{micro_steps} micro-steps x {per_micro} rows x {length} tokens")
     if config.data.eval_files or config.data.eval_fraction > 0:
-        eval_sharding = named_sharding(("batch", "length"), mesh)
+        eval_sharding = rows_sharding(mesh, 2)
         evaluate = jax.jit(make_eval_step(run.graphdef), in_shardings=(run.state_shardings["params"], eval_sharding))
         eval_batch = {k: _sds((per_micro, length), dtype, eval_sharding) for k, dtype in dtypes.items()}
         compiler.compile(f"{prefix}eval_step", lambda: evaluate.lower(run.state["params"], eval_batch),
@@ -740,9 +728,9 @@ def compile_eval_probe(compiler: Compiler, run: AbstractRun, *, rows: int, lengt
     from .data.batching import pad_rows
     from .flops import forward_flops
     from .sft.step import make_eval_step
-    from .sharding import named_sharding
+    from .sharding import rows_sharding
 
-    sharding = named_sharding(("batch", "length"), run.mesh)
+    sharding = rows_sharding(run.mesh, 2)
     batch = {k: _sds((rows, length), v.dtype, sharding) for k, v in pad_rows([], 1, 1).items()}
     evaluate = jax.jit(make_eval_step(run.graphdef))
     compiler.compile(name, lambda: evaluate.lower(run.state["params"], batch),
@@ -853,27 +841,30 @@ def compile_sampler(compiler: Compiler, run: AbstractRun, *, prefix: str, prompt
 
 
 # ------------------------------------------------------------------------------------------ RL
-def rl_batch_shapes(cfg, prompt_length: int) -> tuple[dict, int, int]:
+def rl_batch_shapes(config, prompt_length: int) -> tuple[dict, int, int]:
     """Keys and dtypes of an RL update batch, from the trainer's own ``rollout_arrays`` on a dummy rollout,
     and the (prompt, response) lengths a full-budget rollout pads to."""
     import numpy as np
 
     from .data.batching import bucket_length
     from .rl.algorithms import compute_advantages
-    from .rl.trainer import Rollouts, rollout_arrays
+    from .rl.rollouts import Rollouts, rollout_arrays
 
     dummy = Rollouts(prompts=[[1]], responses=[[1]], sampler_logprobs=[[0.0]], truncated=[False], correctness=[0.0],
                      rewards=[0.0])
-    arrays = rollout_arrays(dummy, max_new_tokens=max(cfg.max_new_tokens, 16), mask_truncated=False, pad_id=0)
+    arrays = rollout_arrays(dummy, max_new_tokens=max(config.sampling.max_new_tokens, 16), mask_truncated=False, pad_id=0)
     sampler_logp = arrays.pop("sampler_logp")
-    arrays["advantages"] = np.asarray(compute_advantages([0.0], 1, norm_by_std=cfg.norm_adv_by_std))
+    arrays["advantages"] = np.asarray(compute_advantages([0.0], 1, norm_by_std=config.rl.norm_adv_by_std))
     dtypes = {k: (v.dtype, v.ndim) for k, v in arrays.items()}
     prompt_len = bucket_length(prompt_length, maximum=1 << 30, minimum=16)
-    response_len = bucket_length(cfg.max_new_tokens, maximum=cfg.max_new_tokens, minimum=16)
+    response_len = bucket_length(config.sampling.max_new_tokens, maximum=config.sampling.max_new_tokens,
+                                 minimum=16)
     return {"dtypes": dtypes, "logp_dtype": sampler_logp.dtype}, prompt_len, response_len
 
 
 def _rl_arrays(spec: dict, leading: tuple, prompt_len: int, response_len: int, mesh, *, logp_keys=()) -> dict:
+    from .sharding import micro_batch_sharding
+
     out = {}
     for key, (dtype, ndim) in spec["dtypes"].items():
         if ndim == 1:
@@ -882,10 +873,10 @@ def _rl_arrays(spec: dict, leading: tuple, prompt_len: int, response_len: int, m
             shape = leading + (response_len,)
         else:
             shape = leading + (prompt_len + response_len,)
-        out[key] = _sds(shape, dtype, _batch_sharding_for(len(shape), mesh))
+        out[key] = _sds(shape, dtype, micro_batch_sharding(mesh, len(shape)))
     for key in logp_keys:
         shape = leading + (response_len,)
-        out[key] = _sds(shape, spec["logp_dtype"], _batch_sharding_for(len(shape), mesh))
+        out[key] = _sds(shape, spec["logp_dtype"], micro_batch_sharding(mesh, len(shape)))
     return out
 
 
@@ -894,27 +885,28 @@ def compile_rl(compiler: Compiler, config, mesh, *, prefix: str = "rl/") -> Abst
 
     from .flops import forward_flops, train_flops
     from .rl.step import make_grpo_step, make_logprob_fn
-    from .rl.trainer import check_batch_sizes
-    from .sharding import named_sharding
+    from .rl.rollouts import check_batch_sizes
+    from .sharding import micro_batch_sharding
 
-    cfg = config.rl
-    updates = (cfg.max_steps or 1000) * cfg.mini_batches_per_step * cfg.ppo_epochs
-    run = abstract_run(config.model, cfg, mesh, updates)
+    cfg, sampling = config.rl, config.sampling
+    updates = (config.train.max_steps or 1000) * cfg.mini_batches_per_step * cfg.ppo_epochs
+    run = abstract_run(config.model, config.optimizer, mesh, updates)
     shards = run.shards
     try:
-        micro_steps = check_batch_sizes(cfg, shards)
+        micro_steps = check_batch_sizes(config, shards)
     except ValueError as err:
         raise AotError(str(err)) from None
-    rows = cfg.micro_batch_size * shards
-    spec, prompt_len, response_len = rl_batch_shapes(cfg, config.data.max_prompt_length)
-    sequences = cfg.prompts_per_step * cfg.group_size
+    rows = config.train.micro_batch_size * shards
+    spec, prompt_len, response_len = rl_batch_shapes(config, config.data.max_prompt_length)
+    sequences = cfg.prompts_per_step * sampling.n
     ref = run.state["params"] if cfg.kl_coef > 0 else None
     logp_keys = ("old_logp", "ref_logp") if cfg.kl_coef > 0 else ("old_logp",)
-    batch_sharding = named_sharding((None, "batch"), mesh)
+    batch_sharding = micro_batch_sharding(mesh, 2)
     seq_len = prompt_len + response_len
     note = f"prompt {prompt_len} + response {response_len} tokens"
 
-    update = jax.jit(make_grpo_step(run.graphdef, run.optimizer, run.schedule, cfg),
+    update = jax.jit(make_grpo_step(run.graphdef, run.optimizer, run.schedule, cfg,
+                                    temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens),
                      in_shardings=(run.state_shardings, batch_sharding), out_shardings=(run.state_shardings, None),
                      donate_argnums=0)
     mini = _rl_arrays(spec, (micro_steps, rows), prompt_len, response_len, mesh, logp_keys=logp_keys)
@@ -922,7 +914,7 @@ def compile_rl(compiler: Compiler, config, mesh, *, prefix: str = "rl/") -> Abst
                      model_flops=micro_steps * rows * train_flops(run.model_config, seq_len), resident=ref,
                      note=f"one mini-batch: {micro_steps} micro-steps x {rows} rows, {note}")
 
-    logprobs_of = jax.jit(make_logprob_fn(run.graphdef, cfg.temperature),
+    logprobs_of = jax.jit(make_logprob_fn(run.graphdef, sampling.temperature),
                           in_shardings=(run.state_shardings["params"], batch_sharding))
     laid = _rl_arrays(spec, (sequences // rows, rows), prompt_len, response_len, mesh)
     others = {k: v for k, v in run.state.items() if k != "params"}
@@ -931,9 +923,9 @@ def compile_rl(compiler: Compiler, config, mesh, *, prefix: str = "rl/") -> Abst
                      resident={"state": others, "ref": ref},
                      note=f"old{' and ref' if ref is not None else ''} log-probs: {sequences} sequences, {note}")
 
-    compile_sampler(compiler, run, prefix=prefix, prompts=cfg.prompts_per_step, batch_size=cfg.generation_batch_size,
-                    n=cfg.group_size, prompt_length=config.data.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+    compile_sampler(compiler, run, prefix=prefix, prompts=cfg.prompts_per_step, batch_size=sampling.batch_size,
+                    n=sampling.n, prompt_length=config.data.max_prompt_length, max_new_tokens=sampling.max_new_tokens,
+                    temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                     resident={"state": run.state, "ref": ref})
     return run
 
@@ -964,9 +956,10 @@ def compile_pipeline(compiler: Compiler, config, mesh) -> None:
         compile_eval_probe(compiler, first_run, rows=first_run.shards * 4, length=probe.max_length,
                            name="probe/eval_step")
     if first_run is not None and probe.prompt_files:
-        compile_sampler(compiler, first_run, prefix="probe/", prompts=probe.prompt_limit, batch_size=64, n=1,
-                        prompt_length=probe.max_prompt_length, max_new_tokens=probe.max_new_tokens,
-                        temperature=probe.temperature,
+        compile_sampler(compiler, first_run, prefix="probe/", prompts=probe.prompt_limit,
+                        batch_size=probe.sampling.batch_size, n=probe.sampling.n,
+                        prompt_length=probe.max_prompt_length, max_new_tokens=probe.sampling.max_new_tokens,
+                        temperature=probe.sampling.temperature,
                         resident={k: v for k, v in first_run.state.items() if k != "params"})
 
 

@@ -72,7 +72,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     report = run_demo(args.out, quick=args.quick, seeds=args.seeds)
     print(f"demo: held-out accuracy base {100 * report['base_accuracy']:.1f}% -> SFT {100 * report['sft_accuracy']:.1f}% "
@@ -95,11 +95,11 @@ def cmd_repro(args: argparse.Namespace) -> int:
     out = args.out or f"runs/repro_{args.experiment}"
     if args.experiment == "bugs":
         _use_cpu_devices(8)  # LUFFY's 8 data-parallel ranks (on CPU: 8 simulated devices)
-        from .demo.bugs import run_repro_bugs
+        from .experiments.repro_bugs import run_repro_bugs
 
         report = run_repro_bugs(out, quick=args.quick, seeds=args.seeds)
     else:
-        from .demo.coupling import run_repro_coupling
+        from .experiments.repro_coupling import run_repro_coupling
 
         report = run_repro_coupling(out, quick=args.quick, seeds=args.seeds)
     for line in report["findings"]:

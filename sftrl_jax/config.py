@@ -1,6 +1,6 @@
 """Typed run configs: dataclasses loaded from YAML with dotted ``key=value`` overrides.
 
-``load_config(SFTConfig, "configs/tiny_sft.yaml", ["train.learning_rate=1e-4"])`` reads the file,
+``load_config(SFTConfig, "configs/tiny_sft.yaml", ["optimizer.learning_rate=1e-4"])`` reads the file,
 applies the overrides, and builds the dataclass tree, checking every key and value: an unknown key,
 a value of the wrong type, or a number outside its key's allowed range raises :class:`ConfigError`
 naming the dotted key and what was expected. A file may leave out anything that has a default.
@@ -14,6 +14,7 @@ wherever the type allows it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from .distributed import DistributedOptions
 
 T = TypeVar("T")
 
@@ -169,13 +172,20 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     for key in data:
         if key not in fields:
             dotted = f"{prefix}.{key}" if prefix else str(key)
+            if dotted in MOVED_KEYS:
+                raise ConfigError(f"config key {dotted!r} is now {MOVED_KEYS[dotted]!r} (renamed; see docs/config.md)")
             raise ConfigError(f"unknown config key {dotted!r}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
                               f"{', '.join(sorted(fields))}")
     kwargs = {}
     for name, field in fields.items():
         dotted = f"{prefix}.{name}" if prefix else name
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], dotted)
+            value = data[name]
+            if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping) \
+                    and field.default_factory is not dataclasses.MISSING:
+                # a partial section starts from this config's defaults for it (e.g. RL's optimizer defaults)
+                value = deep_merge(dataclasses.asdict(field.default_factory()), value)
+            kwargs[name] = _convert(value, hints[name], dotted)
             if name in ranges:
                 check_range(kwargs[name], ranges[name], hints[name], dotted)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
@@ -232,22 +242,60 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """``base`` with ``update`` merged in: nested mappings merge key by key, anything else is replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
+            else copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping, with its ``base:`` file (a path relative to it) merged underneath.
+
+    A sized recipe states only what differs from its base: ``base: ../rl_qwen2.5-math-7b.yaml``.
+    Bases may have bases; a cycle is an error naming the files.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"config file not found: {file}" + (f" (the base of {_chain[-1]})" if _chain else ""))
+    if file.resolve() in _chain:
+        raise ConfigError(f"{file}: 'base:' includes form a cycle: {' -> '.join(map(str, (*_chain, file)))}")
+    try:
+        data = yaml.load(file.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKeyError as err:
+        raise ConfigError(f"{file}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{file}: config key 'base': expected the path of a config file, got {base!r}")
+    return deep_merge(read_yaml(file.parent / base, (*_chain, file.resolve())), data)
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
-    """Read YAML ``path`` (optional), apply ``key=value`` overrides, and build ``cls``."""
-    data: dict = {}
-    if path is not None:
-        file = Path(path)
-        if not file.exists():
-            raise FileNotFoundError(f"config file not found: {file}")
-        try:
-            data = yaml.load(file.read_text(), Loader=_UniqueKeyLoader) or {}
-        except _DuplicateKeyError as err:
-            raise ConfigError(f"{file}: {err}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{file}: invalid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: the top level must be a mapping of sections")
-    return from_dict(cls, apply_overrides(data, overrides))
+    """Read YAML ``path`` (optional; with its ``base:`` chain), apply ``key=value`` overrides, and build ``cls``.
+
+    A file whose ``kind:`` names another command is refused with the command to run it with.
+    """
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    expected = getattr(cls, "kind", None)
+    if isinstance(expected, str) and expected and data.get("kind", expected) != expected:
+        raise ConfigError(f"{path or 'config'}: a {data['kind']!r} config (kind: {data['kind']}), not {expected!r}; "
+                          f"run it with `sftrl-jax {data['kind']}`")
+    return from_dict(cls, data)
+
+
+def config_kind(path: str | os.PathLike) -> str | None:
+    """The ``kind:`` a config file (or its base) declares, or None."""
+    kind = read_yaml(path).get("kind")
+    return kind if isinstance(kind, str) else None
 
 
 def to_dict(obj) -> dict:
@@ -279,6 +327,61 @@ class ModelOptions:
 
 
 @dataclasses.dataclass
+class SamplingOptions:
+    """How the one sampler generates: RL rollouts, evaluation and the pipeline's probe."""
+
+    n: int = 1  # samples per prompt (RL: the group size)
+    max_new_tokens: int = 8192
+    temperature: float = 0.6  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None: train.seed for RL rollouts, 0 for evaluation and the probe
+    batch_size: int = 64  # prompts per compiled generation batch
+
+    _ranges = {"n": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0",
+               "seed": ">= 0", "batch_size": ">= 1"}
+
+
+@dataclasses.dataclass
+class RewardOptions:
+    """The math-verify grader (``sftrl_jax.rewards``): RL rewards, evaluation scores and the probe."""
+
+    require_think: bool = False  # grade only after </think>; no </think> scores 0
+    timeout_s: float = 10.0  # hard per-response limit (the worker is killed)
+    num_workers: int | None = None  # grading processes (default: CPU count)
+
+    _ranges = {"timeout_s": "> 0", "num_workers": ">= 1"}
+
+
+@dataclasses.dataclass
+class LoggingOptions:
+    """Where the training loop's metrics go (``sftrl_jax.training.loop``)."""
+
+    log_every: int = 1  # steps between metric records (evaluations and probes are always recorded)
+    # jsonl: output_dir/metrics.jsonl; plots: PNG curves at the end; tensorboard: event files in
+    # output_dir/tensorboard (extra: tensorboard); wandb: Weights & Biases (extra: wandb)
+    sinks: list[Literal["jsonl", "plots", "tensorboard", "wandb"]] = dataclasses.field(
+        default_factory=lambda: ["jsonl", "plots"])
+    wandb_project: str = "sftrl-jax"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline needs no network (`wandb sync` later)
+    progress: bool = True  # a progress bar on process 0
+
+    _ranges = {"log_every": ">= 1"}
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """The training loop's length, seed and micro-batch (SFT and RL)."""
+
+    max_steps: int | None = None  # default: num_epochs over the data
+    num_epochs: int = 1
+    seed: int = 42
+    micro_batch_size: int = 1  # sequences per data-parallel shard per micro-step
+
+    _ranges = {"max_steps": ">= 1", "num_epochs": ">= 1", "seed": ">= 0", "micro_batch_size": ">= 1"}
+
+
+@dataclasses.dataclass
 class CheckpointOptions:
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3
@@ -287,31 +390,29 @@ class CheckpointOptions:
     _ranges = {"save_every": ">= 0", "keep_last": ">= 1"}
 
 
-# allowed ranges of the optimizer keys (OptimizerOptions), for the sections that inherit them
-OPTIMIZER_RANGES = {
-    "learning_rate": "> 0", "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": ">= 0",
-    "adam_b1": "[0, 1)", "adam_b2": "[0, 1)", "adam_eps": "> 0", "max_grad_norm": ">= 0",
-}
-
-
-def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+def describe(cls, prefix: str = "", instance=None) -> list[tuple[str, str, str]]:
     """``(dotted key, type, default)`` for every key of config class ``cls`` (for docs and ``--help``);
-    the type names the allowed range where there is one."""
+    the type names the allowed range where there is one. Defaults are those of ``instance`` when given
+    (a section whose defaults the enclosing config sets, e.g. RL's optimizer)."""
     rows = []
     hints = typing.get_type_hints(cls)
     ranges = ranges_of(cls)
     for field in dataclasses.fields(cls):
         key = f"{prefix}{field.name}"
         tp = hints[field.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key + "."))
-            continue
-        if field.default is not dataclasses.MISSING:
+        if instance is not None:
+            default = repr(getattr(instance, field.name))
+        elif field.default is not dataclasses.MISSING:
             default = repr(field.default)
         elif field.default_factory is not dataclasses.MISSING:
             default = repr(field.default_factory())
         else:
             default = "(required)"
+        if dataclasses.is_dataclass(tp):
+            section = getattr(instance, field.name) if instance is not None else (
+                field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+            rows.extend(describe(tp, key + ".", section))
+            continue
         rows.append((key, _describe(tp, ranges.get(field.name)), default))
     return rows
 
@@ -320,3 +421,41 @@ def markdown_table(cls) -> str:
     lines = ["| key | type | default |", "|---|---|---|"]
     lines += [f"| `{k}` | {t.replace('|', '&#124;')} | `{d}` |" for k, t, d in describe(cls)]
     return "\n".join(lines) + "\n"
+
+
+def _default_mesh() -> dict[str, int]:
+    return {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    """What every command's config has: its kind, the model, the device mesh, the processes, the output folder.
+
+    Each command's config (``SFTConfig``, ``RLConfig``, ``EvalConfig``, ``PipelineConfig``) is this
+    plus the shared sections it uses (``optimizer``, ``train``, ``sampling``, ``reward``,
+    ``checkpoint``, ``logging``) and its own (``data``, ``rl``, ``probe``, ``stages``).
+    """
+
+    kind: str = ""  # the command: a file with another kind is refused (each subclass fixes it)
+    model: ModelOptions
+    mesh: dict[str, int] = dataclasses.field(default_factory=_default_mesh)
+    distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
+    output_dir: str = "runs/run"
+
+
+# Settings that were renamed when the configs were composed from shared sections: the old dotted key
+# is refused with its new name.
+_OPTIMIZER_KEYS = ("learning_rate", "lr_schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "adam_b1",
+                   "adam_b2", "adam_eps", "max_grad_norm")
+MOVED_KEYS = {
+    **{f"train.{k}": f"optimizer.{k}" for k in _OPTIMIZER_KEYS},
+    **{f"rl.{k}": f"optimizer.{k}" for k in _OPTIMIZER_KEYS},
+    **{f"rl.{k}": f"train.{k}" for k in ("max_steps", "num_epochs", "seed", "micro_batch_size")},
+    **{f"rl.{k}": f"sampling.{k}" for k in ("max_new_tokens", "temperature", "top_p", "top_k")},
+    "rl.group_size": "sampling.n", "rl.generation_batch_size": "sampling.batch_size",
+    "rl.require_think": "reward.require_think", "rl.reward_timeout_s": "reward.timeout_s",
+    "rl.reward_workers": "reward.num_workers",
+    "train.log_every": "logging.log_every", "rl.log_every": "logging.log_every",
+    **{f"probe.{k}": f"probe.sampling.{k}" for k in ("temperature", "max_new_tokens", "seed")},
+    "probe.require_think": "reward.require_think",
+}

@@ -18,12 +18,13 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from .config import ModelOptions, save_config
+from .config import RewardOptions, RunConfig, SamplingOptions, save_config
 from .data.prompts import PromptDataOptions, PromptItem, load_prompt_items
-from .distributed import DistributedOptions, barrier, initialize, map_rows_across_processes
+from .distributed import barrier, initialize, map_rows_across_processes
 from .metrics import is_writer, read_jsonl
 
 log = logging.getLogger("sftrl_jax.eval")
@@ -31,35 +32,17 @@ log = logging.getLogger("sftrl_jax.eval")
 MATH_BENCHMARKS = ["aime", "aime25", "amc", "math", "minerva", "olympiad_bench"]
 
 
-@dataclasses.dataclass
-class SamplingOptions:
-    temperature: float = 0.6
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 8192
-    n: int = 1  # samples per prompt
-    seed: int = 0
-    batch_size: int = 64  # prompts per compiled generation batch
-
-
-@dataclasses.dataclass
-class RewardOptions:
-    require_think: bool = False  # grade only after </think>; no </think> scores 0
-    timeout_s: float = 10.0
-    num_workers: int | None = None
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    model: ModelOptions
+@dataclasses.dataclass(kw_only=True)
+class EvalConfig(RunConfig):
+    kind: Literal["eval"] = "eval"
     data: PromptDataOptions = dataclasses.field(default_factory=PromptDataOptions)
     sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
     reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
     math_benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(MATH_BENCHMARKS))
     chunk_size: int = 256  # prompts generated and graded between two appends to generations.jsonl
-    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
     output_dir: str = "runs/eval"
+
+    _ranges = {"chunk_size": ">= 1"}
 
 
 @dataclasses.dataclass
@@ -75,23 +58,15 @@ Generator = Callable[[Sequence[PromptItem], int], list[Completion]]
 
 def model_generator(model, tokenizer, sampling: SamplingOptions, *, progress: bool = True) -> Generator:
     """The real generator: the shared sampler, decoded with the tokenizer (EOS not included in the text)."""
-    from .sampling import generate, sampling_layout
+    from .sampling import TextSampler
 
-    model = sampling_layout(model)  # once: every batch decodes from whole (not FSDP-split) weights
-    eos_ids = sorted({tokenizer.eos_token_id, *model.config.eos_token_ids} - {None})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampler = TextSampler(model, tokenizer, sampling, progress=progress)  # decode layout made once
+    seed = sampling.seed if sampling.seed is not None else 0
 
     def run(items: Sequence[PromptItem], n: int) -> list[Completion]:
-        samples = generate(model, [item.prompt_ids for item in items], max_new_tokens=sampling.max_new_tokens,
-                           temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                           eos_token_id=eos_ids, seed=sampling.seed + items[0].prompt_id, n=n,
-                           batch_size=sampling.batch_size, pad_token_id=pad_id, progress=progress)
-        out = []
-        for sample in samples:
-            body = sample.tokens[:-1] if sample.stop_reason == "eos" else sample.tokens
-            out.append(Completion(tokenizer.decode(body, skip_special_tokens=False), len(sample.tokens),
-                                  sample.stop_reason == "length"))
-        return out
+        samples, texts = sampler.sample([item.prompt_ids for item in items], seed=seed + items[0].prompt_id, n=n)
+        return [Completion(text, len(sample.tokens), sample.stop_reason == "length")
+                for sample, text in zip(samples, texts)]
 
     return run
 

@@ -73,6 +73,97 @@ class MetricsWriter:
             f.write(json.dumps(clean) + "\n")
 
 
+class TensorBoardSink:
+    """Scalars as TensorBoard event files in ``directory`` (``tensorboardX``: the ``tensorboard`` extra)."""
+
+    def __init__(self, directory: Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ImportError("logging.sinks has 'tensorboard' but tensorboardX is not installed: "
+                              "pip install 'sftrl-jax[tensorboard]'") from None
+        self.writer = SummaryWriter(str(directory))
+
+    def write(self, record: dict) -> None:
+        for key, value in _scalars(record):
+            self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Weights & Biases run (``wandb``: the ``wandb`` extra); ``mode="offline"`` writes it under
+    ``directory/wandb`` without a network (``wandb sync`` uploads it later)."""
+
+    def __init__(self, directory: Path, *, project: str, mode: str, name: str, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("logging.sinks has 'wandb' but wandb is not installed: pip install 'sftrl-jax[wandb]'") \
+                from None
+        self.run = wandb.init(project=project, mode=mode, dir=str(directory), name=name, config=config,
+                              settings=wandb.Settings(silent=True, console="off"))
+
+    def write(self, record: dict) -> None:
+        self.run.log(dict(_scalars(record)), step=int(record["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _scalars(record: dict):
+    """The finite numeric values of a record, other than the step."""
+    for key, value in record.items():
+        value = value.item() if hasattr(value, "item") else value
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield key, float(value)
+
+
+class MetricSinks:
+    """Every sink ``logging.sinks`` names, written together; process 0 only.
+
+    ``jsonl`` is ``output_dir/metrics.jsonl`` (resume drops records after the restored step);
+    ``plots`` draws ``plot_keys`` into ``output_dir/<plot_name>.png`` when the run ends (from the
+    whole ``metrics.jsonl`` when it is kept, so a resumed run plots every step).
+    """
+
+    def __init__(self, options, out: Path, *, resume_step: int, plot_name: str, plot_keys: Sequence[str],
+                 title: str, config: dict | None = None):
+        self.options, self.out, self.plot_name, self.plot_keys, self.title = options, out, plot_name, plot_keys, title
+        self.records: list[dict] = []
+        self.sinks: list = []
+        if not is_writer():
+            return
+        if "jsonl" in options.sinks:
+            self.sinks.append(MetricsWriter(out / "metrics.jsonl", truncate_after_step=resume_step))
+        if "tensorboard" in options.sinks:
+            self.sinks.append(TensorBoardSink(out / "tensorboard"))
+        if "wandb" in options.sinks:
+            self.sinks.append(WandbSink(out, project=options.wandb_project, mode=options.wandb_mode, name=out.name,
+                                        config=config or {}))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        for sink in self.sinks:
+            sink.write(record)
+
+    def history(self) -> list[dict]:
+        """Every record of the run: ``metrics.jsonl`` when it is kept (earlier sessions of a resumed run too)."""
+        return read_metrics(self.out / "metrics.jsonl") if "jsonl" in self.options.sinks else list(self.records)
+
+    def close(self) -> list[dict]:
+        """Close the sinks, draw the plots; returns :meth:`history`."""
+        for sink in self.sinks:
+            if hasattr(sink, "close"):
+                sink.close()
+        self.sinks = []
+        records = self.history()
+        if "plots" in self.options.sinks:
+            plot_curves(records, self.plot_keys, self.out / f"{self.plot_name}.png", title=self.title)
+        return records
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a ``metrics.jsonl`` (a torn or corrupt line is reported and skipped, see ``read_jsonl``)."""
     return read_jsonl(path)

@@ -28,6 +28,9 @@ class OptimizerOptions:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
 
+    _ranges = {"learning_rate": "> 0", "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": ">= 0",
+               "adam_b1": "[0, 1)", "adam_b2": "[0, 1)", "adam_eps": "> 0", "max_grad_norm": ">= 0"}
+
 
 def make_schedule(options: OptimizerOptions, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 over ``ceil(warmup_ratio * total_steps)`` steps, then the decay."""

@@ -10,7 +10,6 @@ the reward). The pipeline writes ``metrics.jsonl`` (all stages on one global ste
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -22,19 +21,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .config import ConfigError, ModelOptions, from_dict, save_config
+from .config import (ConfigError, LoggingOptions, RewardOptions, RunConfig, SamplingOptions, deep_merge, from_dict,
+                     save_config)
 from .data.prompts import PromptDataOptions, load_prompt_items
 from .data.sft import SFTDataOptions, tokenize_sft
 from .data.sources import load_rows
-from .distributed import DistributedOptions, initialize
+from .distributed import initialize
 from .metrics import is_writer, plot_curves, read_metrics
 from .models import load_tokenizer
 from .rl import RLConfig, run_rl
-from .sampling import generate, sampling_layout
-from .sft import SFTConfig, run_sft
+from .sampling import TextSampler
+from .sft import SFTConfig, heldout_loss, run_sft
 from .sft.step import make_eval_step
-from .sft.trainer import heldout_loss
-from .sharding import make_mesh, named_sharding
+from .sharding import data_parallel_size, make_mesh, rows_sharding
 
 log = logging.getLogger("sftrl_jax.pipeline")
 
@@ -48,36 +47,49 @@ class ProbeOptions:
     prompt_files: list[str] = dataclasses.field(default_factory=list)  # held-out prompts with ground truths
     prompt_limit: int = 128
     max_prompt_length: int = 1024
-    temperature: float = 0.0  # 0 = greedy
-    max_new_tokens: int = 1024
-    require_think: bool = False
-    seed: int = 0
+    sampling: SamplingOptions = dataclasses.field(default_factory=lambda: SamplingOptions(temperature=0.0,
+                                                                                         max_new_tokens=1024))
+
+    _ranges = {"every": ">= 1", "sft_limit": ">= 1", "max_length": ">= 2", "prompt_limit": ">= 1",
+               "max_prompt_length": ">= 1"}
 
 
 @dataclasses.dataclass
 class StageSpec:
     kind: Literal["sft", "rl"]
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # merged over the sft/rl section
+    # sections of an SFT or RL config (data, optimizer, train, sampling, rl, checkpoint), merged over
+    # the pipeline's ``sft`` / ``rl`` base settings; checked when the pipeline config is loaded
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass
-class PipelineConfig:
-    model: ModelOptions
+# set once for the whole pipeline (the model path comes from the previous stage)
+PIPELINE_SECTIONS = ("model", "mesh", "distributed", "output_dir", "reward", "logging", "kind")
+
+
+@dataclasses.dataclass(kw_only=True)
+class PipelineConfig(RunConfig):
+    kind: Literal["pipeline"] = "pipeline"
     stages: list[StageSpec]
     sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # base settings of every SFT stage
     rl: dict[str, Any] = dataclasses.field(default_factory=dict)  # base settings of every RL stage
     probe: ProbeOptions = dataclasses.field(default_factory=ProbeOptions)
-    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
+    reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)  # RL stages and the probe
+    logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)  # every stage
     output_dir: str = "runs/pipeline"
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ConfigError("stages: the pipeline has no stages")
+        for index in range(len(self.stages)):  # each stage's settings are a valid SFT/RL config
+            stage_config(self, index, self.model.path)
 
 
 class CrossStageProbe:
     """Held-out SFT loss and held-out reward of the current parameters."""
 
-    def __init__(self, options: ProbeOptions, *, tokenizer, mesh, reward_fn=None):
-        self.options, self.every, self.tokenizer, self.mesh = options, max(options.every, 1), tokenizer, mesh
-        self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    def __init__(self, options: ProbeOptions, *, tokenizer, mesh, reward: RewardOptions, reward_fn=None):
+        self.options, self.every, self.tokenizer, self.mesh = options, options.every, tokenizer, mesh
+        self.shards = data_parallel_size(mesh)
         self.examples = []
         if options.sft_files:
             examples, _ = tokenize_sft(load_rows(options.sft_files, split="test"), tokenizer,
@@ -88,7 +100,7 @@ class CrossStageProbe:
             items, _ = load_prompt_items(PromptDataOptions(files=options.prompt_files,
                                                            max_prompt_length=options.max_prompt_length), tokenizer)
             self.items = items[:options.prompt_limit]
-        self.reward_fn = reward_fn
+        self.reward, self.reward_fn = reward, reward_fn
         self._pool = None  # one grading pool for every measurement (workers are slow to start)
         self._eval_steps: dict = {}
 
@@ -99,15 +111,11 @@ class CrossStageProbe:
                 self._eval_steps[graphdef] = jax.jit(make_eval_step(graphdef))
             out["probe_sft_loss"] = heldout_loss(self._eval_steps[graphdef], params, self.examples,
                                                  rows=self.shards * 4, max_length=self.options.max_length,
-                                                 sharding=named_sharding(("batch", "length"), self.mesh))
+                                                 sharding=rows_sharding(self.mesh, 2))
         if self.items:
-            model = sampling_layout(nnx.merge(graphdef, params))  # once per measurement (decode layout)
-            eos = sorted({self.tokenizer.eos_token_id, *model.config.eos_token_ids} - {None})
-            samples = generate(model, [it.prompt_ids for it in self.items], max_new_tokens=self.options.max_new_tokens,
-                               temperature=self.options.temperature, eos_token_id=eos, seed=self.options.seed,
-                               pad_token_id=self.tokenizer.pad_token_id or 0)
-            bodies = [s.tokens[:-1] if s.stop_reason == "eos" else s.tokens for s in samples]
-            texts = self.tokenizer.batch_decode(bodies, skip_special_tokens=False)
+            sampler = TextSampler(nnx.merge(graphdef, params), self.tokenizer, self.options.sampling)
+            seed = self.options.sampling.seed if self.options.sampling.seed is not None else 0
+            samples, texts = sampler.sample([it.prompt_ids for it in self.items], seed=seed)
             truths = [it.ground_truth for it in self.items]
             if self.reward_fn is not None:
                 scores = self.reward_fn(texts, truths, [s.tokens for s in samples])
@@ -115,8 +123,8 @@ class CrossStageProbe:
                 if self._pool is None:
                     from .rewards import RewardPool
 
-                    self._pool = RewardPool(timeout_s=10.0)
-                scores = self._pool.score_batch(texts, truths, require_think=self.options.require_think).scores
+                    self._pool = RewardPool(num_workers=self.reward.num_workers, timeout_s=self.reward.timeout_s)
+                scores = self._pool.score_batch(texts, truths, require_think=self.reward.require_think).scores
             out["probe_reward"] = float(np.mean(scores))
         return out
 
@@ -126,26 +134,24 @@ class CrossStageProbe:
             self._pool = None
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def stage_config(config: PipelineConfig, index: int, model_path: str):
     """The full SFTConfig / RLConfig of stage ``index`` (errors name the stage)."""
     stage = config.stages[index]
-    base = config.sft if stage.kind == "sft" else config.rl
-    merged = _merge(base, stage.settings)
-    merged["model"] = _merge(dataclasses.asdict(config.model), {**merged.get("model", {}), "path": model_path})
-    merged["mesh"] = config.mesh
-    merged["distributed"] = dataclasses.asdict(config.distributed)
-    merged["output_dir"] = str(stage_dir(config, index))
+    merged = deep_merge(config.sft if stage.kind == "sft" else config.rl, stage.settings)
+    label = f"stage {index + 1} ({stage.kind})"
+    for key in PIPELINE_SECTIONS:
+        if key in merged:
+            raise ConfigError(f"{label}: {key!r} is set once for the whole pipeline (top level of the pipeline "
+                              "config), not per stage")
+    merged.update(kind=stage.kind, model={**dataclasses.asdict(config.model), "path": model_path}, mesh=config.mesh,
+                  distributed=dataclasses.asdict(config.distributed), output_dir=str(stage_dir(config, index)),
+                  logging=dataclasses.asdict(config.logging))
+    if stage.kind == "rl":
+        merged["reward"] = dataclasses.asdict(config.reward)
     try:
         return from_dict(SFTConfig if stage.kind == "sft" else RLConfig, merged)
     except ConfigError as err:
-        raise ConfigError(f"stage {index + 1} ({stage.kind}): {err}") from None
+        raise ConfigError(f"{label}: {err}") from None
 
 
 def stage_dir(config: PipelineConfig, index: int) -> Path:
@@ -155,8 +161,6 @@ def stage_dir(config: PipelineConfig, index: int) -> Path:
 def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool = True, reward_fn=None,
                  on_step: Callable[[int, int, dict], None] | None = None) -> dict:
     """Run the stages in order; with ``resume``, skip finished stages and continue inside the unfinished one."""
-    if not config.stages:
-        raise ConfigError("stages: the pipeline has no stages")
     initialize(config.distributed)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,11 +170,9 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool
     done = json.loads(state_file.read_text())["completed"] if (resume and state_file.exists()) else []
     if not resume and state_file.exists():
         raise FileExistsError(f"{out} holds an earlier pipeline run; pass --resume or choose a new output_dir")
-    for index in range(len(config.stages)):  # validate every stage before running any
-        stage_config(config, index, config.model.path)
-
     tokenizer = load_tokenizer(config.model.path)
-    probe = CrossStageProbe(config.probe, tokenizer=tokenizer, mesh=make_mesh(config.mesh), reward_fn=reward_fn)
+    probe = CrossStageProbe(config.probe, tokenizer=tokenizer, mesh=make_mesh(config.mesh), reward=config.reward,
+                            reward_fn=reward_fn)
     model_path = config.model.path
     try:
         for index, stage in enumerate(config.stages):

@@ -24,7 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .data.batching import bucket_length
-from .models.decoder import Decoder, init_cache
+from .models.decoder import Decoder, KVCache, init_cache
 from .models.hf_io import param_shardings
 from .sharding import named_sharding, place, sampling_rules, to_host
 
@@ -74,12 +74,42 @@ def _pick(logits, key, temperature, top_k, top_p):
     return token.astype(jnp.int32), logprob
 
 
+def split_layer_weights(model: Decoder) -> list[dict]:
+    """Each layer's weights as separate arrays (a copy of the layer stack), for :func:`decode_split`.
+
+    XLA:CPU copies a layer's weights out of the ``[layers, ...]`` stack every time a step slices
+    them (it does not fuse the slice into the dot); in a decode loop that is every token. Slicing
+    once before the loop removes those copies at the price of a second copy of the layer weights
+    while the loop runs (``docs/design.md``, "Stacked layers and `lax.scan`"). GPU and TPU fuse
+    the slice into the matmul, so they decode from the stack (:meth:`Decoder.decode`).
+    """
+    arrays = model.layers.arrays()
+    split = [{name: value[i] for name, value in arrays.items()} for i in range(model.config.num_layers)]
+    # the barrier keeps XLA from sinking the slices back into the loop that uses them
+    return jax.lax.optimization_barrier(split)
+
+
+def decode_split(model: Decoder, tokens, cache: KVCache, layer_weights: list[dict]) -> tuple[jax.Array, KVCache]:
+    """:meth:`Decoder.decode` from per-layer weights (:func:`split_layer_weights`) and a split cache
+    (:meth:`KVCache.split`), the layers in a Python loop: the same numbers, nothing sliced from a stack."""
+    ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
+    x, layer, cache_valid = model.layer_inputs(tokens[:, None], attention_mask=ones, cache=cache)
+    cache_k, cache_v = [], []
+    for w, layer_k, layer_v in zip(layer_weights, cache.k, cache.v):
+        x, (layer_k, layer_v) = layer(x, w, cache_kv=(layer_k, layer_v, None))
+        x = model.constrain(x)
+        cache_k.append(layer_k)
+        cache_v.append(layer_v)
+    cache = KVCache(k=tuple(cache_k), v=tuple(cache_v), valid=cache_valid, index=cache.index + 1)
+    return model.logits(model.final_hidden(x))[:, 0], cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "eos_ids", "pad_id", "cache_dtype", "split_layers"))
 def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, max_new_tokens, temperature,
                     top_k, top_p, eos_ids, pad_id, cache_dtype, split_layers):
     model = nnx.merge(graphdef, params)
-    layer_weights = model.split_layer_weights() if split_layers else None  # once, outside the decode loop
+    layer_weights = split_layer_weights(model) if split_layers else None  # once, outside the decode loop
     rows, prompt_len = prompt_ids.shape
     cache = init_cache(model.config, rows, prompt_len + max_new_tokens, cache_dtype)
     logits, cache = model.prefill(prompt_ids, prompt_mask, cache)
@@ -102,7 +132,10 @@ def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, 
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
-        logits, cache = model.decode(token, cache, layer_weights)
+        if split_layers:
+            logits, cache = decode_split(model, token, cache, layer_weights)
+        else:
+            logits, cache = model.decode(token, cache)
         return step + 1, logits, cache, done, tokens, logprobs
 
     carry = (jnp.zeros((), jnp.int32), logits, cache, ~live,
@@ -166,7 +199,7 @@ def generate(
     ``i * n + j``. ``temperature=0`` is greedy. ``batch_size`` is the number of prompts per
     compiled batch (rounded to a power of two and to the data-parallel size).
     ``split_layer_weights`` decodes from per-layer copies of the layer weights made once per batch
-    (:meth:`Decoder.split_layer_weights`; same tokens and log-probs, one extra copy of the layer
+    (:func:`split_layer_weights`; same tokens and log-probs, one extra copy of the layer
     weights in memory); default: on a CPU mesh only, where slicing the stacked weights copies
     them on every decode step. GPU and TPU fuse that slice into the matmul.
     """
@@ -213,3 +246,35 @@ def generate(
                                   logprobs=logprobs[row, :end].tolist(),
                                   stop_reason="eos" if hits.size else "length"))
     return samples
+
+
+def stop_token_ids(tokenizer, model_config) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS and the model config's ``eos_token_id`` list."""
+    return sorted({tokenizer.eos_token_id, *model_config.eos_token_ids} - {None})
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+class TextSampler:
+    """The sampler as RL rollouts, evaluation and the pipeline's probe use it: a model in its decode
+    layout (made once, :func:`sampling_layout`), the stop and pad ids, and responses decoded to text
+    (the stop token left out) with ``options`` (:class:`sftrl_jax.config.SamplingOptions`)."""
+
+    def __init__(self, model: Decoder, tokenizer, options, *, progress: bool = False):
+        self.model = sampling_layout(model)
+        self.tokenizer, self.options, self.progress = tokenizer, options, progress
+        self.stop_ids = stop_token_ids(tokenizer, model.config)
+        self.pad_id = pad_token_id(tokenizer)
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], *, seed: int, n: int | None = None
+               ) -> tuple[list[Sample], list[str]]:
+        """``n`` (default ``options.n``) samples per prompt, prompt-major, and their texts."""
+        o = self.options
+        samples = generate(self.model, prompt_ids, max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+                           top_p=o.top_p, top_k=o.top_k, eos_token_id=self.stop_ids, seed=seed,
+                           n=o.n if n is None else n, batch_size=o.batch_size, pad_token_id=self.pad_id,
+                           progress=self.progress)
+        bodies = [s.tokens[:-1] if s.stop_reason == "eos" else s.tokens for s in samples]
+        return samples, self.tokenizer.batch_decode(bodies, skip_special_tokens=False)

@@ -126,6 +126,23 @@ def named_sharding(
     return NamedSharding(mesh, logical_to_pspec(logical_axes, mesh, rules, shape))
 
 
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """How many data-parallel shards a batch is split into: the size of the mesh axes ``batch`` maps to."""
+    target = dict(rules).get("batch")
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    return math.prod(mesh.shape.get(axis, 1) for axis in axes)
+
+
+def micro_batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """A ``[micro_steps, rows, ...]`` training batch: rows split over the data-parallel shards."""
+    return named_sharding((None, "batch") + (None,) * (ndim - 2), mesh, rules)
+
+
+def rows_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """A ``[rows, ...]`` batch (evaluation, generation): rows split over the data-parallel shards."""
+    return named_sharding(("batch",) + (None,) * (ndim - 1), mesh, rules)
+
+
 def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Put a host array on devices with ``sharding``; each process supplies only its own shards."""
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

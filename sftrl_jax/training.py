@@ -1,8 +1,20 @@
-"""What the SFT and RL trainers share: run folder, train state, checkpoint/resume, NaN stop, export."""
+"""The one training loop, and what it is built from: train state, checkpoints and resume, NaN stop, export.
+
+An algorithm (SFT, GRPO, ...) is a :class:`Algorithm`: it loads its data, builds its jitted
+step, and runs one optimizer step's worth of work (``train_step``); :func:`run_loop` owns the rest
+-- the output folder, the mesh, the model and optimizer state, checkpoints and exact resume,
+metrics to the sinks ``logging.sinks`` names, the progress bar, hooks (held-out evaluation, the
+pipeline's cross-stage probe, a caller's ``on_step``), the NaN stop, the HF export and the plots.
+"""
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import logging
+import math
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -10,28 +22,21 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from .checkpointing import TrainCheckpointer
-from .config import CheckpointOptions, ModelOptions, save_config
-from .metrics import is_writer
-from .models import load_pretrained
-from .optim import init_opt_state
-from .sharding import shardings_on
+from .config import CheckpointOptions, ModelOptions, save_config, to_dict
+from .distributed import initialize
+from .metrics import MetricSinks, is_writer
+from .models import load_pretrained, load_tokenizer, save_pretrained
+from .optim import init_opt_state, make_optimizer
+from .sharding import data_parallel_size, make_mesh, shardings_on
 
 log = logging.getLogger("sftrl_jax.training")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient became NaN/Inf; the run stopped and kept its last good checkpoint."""
-
-
-def prepare_output(config) -> Path:
-    """Create ``config.output_dir`` and save the resolved config next to the run."""
-    out = Path(config.output_dir)
-    if is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    return out
 
 
 def init_train_state(model_options: ModelOptions, mesh, optimizer):
@@ -100,3 +105,188 @@ def stop_on_nonfinite(step: int, detail: str, checkpointer: TrainCheckpointer):
     good = checkpointer.latest_step()
     raise NonFiniteLossError(f"non-finite loss/grad norm at step {step} ({detail}); stopped. Last good checkpoint: "
                              + (f"step {good} in {checkpointer.directory}" if good is not None else "none"))
+
+
+@dataclasses.dataclass
+class LoopContext:
+    """What the loop has set up, for the algorithm's ``setup`` and ``build`` (filled in that order)."""
+
+    config: object  # the command's config (SFTConfig, RLConfig, ...)
+    out: Path
+    mesh: object
+    shards: int  # data-parallel shards (:func:`sftrl_jax.sharding.data_parallel_size`)
+    tokenizer: object
+    optimizer: optax.GradientTransformation | None = None
+    schedule: Callable | None = None
+    graphdef: object = None
+    model_config: object = None
+    state_shardings: dict | None = None
+
+
+class Algorithm(abc.ABC):
+    """One training algorithm as the loop sees it. Subclasses: ``sft.SFTAlgorithm``, ``rl.GRPOAlgorithm``."""
+
+    name: str = "train"  # progress bar label
+    plot_name: str = "train"  # output_dir/<plot_name>.png
+    plot_title: str = ""
+    plot_keys: Sequence[str] = ()
+    finite_keys: Sequence[str] = ("loss", "grad_norm")  # a NaN/Inf in any of these stops the run
+    postfix_keys: Sequence[str] = ("loss",)  # shown on the progress bar
+    total_steps: int = 0  # optimizer steps of the run; set by ``setup``
+
+    @abc.abstractmethod
+    def setup(self, ctx: LoopContext) -> int:
+        """Load the data, set ``total_steps``; return how many optimizer updates the lr schedule spans."""
+
+    @abc.abstractmethod
+    def build(self, ctx: LoopContext, state: dict) -> None:
+        """Build the jitted step(s) for ``ctx.graphdef`` / ``ctx.state_shardings`` (``state``: the
+        starting state, before any restore)."""
+
+    @abc.abstractmethod
+    def train_step(self, state: dict, step: int) -> tuple[dict, dict]:
+        """Run step ``step + 1`` (``step`` finished so far): ``(new state, metrics as plain floats)``."""
+
+    def hooks(self) -> list[Hook]:
+        """The algorithm's own hooks (e.g. SFT's periodic held-out loss), run before the caller's."""
+        return []
+
+    def state_dict(self) -> dict:
+        """What besides the train state a checkpoint needs to resume exactly (data position, counters)."""
+        return {}
+
+    def load_state_dict(self, meta: dict) -> None:
+        """Restore from a checkpoint's meta (what :meth:`state_dict` returned)."""
+
+    def finish(self, state: dict, step: int) -> dict | None:
+        """Measurements after the last step (e.g. the final held-out loss), recorded at ``step``."""
+        return None
+
+    def close(self) -> None:
+        """Release what the algorithm opened (grading workers, ...)."""
+
+
+@dataclasses.dataclass
+class Hook:
+    """``fn(graphdef, params, step) -> metrics`` every ``every`` steps, at the last step when ``at_end``,
+    and before the first when ``at_start``; its metrics join that step's record (which is always
+    written, whatever ``logging.log_every``)."""
+
+    fn: Callable[[object, dict, int], dict | None]
+    every: int = 0  # 0: only at the start / end
+    at_start: bool = False
+    at_end: bool = False
+
+    def due(self, step: int, total: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or (self.at_end and step == total)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    params: dict
+    metrics: list[dict]
+
+
+def probe_hook(probe) -> Hook:
+    """The pipeline's cross-stage probe (``measure(graphdef, params)``) as a hook: at the start, every
+    ``probe.every`` steps and at the end."""
+    return Hook(lambda graphdef, params, _step: probe.measure(graphdef, params), every=probe.every,
+                at_start=True, at_end=True)
+
+
+def run_loop(config, algorithm: Algorithm, *, resume: bool = False, hooks: Sequence[Hook] = (),
+             on_step: Callable[[int, dict], None] | None = None, progress: bool | None = None) -> TrainResult:
+    """Train ``algorithm`` as ``config`` says (or with ``resume`` continue the run in ``config.output_dir``).
+
+    ``on_step(step, record)`` runs after every step with that step's metrics; ``progress`` overrides
+    ``logging.progress`` (the progress bar).
+    """
+    if progress is not None:
+        config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, progress=progress))
+    initialize(config.distributed)
+    mesh = make_mesh(config.mesh)
+    ctx = LoopContext(config=config, out=Path(config.output_dir), mesh=mesh, shards=data_parallel_size(mesh),
+                      tokenizer=load_tokenizer(config.model.path))
+    _log_layout(ctx)
+    updates = algorithm.setup(ctx)
+    ctx.optimizer, ctx.schedule = make_optimizer(config.optimizer, updates)
+    ctx.graphdef, ctx.model_config, state, ctx.state_shardings = init_train_state(config.model, mesh, ctx.optimizer)
+    algorithm.build(ctx, state)
+    hooks = [*algorithm.hooks(), *hooks]
+    if is_writer():
+        ctx.out.mkdir(parents=True, exist_ok=True)
+    checkpointer, state, meta = open_checkpoints(ctx.out, config.checkpoint, state, resume=resume)
+    if is_writer():  # the run's record, written once the folder is known to be this run's
+        save_config(config, ctx.out / "config.yaml")
+    start = 0
+    if meta is not None:
+        algorithm.load_state_dict(meta)
+        start = int(meta["step"])
+    sinks = MetricSinks(config.logging, ctx.out, resume_step=start, plot_name=algorithm.plot_name,
+                        plot_keys=algorithm.plot_keys, title=algorithm.plot_title, config=to_dict(config))
+    try:
+        state, step = _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step)
+    finally:
+        checkpointer.close()
+        algorithm.close()
+    final_dir = ctx.out / "final"
+    save_pretrained(nnx.merge(ctx.graphdef, state["params"]), final_dir, tokenizer_dir=config.model.path)
+    records = sinks.close()
+    log.info("done: %d steps; final model in %s", step, final_dir)
+    return TrainResult(output_dir=ctx.out, final_dir=final_dir, steps=step, params=state["params"], metrics=records)
+
+
+def _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step):
+    """The loop proper: steps ``start + 1 .. total``, each measured, recorded, checkpointed."""
+    total, logging_options = algorithm.total_steps, ctx.config.logging
+    if start == 0:
+        first = {}
+        for hook in hooks:
+            if hook.at_start:
+                first.update(hook.fn(ctx.graphdef, state["params"], 0) or {})
+        if first:
+            sinks.write({"step": 0, **first})
+    bar = tqdm(total=total, initial=start, desc=algorithm.name, dynamic_ncols=True,
+               disable=not (logging_options.progress and is_writer()))
+    step = start
+    try:
+        while step < total:
+            tick = time.perf_counter()
+            state, metrics = algorithm.train_step(state, step)
+            step += 1
+            bad = {k: metrics[k] for k in algorithm.finite_keys if k in metrics and not math.isfinite(metrics[k])}
+            if bad:
+                stop_on_nonfinite(step, ", ".join(f"{k}={metrics[k]}" for k in algorithm.finite_keys if k in metrics),
+                                  checkpointer)
+            record = {"step": step, **metrics}
+            record.setdefault("seconds", time.perf_counter() - tick)
+            due = [hook for hook in hooks if hook.due(step, total)]
+            for hook in due:
+                record.update(hook.fn(ctx.graphdef, state["params"], step) or {})
+            if step % logging_options.log_every == 0 or due:
+                sinks.write(record)
+            checkpointer.save(step, state, {"step": step, **algorithm.state_dict()}, force=step == total)
+            bar.update(1)
+            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in algorithm.postfix_keys if k in metrics})
+            if on_step is not None:
+                on_step(step, record)
+        final = algorithm.finish(state, step)
+        if final:
+            sinks.write({"step": step, **final})
+    finally:
+        bar.close()
+    return state, step
+
+
+def _log_layout(ctx: LoopContext) -> None:
+    """Log, once at start-up, the devices and the choices made from them (attention, decode path)."""
+    from .models.attention import resolve_attention
+
+    platform = ctx.mesh.devices.flat[0].platform
+    model = ctx.config.model
+    log.info("devices: %d x %s, mesh %s, %d data-parallel shards; attention %s (model.attention=%s)",
+             ctx.mesh.size, platform, dict(ctx.mesh.shape), ctx.shards,
+             resolve_attention(model.attention, platform), model.attention)

@@ -44,11 +44,11 @@ def run(root: Path, model_dir: Path, data: Path, prompts: Path) -> dict[str, dic
         "checkpoint.save_every=2", f"mesh={SFT_MESH}"]), progress=False)
     rl = run_rl(load_config(RLConfig, overrides=[
         f"model.path={sft.final_dir}", f"data.files=[{prompts}]", f"output_dir={root / 'rl'}",
-        "rl.prompts_per_step=4", "rl.group_size=4", "rl.mini_batches_per_step=2", "rl.micro_batch_size=1",
-        "rl.max_new_tokens=6", "rl.max_steps=1", "rl.learning_rate=1e-2", "rl.seed=0",
+        "rl.prompts_per_step=4", "sampling.n=4", "rl.mini_batches_per_step=2", "train.micro_batch_size=1",
+        "sampling.max_new_tokens=6", "train.max_steps=1", "optimizer.learning_rate=1e-2", "train.seed=0",
         # Adam's first step is ~lr*sign(g) where |g| ~ eps, which turns float32 reduction-order noise
         # into lr-sized differences; a larger eps keeps the update a smooth function of the gradient
-        "rl.adam_eps=1e-3",
+        "optimizer.adam_eps=1e-3",
         "checkpoint.save_every=0"]), reward_fn=even_first_token, progress=False)
     return {"sft": flat(sft.params), "rl": flat(rl.params)}
 

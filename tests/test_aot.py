@@ -128,10 +128,19 @@ def test_mesh_that_does_not_match_the_slice(tiny_model, capsys):
     assert "mesh.fsdp=4" in err
 
 
-def test_config_kind_detection():
+def test_config_kind_detection(tmp_path):
     assert aot.detect_kind(ROOT / "configs/tiny_sft.yaml") == "sft"
     assert aot.detect_kind(ROOT / "configs/tiny_rl.yaml") == "rl"
     assert aot.detect_kind(ROOT / "configs/pipeline_qwen3-0.6b_sft_rl.yaml") == "pipeline"
+    assert aot.detect_kind(ROOT / "configs/tpu/rl_qwen2.5-math-7b_v5p-64.yaml") == "rl"  # sized recipes: kind: rl
+    # the kind: key decides, not the file name; an eval config has nothing to compile
+    (tmp_path / "rl_named.yaml").write_text(f"base: {ROOT / 'configs/tiny_sft.yaml'}\n")
+    assert aot.detect_kind(tmp_path / "rl_named.yaml") == "sft"
+    with pytest.raises(aot.AotError, match="kind 'eval' has nothing to compile"):
+        aot.detect_kind(ROOT / "configs/eval_luffy.yaml")
+    (tmp_path / "no_kind.yaml").write_text("model: {path: /m}\n")
+    with pytest.raises(aot.AotError, match="no 'kind:'"):
+        aot.detect_kind(tmp_path / "no_kind.yaml")
 
 
 def test_an_over_full_tpu_program_is_reported_not_fit():

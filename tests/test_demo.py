@@ -4,11 +4,25 @@ import json
 
 import jax
 import numpy as np
+import pytest
+import render_docs  # scripts/ is on sys.path (conftest)
 
 from sftrl_jax.cli import main
-from sftrl_jax.demo.task import make_problem, make_splits, trace_stats
+from sftrl_jax.experiments.task import make_problem, make_splits, trace_stats
 from sftrl_jax.models import load_pretrained
 from sftrl_jax.rewards import RewardPool
+
+
+def _import_and_render(tmp_path, name: str, report_json) -> str:
+    """A real report.json through scripts/render_docs.py --import-NAME into a scratch page; the page."""
+    root = tmp_path / "docs_copy"
+    (root / "docs").mkdir(parents=True)
+    (root / "README.md").write_text(f"<!-- results:{name}:start -->\n<!-- results:{name}:end -->\n")
+    with pytest.raises(SystemExit, match="set-up check"):  # quick runs stay out of the real README
+        render_docs.main(["--root", str(root), f"--import-{name}", str(report_json)])
+    assert render_docs.main(["--root", str(root), f"--import-{name}", str(report_json), "--allow-quick"]) == 0
+    assert render_docs.main(["--root", str(root), "--check"]) == 0
+    return (root / "README.md").read_text()
 
 
 def test_splits_are_disjoint_and_reference_solutions_score_1():
@@ -70,6 +84,9 @@ def test_demo_quick_runs_end_to_end_and_sft_beats_base(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(report["final_model"])
+    page = _import_and_render(tmp_path, "demo", out / "report.json")
+    assert f"Measured with `sftrl-jax demo --quick --out {out.resolve()}`" in page and "quick mode" in page
+    assert f"| mean | 0.0 % | {100 * report['sft_accuracy']:.1f} % |" in page
 
 
 def test_repro_bugs_quick_writes_the_staircase(tmp_path, capsys):
@@ -91,10 +108,14 @@ def test_repro_bugs_quick_writes_the_staircase(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     bugs = {json.loads(line)["bug"] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert len(bugs) == 4
+    page = _import_and_render(tmp_path, "repro-bugs", out / "report.json")
+    for label in ("| correct |", "| OpenRLHF mean of means |", "| DeepSpeed offload |", "| both bugs |"):
+        assert label in page
+    assert report["findings"][0] in page
 
 
 def test_repro_coupling_quick_writes_the_boundary_table(tmp_path):
-    from sftrl_jax.demo.coupling import run_repro_coupling
+    from sftrl_jax.experiments.repro_coupling import run_repro_coupling
 
     def reward_fn(texts, truths, tokens):  # the grading itself is tested elsewhere; skip the worker pool here
         return [float(t.rsplit("\\boxed{", 1)[-1].split("}")[0] == g) for t, g in zip(texts, truths)]
@@ -110,3 +131,5 @@ def test_repro_coupling_quick_writes_the_boundary_table(tmp_path):
     for name in ("report.md", "cross_stage.png", "boundaries.json", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert "| 2 | RL |" in (out / "report.md").read_text()
+    page = _import_and_render(tmp_path, "repro-coupling", out / "report.json")
+    assert "| 2 | RL |" in page and report["findings"][1] in page

@@ -21,7 +21,7 @@ from sftrl_jax.cli import main
 from sftrl_jax.config import ConfigError, check_range, load_config, ranges_of
 from sftrl_jax.evaluation import Completion, EvalConfig, run_eval
 from sftrl_jax.metrics import MetricsWriter, read_metrics
-from sftrl_jax.pipeline import PipelineConfig, stage_config
+from sftrl_jax.pipeline import PipelineConfig
 from sftrl_jax.rl import RLConfig
 from sftrl_jax.sft import SFTConfig
 
@@ -37,18 +37,18 @@ SFT_BAD = [  # (override, the message's "expected ..." part)
     ("train.global_batch_size=0", "int >= 1, got 0"),
     ("train.global_batch_size=-8", "int >= 1, got -8"),
     ("train.micro_batch_size=0", "int >= 1, got 0"),
-    ("train.learning_rate=0", "float > 0, got 0.0"),
-    ("train.learning_rate=-1e-4", "float > 0, got -0.0001"),
-    ("train.warmup_ratio=1.5", "float in [0, 1], got 1.5"),
-    ("train.min_lr_ratio=-0.1", "float in [0, 1], got -0.1"),
-    ("train.weight_decay=-0.01", "float >= 0, got -0.01"),
-    ("train.adam_b1=1.0", "float in [0, 1), got 1.0"),
-    ("train.adam_b2=.nan", "float in [0, 1), got nan"),
-    ("train.adam_eps=0", "float > 0, got 0.0"),
-    ("train.max_grad_norm=-1", "float >= 0, got -1.0"),
+    ("optimizer.learning_rate=0", "float > 0, got 0.0"),
+    ("optimizer.learning_rate=-1e-4", "float > 0, got -0.0001"),
+    ("optimizer.warmup_ratio=1.5", "float in [0, 1], got 1.5"),
+    ("optimizer.min_lr_ratio=-0.1", "float in [0, 1], got -0.1"),
+    ("optimizer.weight_decay=-0.01", "float >= 0, got -0.01"),
+    ("optimizer.adam_b1=1.0", "float in [0, 1), got 1.0"),
+    ("optimizer.adam_b2=.nan", "float in [0, 1), got nan"),
+    ("optimizer.adam_eps=0", "float > 0, got 0.0"),
+    ("optimizer.max_grad_norm=-1", "float >= 0, got -1.0"),
     ("train.seed=-1", "int >= 0, got -1"),
     ("train.eval_every=-1", "int >= 0, got -1"),
-    ("train.log_every=0", "int >= 1, got 0"),
+    ("logging.log_every=0", "int >= 1, got 0"),
     ("data.max_length=1", "int >= 2, got 1"),
     ("data.eval_fraction=1.0", "float in [0, 1), got 1.0"),
     ("checkpoint.save_every=-1", "int >= 0, got -1"),
@@ -59,18 +59,18 @@ SFT_BAD = [  # (override, the message's "expected ..." part)
 
 RL_BAD = [
     ("rl.prompts_per_step=0", "int >= 1, got 0"),
-    ("rl.group_size=0", "int >= 1, got 0"),
+    ("sampling.n=0", "int >= 1, got 0"),
     ("rl.mini_batches_per_step=0", "int >= 1, got 0"),
     ("rl.ppo_epochs=0", "int >= 1, got 0"),
-    ("rl.micro_batch_size=0", "int >= 1, got 0"),
-    ("rl.max_steps=0", "int >= 1 or null, got 0"),
-    ("rl.num_epochs=0", "int >= 1, got 0"),
-    ("rl.max_new_tokens=0", "int >= 1, got 0"),
-    ("rl.temperature=-0.5", "float >= 0, got -0.5"),
-    ("rl.top_p=0", "float in (0, 1], got 0.0"),
-    ("rl.top_p=1.2", "float in (0, 1], got 1.2"),
-    ("rl.top_k=-1", "int >= 0, got -1"),
-    ("rl.generation_batch_size=0", "int >= 1, got 0"),
+    ("train.micro_batch_size=0", "int >= 1, got 0"),
+    ("train.max_steps=0", "int >= 1 or null, got 0"),
+    ("train.num_epochs=0", "int >= 1, got 0"),
+    ("sampling.max_new_tokens=0", "int >= 1, got 0"),
+    ("sampling.temperature=-0.5", "float >= 0, got -0.5"),
+    ("sampling.top_p=0", "float in (0, 1], got 0.0"),
+    ("sampling.top_p=1.2", "float in (0, 1], got 1.2"),
+    ("sampling.top_k=-1", "int >= 0, got -1"),
+    ("sampling.batch_size=0", "int >= 1, got 0"),
     ("rl.clip_low=-0.2", "float >= 0, got -0.2"),
     ("rl.clip_high=-0.2", "float >= 0, got -0.2"),
     ("rl.clip_c=1.0", "float > 1, got 1.0"),
@@ -80,10 +80,10 @@ RL_BAD = [
     ("rl.max_generation_rounds=0", "int >= 1, got 0"),
     ("rl.overlong_buffer_len=-1", "int >= 0, got -1"),
     ("rl.overlong_penalty_factor=-1", "float >= 0, got -1.0"),
-    ("rl.reward_timeout_s=0", "float > 0, got 0.0"),
-    ("rl.reward_workers=0", "int >= 1 or null, got 0"),
-    ("rl.learning_rate=0", "float > 0, got 0.0"),
-    ("rl.log_every=0", "int >= 1, got 0"),
+    ("reward.timeout_s=0", "float > 0, got 0.0"),
+    ("reward.num_workers=0", "int >= 1 or null, got 0"),
+    ("optimizer.learning_rate=0", "float > 0, got 0.0"),
+    ("logging.log_every=0", "int >= 1, got 0"),
     ("data.max_prompt_length=0", "int >= 1, got 0"),
     ("data.limit_per_benchmark=0", "int >= 1 or null, got 0"),
     ("checkpoint.keep_last=0", "int >= 1, got 0"),
@@ -107,13 +107,13 @@ def test_rl_numeric_settings_are_range_checked_at_load(override, expected):
 
 def test_boundary_values_and_null_are_accepted():
     config = load_config(SFTConfig, TINY_SFT, [
-        "model.path=/m", "train.max_steps=1", "train.max_steps=null", "train.num_epochs=1", "train.warmup_ratio=1",
-        "train.max_grad_norm=0", "train.eval_every=0", "data.eval_fraction=0", "checkpoint.save_every=0",
+        "model.path=/m", "train.max_steps=1", "train.max_steps=null", "train.num_epochs=1", "optimizer.warmup_ratio=1",
+        "optimizer.max_grad_norm=0", "train.eval_every=0", "data.eval_fraction=0", "checkpoint.save_every=0",
         "checkpoint.keep_last=1", "model.logits_chunk_size=0", "model.attention_block_size=1"])
     assert config.train.max_steps is None and config.model.logits_chunk_size == 0
-    config = load_config(RLConfig, overrides=["model.path=/m", "rl.temperature=0", "rl.top_p=1", "rl.top_k=0",
-                                              "rl.clip_low=0", "rl.loss_scale_factor=null", "rl.reward_workers=null"])
-    assert config.rl.temperature == 0.0 and config.rl.top_p == 1.0
+    config = load_config(RLConfig, overrides=["model.path=/m", "sampling.temperature=0", "sampling.top_p=1", "sampling.top_k=0",
+                                              "rl.clip_low=0", "rl.loss_scale_factor=null", "reward.num_workers=null"])
+    assert config.sampling.temperature == 0.0 and config.sampling.top_p == 1.0
 
 
 def _config_classes(cls, seen=None):
@@ -143,7 +143,7 @@ def test_every_range_names_a_field_and_every_default_is_in_range(root):
 def test_cli_prints_one_line_and_exits_2_on_an_out_of_range_setting(capsys, tmp_path):
     out = tmp_path / "never"
     for command, override in [("sft", "train.max_steps=0"), ("sft", "train.global_batch_size=0"),
-                              ("sft", "train.num_epochs=0"), ("rl", "rl.group_size=0"), ("rl", "rl.top_p=0")]:
+                              ("sft", "train.num_epochs=0"), ("rl", "sampling.n=0"), ("rl", "sampling.top_p=0")]:
         code = main([command, "model.path=/nonexistent/model", f"output_dir={out}", override])
         err = capsys.readouterr().err.strip()
         assert code == 2
@@ -152,17 +152,18 @@ def test_cli_prints_one_line_and_exits_2_on_an_out_of_range_setting(capsys, tmp_
         assert not out.exists()  # refused before anything was written (or a model loaded)
 
 
-def test_pipeline_stage_settings_are_range_checked_naming_the_stage():
-    config = load_config(PipelineConfig, overrides=[
-        "model.path=/m", "stages=[{kind: sft, settings: {train: {max_steps: 0}}}]"])
-    with pytest.raises(ConfigError, match=r"stage 1 \(sft\): config key 'train.max_steps': expected int >= 1"):
-        stage_config(config, 0, "/m")
+def test_pipeline_stage_settings_are_checked_when_the_config_loads_naming_the_stage():
+    with pytest.raises(ConfigError, match=r"stage 2 \(sft\): config key 'train.max_steps': expected int >= 1"):
+        load_config(PipelineConfig, overrides=[
+            "model.path=/m", "stages=[{kind: rl}, {kind: sft, settings: {train: {max_steps: 0}}}]"])
+    with pytest.raises(ConfigError, match=r"stage 1 \(rl\): 'reward' is set once for the whole pipeline"):
+        load_config(PipelineConfig, overrides=["model.path=/m", "stages=[{kind: rl, settings: {reward: {}}}]"])
 
 
 def test_config_reference_shows_the_ranges():
     text = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
     assert "| `train.max_steps` | int >= 1 or null | `None` |" in text
-    assert "| `rl.top_p` | float in (0, 1] | `1.0` |" in text
+    assert "| `sampling.top_p` | float in (0, 1] | `1.0` |" in text
 
 
 # ------------------------------------------------------------------------- no supervised tokens
@@ -196,7 +197,7 @@ def test_rl_with_prompts_of_no_tokens_is_an_error_before_training(no_tokenizer_m
     prompts.write_text("".join(json.dumps({"prompt": f"say {i}", "answer": str(i)}) + "\n" for i in range(8)))
     out = root / "rl_out"
     code = main(["rl", "--config", str(CONFIGS / "tiny_rl.yaml"), f"model.path={model_dir}",
-                 f"data.files=[{prompts}]", f"output_dir={out}", "rl.max_steps=1", "rl.prompts_per_step=2"])
+                 f"data.files=[{prompts}]", f"output_dir={out}", "train.max_steps=1", "rl.prompts_per_step=2"])
     err = capsys.readouterr().err
     assert code == 2
     assert "no tokens" in err and str(prompts) in err and str(model_dir) in err

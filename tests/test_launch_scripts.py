@@ -8,12 +8,15 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sftrl_jax.cli import build_parser
+from sftrl_jax.config import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TPU = ROOT / "tpu"
@@ -44,7 +47,9 @@ def fakes(tmp_path):
     env_dump = ('printf "%s\\n" "python $*" "NUM=${SFTRL_JAX_NUM_PROCESSES:-} ID=${SFTRL_JAX_PROCESS_ID:-} '
                 'COORD=${SFTRL_JAX_COORDINATOR_ADDRESS:-} LOCAL=${JAX_LOCAL_DEVICE_IDS:-} '
                 'CUDA=${CUDA_VISIBLE_DEVICES:-} MEM=${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" >> ' + shlex.quote(str(log)) + "\n")
-    _write_program(bin_dir / "fake-python", env_dump)
+    # python -c (the launchers reading a config's kind) runs for real; a run is only recorded
+    passthrough = f'if [[ "${{1:-}}" == -c ]]; then exec {shlex.quote(sys.executable)} "$@"; fi\n'
+    _write_program(bin_dir / "fake-python", passthrough + env_dump)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "SLURM_", "SFTRL_JAX_", "CUDA_VISIBLE"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", TMPDIR=str(tmp_path), PYTHON=str(bin_dir / "fake-python"))
     env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
@@ -164,12 +169,16 @@ def test_launch_runs_the_same_command_on_every_worker(fakes):
     mkdir, scp, start = _commands(out.stdout)
     assert all(_flag(c, "--worker") == "all" for c in (mkdir, scp, start))
     assert _flag(mkdir, "--command") == "mkdir -p sftrl_logs/r1 && ln -sfn r1 sftrl_logs/latest"
-    assert scp[5:7] == [TPU_CONFIG, "t1:sftrl_logs/r1/config.yaml"]
+    # the workers get one file: the sized recipe with its base: include merged in
+    resolved = Path(env["TMPDIR"]) / "sftrl_jax-t1-r1.yaml"
+    assert scp[5:7] == [str(resolved), "t1:sftrl_logs/r1/config.yaml"]
+    assert "base" not in yaml.safe_load(resolved.read_text())
+    assert yaml.safe_load(resolved.read_text()) == read_yaml(ROOT / TPU_CONFIG)
     remote = shlex.split(_flag(start, "--command"))
     assert remote[:3] == ["cd", "sftrl_jax", "&&"] and remote[3:6] == ["export", "FOO=a b", "&&"]
     assert remote[6:9] == ["nohup", "python3", "-m"]
     cli = remote[9:remote.index(">")]
-    assert cli[:4] == ["sftrl_jax.cli", "rl", "--config", "$HOME/sftrl_logs/r1/config.yaml"]  # rl from the file name
+    assert cli[:4] == ["sftrl_jax.cli", "rl", "--config", "$HOME/sftrl_logs/r1/config.yaml"]  # its kind: rl
     args = build_parser().parse_args(cli[1:])  # the real CLI accepts the command line
     assert args.command == "rl" and args.resume
     assert args.overrides == ["model.path=/models/Qwen2.5-Math-7B", "output_dir=/mnt/gcs/runs/my run"]
@@ -190,6 +199,74 @@ def test_launch_foreground_and_errors(fakes):
     assert bad.returncode == 2
     bad = _run(TPU / "launch.sh", "--dry-run", "--config", TPU_CONFIG, "stray", env=env, check=False)
     assert bad.returncode == 2 and "unknown argument 'stray'" in bad.stderr
+
+
+def _kind_configs(tmp_path) -> dict[str, Path]:
+    """Configs whose names say nothing (or the wrong thing) about their kind: only `kind:` does."""
+    folder = tmp_path / "cfgs"
+    (folder / "sized").mkdir(parents=True)
+    files = {
+        "plain": folder / "experiment.yaml",  # no prefix at all
+        "misnamed": folder / "rl_but_really_sft.yaml",  # a prefix that is not its kind
+        "sized": folder / "sized" / "big.yaml",  # its kind comes from its base
+        "kindless": folder / "rl_no_kind.yaml",
+    }
+    files["plain"].write_text("kind: pipeline\nmodel: {path: /m}\n")
+    files["misnamed"].write_text("kind: sft\nmodel: {path: /m}\n")
+    files["sized"].write_text(f"base: {ROOT / 'configs/tiny_rl.yaml'}\nmesh: {{fsdp: 4}}\n")
+    files["kindless"].write_text("model: {path: /m}\n")
+    return files
+
+
+def test_launchers_take_the_command_from_the_configs_kind(fakes, tmp_path):
+    env, log = fakes
+    files = _kind_configs(tmp_path)
+    slurm = dict(env, SLURM_JOB_NODELIST="gpu-a01", SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS="1")
+    for name, kind in [("plain", "pipeline"), ("misnamed", "sft"), ("sized", "rl")]:
+        config = str(files[name])
+        (words,) = _commands(_run(GPU / "launch_local.sh", "--dry-run", "--config", config, env=env).stdout)
+        assert words[words.index("sftrl_jax.cli") + 1:][:3] == [kind, "--config", config], name
+        srun = _commands(_run(GPU / "slurm_multinode.sbatch", "--dry-run", "--config", config, env=slurm).stdout)[-1]
+        task = shlex.split(srun[srun.index("-c") + 1].split("exec ", 1)[1])
+        assert task[task.index("sftrl_jax.cli") + 1:][:3] == [kind, "--config", config], name
+        start = _commands(_run(TPU / "launch.sh", "--dry-run", "--name", "t1", "--config", config, "--run", name,
+                               env=env).stdout)[-1]
+        assert f"python3 -m sftrl_jax.cli {kind} --config" in _flag(start, "--command"), name
+    assert not log.exists()  # reading the kinds ran no training command
+    # the TPU workers get the sized file's base merged in (its base path would not resolve there)
+    copied = yaml.safe_load((tmp_path / "sftrl_jax-t1-sized.yaml").read_text())
+    assert copied["kind"] == "rl" and copied["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert copied["sampling"] == read_yaml(ROOT / "configs/tiny_rl.yaml")["sampling"]
+    # --cmd still wins on the GPU launchers (and needs no readable file for a dry run)
+    (words,) = _commands(_run(GPU / "launch_local.sh", "--dry-run", "--config", "missing.yaml", "--cmd", "eval",
+                              env=env).stdout)
+    assert words[words.index("sftrl_jax.cli") + 1] == "eval"
+
+
+def test_launchers_refuse_a_config_without_a_kind(fakes, tmp_path):
+    env, log = fakes
+    files = _kind_configs(tmp_path)
+    kindless = str(files["kindless"])
+    for script, extra in [(GPU / "launch_local.sh", []), (TPU / "launch.sh", ["--run", "k"])]:
+        bad = _run(script, "--dry-run", "--config", kindless, *extra, env=env, check=False)
+        assert bad.returncode == 2 and "declares no 'kind:'" in bad.stderr and "--cmd" in bad.stderr, script.name
+    # --cmd names it instead
+    (words,) = _commands(_run(GPU / "launch_local.sh", "--dry-run", "--config", kindless, "--cmd", "rl",
+                              env=env).stdout)
+    assert words[words.index("sftrl_jax.cli") + 1] == "rl"
+    # a TPU run whose --cmd contradicts the file's kind is refused here, not on the workers
+    bad = _run(TPU / "launch.sh", "--dry-run", "--config", str(files["misnamed"]), "--cmd", "rl", "--run", "m",
+               env=env, check=False)
+    assert bad.returncode == 2 and "is a 'sft' config, not 'rl'" in bad.stderr
+    # no config file: nothing to read the kind from
+    bad = _run(GPU / "launch_local.sh", "--dry-run", "--config", "missing.yaml", env=env, check=False)
+    assert bad.returncode == 2 and "config file not found: missing.yaml" in bad.stderr
+    # a broken base: chain is reported, not guessed around
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("base: nowhere.yaml\n")
+    bad = _run(GPU / "launch_local.sh", "--dry-run", "--config", str(broken), env=env, check=False)
+    assert bad.returncode == 2 and "nowhere.yaml" in bad.stderr
+    assert not log.exists()
 
 
 def test_logs_stop_ssh_delete(fakes):

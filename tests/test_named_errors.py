@@ -137,7 +137,7 @@ def test_invalid_json_in_a_model_directory_is_named(hf_checkpoint, tmp_path, cap
 # ------------------------------------------------------------------------------------------ config
 def test_a_duplicate_yaml_key_names_the_key_and_file(tmp_path, capsys):
     path = tmp_path / "sft.yaml"
-    path.write_text("model:\n  path: /m\ntrain:\n  learning_rate: 1.0e-5\n  max_steps: 3\n"
+    path.write_text("model:\n  path: /m\noptimizer:\n  learning_rate: 1.0e-5\n  weight_decay: 0.0\n"
                     "  learning_rate: 1.0e-4\n")
     with pytest.raises(ConfigError, match=rf"{path}: duplicate key 'learning_rate' at line 6 "
                                           r"\(first given at line 4"):
@@ -148,8 +148,8 @@ def test_a_duplicate_yaml_key_names_the_key_and_file(tmp_path, capsys):
 
 def test_yaml_merge_keys_may_still_override(tmp_path):
     path = tmp_path / "sft.yaml"
-    path.write_text("base: &base\n  max_steps: 3\n  learning_rate: 1.0e-5\n"
-                    "model:\n  path: /m\ntrain:\n  <<: *base\n  max_steps: 4\n")
-    with pytest.raises(ConfigError) as info:  # "base" is no section; the merge itself is accepted
+    path.write_text("defaults: &defaults\n  max_steps: 3\n  num_epochs: 2\n"
+                    "model:\n  path: /m\ntrain:\n  <<: *defaults\n  max_steps: 4\n")
+    with pytest.raises(ConfigError) as info:  # "defaults" is no section; the merge itself is accepted
         load_config(SFTConfig, path)
     assert "duplicate" not in str(info.value)

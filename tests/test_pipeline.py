@@ -37,12 +37,13 @@ def _config(workdir, out):
         f"model.path={model_dir}", f"output_dir={root / out}",
         "stages=[{kind: sft}, {kind: rl}, {kind: sft, settings: {train: {max_steps: 2}}}]",
         f"sft={{data: {{train_files: [{root / 'sft.parquet'}], max_length: 256}}, "
-        "train: {global_batch_size: 8, max_steps: 3, learning_rate: 1.0e-3}, checkpoint: {save_every: 1}}",
-        f"rl={{data: {{files: [{root / 'prompts.jsonl'}]}}, rl: {{prompts_per_step: 4, group_size: 2, "
-        "mini_batches_per_step: 1, max_new_tokens: 4, max_steps: 4, learning_rate: 1.0e-2}, "
+        "train: {global_batch_size: 8, max_steps: 3}, optimizer: {learning_rate: 1.0e-3}, "
+        "checkpoint: {save_every: 1}}",
+        f"rl={{data: {{files: [{root / 'prompts.jsonl'}]}}, rl: {{prompts_per_step: 4, mini_batches_per_step: 1}}, "
+        "sampling: {n: 2, max_new_tokens: 4}, train: {max_steps: 4}, optimizer: {learning_rate: 1.0e-2}, "
         "checkpoint: {save_every: 1}}",
         f"probe={{every: 2, sft_files: [{root / 'heldout.parquet'}], max_length: 256, "
-        f"prompt_files: [{root / 'prompts.jsonl'}], prompt_limit: 8, max_new_tokens: 4}}"])
+        f"prompt_files: [{root / 'prompts.jsonl'}], prompt_limit: 8, sampling: {{max_new_tokens: 4}}}}"])
 
 
 def test_sft_rl_sft_pipeline_resumes_inside_the_rl_stage(workdir):

@@ -1,11 +1,14 @@
-"""The real models' config.json files build abstractly with the published parameter counts."""
+"""The real models' config.json files build abstractly with the published parameter counts, and the shipped
+YAML configs (configs/**/*.yaml) declare their kind, load, and compose from their bases."""
 
 import json
 from pathlib import Path
 
 import jax
 import pytest
+import yaml
 
+from sftrl_jax.config import ConfigError
 from sftrl_jax.models import ModelConfig, abstract_model, count_params, param_items
 from sftrl_jax.sharding import make_mesh
 from sftrl_jax.models.hf_io import param_sharding
@@ -43,3 +46,137 @@ def test_7b_parameters_shard_over_fsdp():
     sharding = param_sharding(model.layers.gate_proj, mesh, model.rules)
     assert sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
     assert sharding.shard_shape(model.layers.gate_proj.shape) == (28, 3584 // 8, 18944)
+
+
+# ------------------------------------------------------------------------------- the shipped YAML configs
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(ROOT.glob("configs/**/*.yaml"))
+
+
+def _classes():
+    from sftrl_jax.evaluation import EvalConfig
+    from sftrl_jax.pipeline import PipelineConfig
+    from sftrl_jax.rl import RLConfig
+    from sftrl_jax.sft import SFTConfig
+
+    return {"sft": SFTConfig, "rl": RLConfig, "eval": EvalConfig, "pipeline": PipelineConfig}
+
+
+def _leaves(mapping, prefix=""):
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_configs_are_found():
+    names = {str(p.relative_to(ROOT / "configs")) for p in SHIPPED}
+    assert {"tiny_sft.yaml", "tiny_rl.yaml", "eval_luffy.yaml", "tpu/rl_qwen2.5-math-7b_v5p-64.yaml",
+            "gpu/pipeline_qwen3-0.6b_sft_rl_8xh100.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_shipped_config_declares_its_kind_and_loads_with_that_class(path):
+    from sftrl_jax.config import config_kind, load_config
+
+    kind = config_kind(path)
+    assert kind in ("sft", "rl", "eval", "pipeline"), f"{path}: no kind: (directly or through its base:)"
+    assert yaml.safe_load(path.read_text()).get("kind") == kind  # stated in the file itself, first key
+    first_key = next(line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    assert first_key == f"kind: {kind}"
+    classes = _classes()
+    config = load_config(classes[kind], path, ["model.path=/m"])  # some leave model.path to the command line
+    assert config.kind == kind
+    for other, cls in classes.items():  # the other commands refuse it, naming the right one
+        if other != kind:
+            with pytest.raises(ConfigError, match=f"run it with `sftrl-jax {kind}`"):
+                load_config(cls, path, ["model.path=/m"])
+
+
+SIZED = [p for p in SHIPPED if "base" in yaml.safe_load(p.read_text())]
+
+
+def test_sized_recipes_have_a_base():
+    assert {p.relative_to(ROOT / "configs").parts[0] for p in SIZED} == {"tpu", "gpu"}
+    assert all(p in SIZED for p in SHIPPED if p.parent.name in ("tpu", "gpu"))
+
+
+@pytest.mark.parametrize("path", SIZED, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_sized_recipe_is_its_base_plus_what_it_states(path):
+    from sftrl_jax.config import config_kind, deep_merge, from_dict, load_config, read_yaml
+
+    own = yaml.safe_load(path.read_text())
+    base_path = path.parent / own.pop("base")
+    assert base_path.resolve().parent == (ROOT / "configs").resolve()  # a general config in configs/
+    assert config_kind(base_path) == config_kind(path) == own.pop("kind")
+    base = read_yaml(base_path)
+    # it states only what differs from its base
+    base_leaves = dict(_leaves(base))
+    same = [key for key, value in _leaves(own) if key in base_leaves and base_leaves[key] == value]
+    assert not same, f"{path.name} repeats its base's values: {same}"
+    assert own, "a sized recipe that changes nothing"
+    # and resolves to exactly its base with those settings merged in
+    assert read_yaml(path) == deep_merge(base, own)
+    cls = _classes()[config_kind(path)]
+    expected = from_dict(cls, deep_merge(base, {**own, "model": {"path": "/m"}}))
+    assert load_config(cls, path, ["model.path=/m"]) == expected
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"Base: {base_path.relative_to(path.parent)}" in line for line in header)
+
+
+def test_sized_recipe_resolves_to_base_plus_overrides():
+    from sftrl_jax.config import load_config
+    from sftrl_jax.rl import RLConfig
+
+    sized = load_config(RLConfig, ROOT / "configs/tpu/rl_qwen2.5-math-7b_v5p-64.yaml")
+    base = load_config(RLConfig, ROOT / "configs/rl_qwen2.5-math-7b.yaml", [
+        "train.micro_batch_size=1", "sampling.batch_size=128", "mesh.fsdp=32",
+        "output_dir=runs/rl_qwen2.5-math-7b_v5p-64"])
+    assert sized == base
+    assert sized.mesh == {"data": 1, "fsdp": 32, "tensor": 1}  # a mapping merges key by key
+    assert (sized.sampling.n, sized.optimizer.learning_rate, sized.reward.require_think) == (8, 1e-6, True)
+
+
+@pytest.mark.parametrize("old,new", [("rl.group_size", "sampling.n"), ("rl.learning_rate", "optimizer.learning_rate"),
+                                     ("rl.generation_batch_size", "sampling.batch_size"),
+                                     ("rl.require_think", "reward.require_think"), ("rl.seed", "train.seed"),
+                                     ("rl.log_every", "logging.log_every")])
+def test_an_old_rl_key_names_its_new_name(old, new):
+    from sftrl_jax.config import MOVED_KEYS, load_config
+    from sftrl_jax.rl import RLConfig
+
+    assert MOVED_KEYS[old] == new
+    with pytest.raises(ConfigError, match=f"config key '{old}' is now '{new}'"):
+        load_config(RLConfig, ROOT / "configs/tiny_rl.yaml", ["model.path=/m", f"{old}=1"])
+
+
+def test_old_keys_in_a_file_and_in_a_pipeline_name_their_new_names(tmp_path):
+    from sftrl_jax.config import load_config
+    from sftrl_jax.pipeline import PipelineConfig
+    from sftrl_jax.sft import SFTConfig
+
+    old_sft = tmp_path / "old_sft.yaml"
+    old_sft.write_text("kind: sft\nmodel: {path: /m}\ntrain: {learning_rate: 1.0e-5}\n")
+    with pytest.raises(ConfigError, match="'train.learning_rate' is now 'optimizer.learning_rate'"):
+        load_config(SFTConfig, old_sft)
+    with pytest.raises(ConfigError, match=r"stage 1 \(rl\): config key 'rl.group_size' is now 'sampling.n'"):
+        load_config(PipelineConfig, overrides=["model.path=/m", "stages=[{kind: rl}]", "rl={rl: {group_size: 4}}"])
+    with pytest.raises(ConfigError, match="'probe.temperature' is now 'probe.sampling.temperature'"):
+        load_config(PipelineConfig, overrides=["model.path=/m", "stages=[{kind: sft}]", "probe.temperature=0.5"])
+
+
+def test_a_base_cycle_is_an_error_naming_the_files(tmp_path):
+    from sftrl_jax.config import config_kind, load_config
+    from sftrl_jax.sft import SFTConfig
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("kind: sft\nbase: sub/b.yaml\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nmodel: {path: /m}\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(SFTConfig, tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        config_kind(tmp_path / "sub" / "b.yaml")
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(SFTConfig, tmp_path / "self.yaml")

@@ -16,8 +16,9 @@ from sftrl_jax.models import load_pretrained
 from sftrl_jax.rl import DynamicSamplingError, RLConfig, run_rl
 from sftrl_jax.rl.config import RLSection
 from sftrl_jax.rl.step import make_grpo_step, make_logprob_fn
-from sftrl_jax.rl.trainer import Rollouts, _layout, rollout_arrays
-from sftrl_jax.sharding import make_mesh, named_sharding, place
+from sftrl_jax.data.batching import micro_step_layout as _layout
+from sftrl_jax.rl.rollouts import Rollouts, rollout_arrays
+from sftrl_jax.sharding import make_mesh, micro_batch_sharding, place
 
 TARGET = 7  # the controlled reward: 1 when a response contains this token id
 
@@ -40,8 +41,8 @@ def _config(workdir, out, *overrides):
     root, model_dir = workdir
     return load_config(RLConfig, overrides=[
         f"model.path={model_dir}", f"data.files=[{root / 'prompts.jsonl'}]", f"output_dir={root / out}",
-        "rl.prompts_per_step=4", "rl.group_size=4", "rl.mini_batches_per_step=2", "rl.micro_batch_size=1",
-        "rl.max_new_tokens=8", "rl.seed=0", "checkpoint.save_every=0", *overrides])
+        "rl.prompts_per_step=4", "sampling.n=4", "rl.mini_batches_per_step=2", "train.micro_batch_size=1",
+        "sampling.max_new_tokens=8", "train.seed=0", "checkpoint.save_every=0", *overrides])
 
 
 def _update(directory, rollouts, cfg, *, devices, micro_batch_size):
@@ -52,15 +53,15 @@ def _update(directory, rollouts, cfg, *, devices, micro_batch_size):
     arrays.pop("sampler_logp")
     arrays["advantages"] = np.linspace(-1.5, 1.5, len(rollouts.responses)).astype(np.float32)
     rows = micro_batch_size * devices
-    on_devices = lambda a: {k: place(v, named_sharding((None, "batch"), mesh)) for k, v in a.items()}  # noqa
-    old = jax.jit(make_logprob_fn(graphdef, cfg.temperature))(params, on_devices(_layout(arrays, rows)))
+    on_devices = lambda a: {k: place(v, micro_batch_sharding(mesh, v.ndim)) for k, v in a.items()}  # noqa
+    old = jax.jit(make_logprob_fn(graphdef, 1.0))(params, on_devices(_layout(arrays, rows)))
     # perturb the old log-probs so the ratios are not all 1 and the clipping branches are used
     arrays["old_logp"] = np.asarray(old).reshape(arrays["response_ids"].shape) + np.float32(0.3) * np.cos(
         np.arange(arrays["response_ids"].size)).reshape(arrays["response_ids"].shape).astype(np.float32)
     # plain SGD: the update is the gradient itself (Adam's first step is ~sign(g) and would hide errors)
     optimizer = optax.sgd(1.0)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-    step = jax.jit(make_grpo_step(graphdef, optimizer, lambda s: 1.0, cfg))
+    step = jax.jit(make_grpo_step(graphdef, optimizer, lambda s: 1.0, cfg, temperature=1.0, max_new_tokens=16))
     new_state, metrics = step(state, on_devices(_layout(arrays, rows)))
     return jax.device_get(new_state["params"]), jax.device_get(metrics), jax.device_get(params)
 
@@ -71,8 +72,9 @@ def test_grpo_update_does_not_depend_on_the_micro_batch_split(workdir, agg_mode)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 60, int(rng.integers(3, 12))).tolist() for _ in range(8)]
     responses = [rng.integers(1, 60, int(n)).tolist() for n in (1, 16, 3, 9, 2, 14, 5, 7)]
-    rollouts = Rollouts(prompts, responses, [[0.0] * len(r) for r in responses], [False] * 8, [0.0] * 8, [0.0] * 8)
-    cfg = RLSection(max_new_tokens=16, agg_mode=agg_mode, clip_high=0.28, entropy_coef=0.01)
+    rollouts = Rollouts(prompts, responses, [[0.0] * len(r) for r in responses], [False] * 8, [0.0] * 8,
+                        [0.0] * 8)
+    cfg = RLSection(agg_mode=agg_mode, clip_high=0.28, entropy_coef=0.01)
     reference, _, before = _update(model_dir, rollouts, cfg, devices=1, micro_batch_size=8)
     splits = [(1, 2), (1, 1), (8, 1), (2, 2)] if agg_mode == "token-mean" else [(2, 2)]
     for devices, micro in splits:  # 4 micro-steps, 8 micro-steps, 8 devices, 2 devices x 2 micro-steps
@@ -88,7 +90,7 @@ def test_grpo_update_does_not_depend_on_the_micro_batch_split(workdir, agg_mode)
 
 
 def test_grpo_raises_a_controlled_reward_and_logs_everything(workdir):
-    config = _config(workdir, "learn", "rl.max_steps=24", "rl.learning_rate=3e-2", "rl.max_new_tokens=6",
+    config = _config(workdir, "learn", "train.max_steps=24", "optimizer.learning_rate=3e-2", "sampling.max_new_tokens=6",
                      "checkpoint.save_every=12")
     result = run_rl(config, reward_fn=contains_target, progress=False)
     rewards = [r["reward_mean"] for r in result.metrics]
@@ -106,7 +108,7 @@ def test_grpo_raises_a_controlled_reward_and_logs_everything(workdir):
 
 def test_kl_penalty_keeps_the_policy_near_the_reference(workdir):
     def final_kls(kl_coef, out):
-        config = _config(workdir, out, "rl.max_steps=10", "rl.learning_rate=1e-2", "rl.max_new_tokens=6",
+        config = _config(workdir, out, "train.max_steps=10", "optimizer.learning_rate=1e-2", "sampling.max_new_tokens=6",
                          "rl.mini_batches_per_step=1", f"rl.kl_coef={kl_coef}", "rl.kl_estimator=k3")
         return [r["kl_ref"] for r in run_rl(config, reward_fn=contains_target, progress=False).metrics]
 
@@ -119,14 +121,14 @@ def test_dynamic_sampling_fills_the_batch_or_stops_at_the_cap(workdir):
     def odd_prompts_vary(responses, truths, token_ids):  # prompts with answer "0" always score 0
         return [float(t == "1" and ids[0] % 2 == 0) for t, ids in zip(truths, token_ids)]
 
-    config = _config(workdir, "dyn", "rl.max_steps=2", "rl.dynamic_sampling=true", "rl.max_generation_rounds=6",
-                     "rl.temperature=1.0")
+    config = _config(workdir, "dyn", "train.max_steps=2", "rl.dynamic_sampling=true", "rl.max_generation_rounds=6",
+                     "sampling.temperature=1.0")
     result = run_rl(config, reward_fn=odd_prompts_vary, progress=False)
     for record in result.metrics:
         assert record["all_correct_share"] == 0 and record["all_wrong_share"] == 0  # only informative groups
         assert record["generation_rounds"] >= 2 and record["dropped_groups"] >= 2
 
-    never_varies = _config(workdir, "dyn_cap", "rl.max_steps=2", "rl.dynamic_sampling=true",
+    never_varies = _config(workdir, "dyn_cap", "train.max_steps=2", "rl.dynamic_sampling=true",
                            "rl.max_generation_rounds=3")
     with pytest.raises(DynamicSamplingError, match=r"only 0 of 4 prompt groups .* after 3 generation rounds"):
         run_rl(never_varies, reward_fn=lambda r, t, ids: [1.0] * len(r), progress=False)

@@ -24,7 +24,8 @@ from hf_checkpoints import QWEN25_CHAT_TEMPLATE, QWEN25_DEFAULT_SYSTEM, make_tok
 from sftrl_jax.data import SFTDataOptions, SFTDataStats, SFTExample, build_prompt_text, load_rows, tokenize_sft
 
 EOS = "<|im_end|>"
-LUFFY_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "luffy-eval" / "valid.all.parquet"
+# A few rows of ../shared/data/luffy-eval/valid.all.parquet (tests/fixtures/luffy-eval/README.md)
+LUFFY_EVAL = Path(__file__).resolve().parent / "fixtures" / "luffy-eval" / "valid.all.parquet"
 
 
 def luffy_row(question: str = "what is 1+1?", answer: str = "<think>\none plus one.</think>\nthe answer is 2.",
@@ -441,11 +442,11 @@ def test_tfds_source_decodes_bytes(monkeypatch):
     assert loaded == [("gsm8k", "test"), ("gsm8k", "train")]
 
 
-@pytest.mark.skipif(not LUFFY_EVAL.exists(), reason="LUFFY evaluation parquet not present beside the checkout")
 def test_real_luffy_prompts_render(tokenizer):
     """The real verl/LUFFY parquet: chat-message prompts with a system message load and render."""
-    rows = load_rows(str(LUFFY_EVAL))
-    for _, (name, index, row) in zip(range(3), rows):
+    rows = list(load_rows(str(LUFFY_EVAL)))
+    assert [index for _, index, _ in rows] == list(range(12))  # the fixture's 12 rows, in order
+    for name, _, row in rows:
         assert name == str(LUFFY_EVAL) and row["prompt"][0]["role"] == "system"
         with_system = build_prompt_text(row["prompt"], tokenizer)
         without = build_prompt_text(row["prompt"], tokenizer, remove_system_prompt=True)
@@ -454,5 +455,9 @@ def test_real_luffy_prompts_render(tokenizer):
 
 
 def test_stats_summary_is_one_line():
-    stats = SFTDataStats(rows=10, examples=7, bad_rows=1, truncated=2, dropped_too_long=2)
-    assert "\n" not in stats.summary() and all(str(n) in stats.summary() for n in (10, 7, 1, 2))
+    # distinct counts (none a substring of another), so each must appear beside its own label
+    stats = SFTDataStats(rows=10, examples=7, bad_rows=3, truncated=4, dropped_too_long=5)
+    summary = stats.summary()
+    assert "\n" not in summary
+    for phrase in ("10 rows", "7 examples", "3 bad rows", "4 truncated", "5 dropped"):
+        assert re.search(rf"(?<!\d){phrase}", summary), (phrase, summary)

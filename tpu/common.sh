@@ -12,6 +12,9 @@
 #   TPU_REMOTE_DIR   checkout on every worker, relative to the home directory     [sftrl_jax]
 #   TPU_LOG_DIR      run logs, configs and pid files on every worker, likewise    [sftrl_logs]
 #   TPU_PYTHON       Python on the workers                     [python3]
+# and, on this machine:
+#   PYTHON           Python with sftrl_jax importable (pip install -e .): launch.sh reads the
+#                    config's kind and merges its base: files with it          [python3]
 
 set -euo pipefail
 
@@ -24,6 +27,7 @@ TPU_DRY_RUN="${TPU_DRY_RUN:-0}"
 TPU_REMOTE_DIR="${TPU_REMOTE_DIR:-sftrl_jax}"
 TPU_LOG_DIR="${TPU_LOG_DIR:-sftrl_logs}"
 TPU_PYTHON="${TPU_PYTHON:-python3}"
+PYTHON="${PYTHON:-python3}"
 GCLOUD="${GCLOUD:-gcloud}"
 # shellcheck disable=SC2034  # used by the scripts that source this file
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -112,6 +116,26 @@ tpu_ssh() {
   local workers="$1" command="$2"
   location_flags
   run "$GCLOUD" compute tpus tpu-vm ssh "$TPU_NAME" "${LOCATION[@]}" --worker="$workers" --command="$command"
+}
+
+# Write config SOURCE with its `base:` includes merged in (sftrl_jax.config.read_yaml, with $PYTHON) to
+# TARGET, a file that stands alone on the workers; print its `kind:` (empty when it declares none).
+resolve_config() {
+  "$PYTHON" -c '
+import sys
+import yaml
+from sftrl_jax.config import ConfigError, read_yaml
+source, target = sys.argv[1:]
+try:
+    data = read_yaml(source)
+except (OSError, ConfigError) as err:
+    sys.exit(str(err))
+with open(target, "w") as out:
+    out.write(f"# {source} with its base: includes merged in (tpu/launch.sh)\n")
+    out.write(yaml.safe_dump(data, sort_keys=False))
+kind = data.get("kind")
+print(kind if isinstance(kind, str) else "")
+' "$1" "$2"
 }
 
 # Quote one word for a remote shell command line.

@@ -113,9 +113,16 @@ def layout_step(examples: Sequence, *, micro_steps: int, shards: int, micro_batc
         length = bucket_length(max(len(e.input_ids) for e in examples), max_length)
         rows = micro_batch_size
         build = pad_rows
-    parts = {(i, r): build(chunks[i * shards + r], rows, length) for i in range(micro_steps) for r in shard_ids}
-    return {key: np.stack([np.concatenate([parts[i, r][key] for r in shard_ids]) for i in range(micro_steps)])
-            for key in BATCH_KEYS}
+    parts = [build(chunks[i * shards + r], rows, length) for i in range(micro_steps) for r in shard_ids]
+    flat = {key: np.concatenate([part[key] for part in parts]) for key in BATCH_KEYS}
+    return micro_step_layout(flat, len(shard_ids) * rows)
+
+
+def micro_step_layout(arrays: dict[str, np.ndarray], rows_per_micro_step: int) -> dict[str, np.ndarray]:
+    """``[S, ...] -> [S / rows, rows, ...]``: consecutive rows form a micro-step, and within it
+    consecutive blocks of ``rows / shards`` rows go to consecutive data-parallel shards (SFT and RL)."""
+    return {key: value.reshape(value.shape[0] // rows_per_micro_step, rows_per_micro_step, *value.shape[1:])
+            for key, value in arrays.items()}
 
 
 class EpochSampler:

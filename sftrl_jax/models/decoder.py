@@ -255,29 +255,11 @@ class Decoder(nnx.Module):
         hidden, cache = self.forward(input_ids, attention_mask=attention_mask, cache=cache)
         return self.logits(hidden[:, -1:])[:, 0], cache
 
-    def decode(self, tokens, cache: KVCache, layer_weights: list[dict] | None = None) -> tuple[jax.Array, KVCache]:
-        """Append one token per row (``tokens [B]``); returns next-token logits ``[B, V]``.
-
-        ``layer_weights`` (from :meth:`split_layer_weights`, made once outside a decode loop, with
-        ``cache.split()``) runs the layers from per-layer arrays instead of slicing the stacked
-        weights and cache on every step.
-        """
+    def decode(self, tokens, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Append one token per row (``tokens [B]``); returns next-token logits ``[B, V]``."""
         ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
-        hidden, cache = self.forward(tokens[:, None], attention_mask=ones, cache=cache, layer_weights=layer_weights)
+        hidden, cache = self.forward(tokens[:, None], attention_mask=ones, cache=cache)
         return self.logits(hidden)[:, 0], cache
-
-    def split_layer_weights(self) -> list[dict]:
-        """Each layer's weights as separate arrays (a copy of the layer stack), for :meth:`decode`.
-
-        XLA:CPU copies a layer's weights out of the ``[layers, ...]`` stack every time a step slices
-        them (it does not fuse the slice into the dot); in a decode loop that is every token. Slicing
-        once before the loop removes those copies at the price of a second copy of the layer
-        weights while the loop runs (``docs/design.md``, "Stacked layers and `lax.scan`").
-        """
-        arrays = self.layers.arrays()
-        split = [{name: value[i] for name, value in arrays.items()} for i in range(self.config.num_layers)]
-        # the barrier keeps XLA from sinking the slices back into the loop that uses them
-        return jax.lax.optimization_barrier(split)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits from final hidden states (matmul in the compute dtype, fp32 accumulation)."""
@@ -286,19 +268,53 @@ class Decoder(nnx.Module):
         return dense(hidden, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
     def forward(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
-                cache: KVCache | None = None, layer_weights: list[dict] | None = None
-                ) -> tuple[jax.Array, KVCache | None]:
-        """Final hidden states ``[B, T, E]`` (compute dtype) and the updated cache.
+                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states ``[B, T, E]`` (compute dtype) and the updated cache (``None`` without one).
 
-        ``layer_weights`` (with a split cache only): per-layer weights from
-        :meth:`split_layer_weights`, applied in a Python loop instead of the layer scan.
+        The layers run as one ``lax.scan`` over the ``[layers, ...]`` weight stack; with a cache, the
+        stacked ``[layers, B, KV, S, D]`` keys/values ride in the scan carry.
         """
+        x, layer, cache_valid = self.layer_inputs(input_ids, attention_mask=attention_mask, positions=positions,
+                                                  segment_ids=segment_ids, cache=cache)
+        if cache is None:
+            def body(carry, w):
+                out, _ = layer(carry, w, cache_kv=None)
+                return self.constrain(out), None
+
+            if self.remat != "none":
+                body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, self.layers.arrays(), unroll=not self.scan_layers)
+            return self.final_hidden(x), None
+        if isinstance(cache.k, tuple):
+            raise ValueError("a split cache (KVCache.split()) is decoded by the sampler, not by forward")
+
+        # the cache rides in the scan carry (not in xs/ys), so each step updates it in place
+        # instead of copying every layer's cache out of and back into the stack
+        def cached_body(carry, scanned):
+            h, cache_k, cache_v = carry
+            w, index = scanned
+            out, (cache_k, cache_v) = layer(h, w, cache_kv=(cache_k, cache_v, index))
+            return (self.constrain(out), cache_k, cache_v), None
+
+        (x, cache_k, cache_v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
+                                                (self.layers.arrays(), jnp.arange(self.config.num_layers)),
+                                                unroll=not self.scan_layers)
+        return self.final_hidden(x), KVCache(k=cache_k, v=cache_v, valid=cache_valid,
+                                             index=cache.index + input_ids.shape[1])
+
+    def layer_inputs(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
+                     cache: KVCache | None = None):
+        """What the layers start from: the embedded tokens ``[B, T, E]``, the layer function
+        ``layer(x, weights, cache_kv=...) -> (x, (k, v))`` with positions, masks and attention bound,
+        and (with a cache) the cache's new ``valid`` mask. :meth:`forward` and the sampler's
+        per-layer decode both run the layers from here."""
         c = self.config
         batch, length = input_ids.shape
         unpadded = attention_mask is None and segment_ids is None  # static: plain causal rows
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
         attention_mask = attention_mask.astype(jnp.bool_)
+        cache_valid = cache_index = None
         if cache is None:
             if positions is None:
                 positions = default_positions(attention_mask, segment_ids)
@@ -309,7 +325,6 @@ class Decoder(nnx.Module):
             attend = partial(attention, q_segment_ids=q_segments, kv_segment_ids=q_segments, q_offset=0,
                              implementation=self.attention, mesh=self.mesh, rules=self.rules,
                              block_size=self.attention_block_size, platform=self.platform, unpadded=unpadded)
-            cache_index = None
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
@@ -317,58 +332,22 @@ class Decoder(nnx.Module):
                 past = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
                 positions = past + default_positions(attention_mask, None)
             cache_index = cache.index
-            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache_index, axis=1)
+            cache_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache_index, axis=1)
             # decoding keeps the dense KV-cache path: queries at slots index.., keys the whole cache
             attend = partial(attention, q_segment_ids=attention_mask.astype(jnp.int32),
-                             kv_segment_ids=key_valid.astype(jnp.int32), q_offset=cache_index,
+                             kv_segment_ids=cache_valid.astype(jnp.int32), q_offset=cache_index,
                              implementation="dense", platform=self.platform)
         cos, sin = rope_tables(positions, rope_inv_freq(c))
-
-        x = self.embed[...][input_ids].astype(self.dtype)
-        x = self._constrain(x)
-
+        x = self.constrain(self.embed[...][input_ids].astype(self.dtype))
         layer = partial(_decoder_layer, config=c, dtype=self.dtype, cos=cos, sin=sin, attend=attend,
                         cache_index=cache_index)
-        if cache is None:
-            if layer_weights is not None:
-                raise ValueError("layer_weights is for decoding with a KV cache")
+        return x, layer, cache_valid
 
-            def body(carry, w):
-                out, _ = layer(carry, w, cache_kv=None)
-                return self._constrain(out), None
+    def final_hidden(self, x: jax.Array) -> jax.Array:
+        """The last layer's output through the final norm."""
+        return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
 
-            if self.remat != "none":
-                body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            x, _ = jax.lax.scan(body, x, self.layers.arrays(), unroll=not self.scan_layers)
-        else:
-            # the cache rides in the scan carry (not in xs/ys), so each step updates it in place
-            # instead of copying every layer's cache out of and back into the stack
-            def body(carry, scanned):
-                h, cache_k, cache_v = carry
-                w, index = scanned
-                out, (cache_k, cache_v) = layer(h, w, cache_kv=(cache_k, cache_v, index))
-                return (self._constrain(out), cache_k, cache_v), None
-
-            if layer_weights is None:
-                if isinstance(cache.k, tuple):
-                    raise ValueError("a split cache (KVCache.split()) needs layer_weights")
-                (x, cache_k, cache_v), _ = jax.lax.scan(
-                    body, (x, cache.k, cache.v), (self.layers.arrays(), jnp.arange(c.num_layers)),
-                    unroll=not self.scan_layers)
-            else:  # per-layer weights and a split cache: nothing is sliced out of a layer stack
-                if not isinstance(cache.k, tuple):
-                    raise ValueError("layer_weights needs a split cache (KVCache.split())")
-                cache_k, cache_v = [], []
-                for w, layer_k, layer_v in zip(layer_weights, cache.k, cache.v):
-                    (x, layer_k, layer_v), _ = body((x, layer_k, layer_v), (w, None))
-                    cache_k.append(layer_k)
-                    cache_v.append(layer_v)
-                cache_k, cache_v = tuple(cache_k), tuple(cache_v)
-            cache = KVCache(k=cache_k, v=cache_v, valid=key_valid, index=cache_index + length)
-        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
-        return x, cache
-
-    def _constrain(self, x: jax.Array) -> jax.Array:
+    def constrain(self, x: jax.Array) -> jax.Array:
         """Keep activations split over the data-parallel axes (so FSDP all-gathers weights instead)."""
         if self.mesh is None or self.mesh.size == 1:
             return x

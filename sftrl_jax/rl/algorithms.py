@@ -59,20 +59,35 @@ def ppo_token_losses(logp, old_logp, advantages, *, clip_low: float = 0.2, clip_
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.2,
                 clip_c: float = 3.0, agg_mode: str = "token-mean", loss_scale_factor: float | None = None,
-                weights=None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The aggregated PPO-clip loss over the given (global) batch, and its metrics.
+                weights=None, token_mean=None, entropy=None, entropy_coef: float = 0.0, ref_logp=None,
+                kl_coef: float = 0.0, kl_estimator: str = "k3") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """GRPO's aggregated loss over the given batch and its metrics: the PPO-clip term, plus
+    ``kl_coef`` x KL to the reference (when ``ref_logp`` is given) minus ``entropy_coef`` x entropy
+    (when ``entropy`` is given). This is the loss the GRPO step differentiates.
 
-    ``logp``, ``old_logp``, ``mask``: ``[batch, seq]``; ``advantages``: ``[batch]`` or ``[batch, seq]``.
-    ``weights`` (from ``agg_weights`` over a larger batch) replaces the aggregation when given: that
-    is how a micro-batch contributes its exact share of a mini-batch loss.
+    ``logp``, ``old_logp``, ``mask`` (and ``entropy``, ``ref_logp``): ``[batch, seq]``;
+    ``advantages``: ``[batch]`` or ``[batch, seq]``. ``weights`` and ``token_mean`` (from
+    ``agg_weights`` over a larger batch) replace the aggregation and the metric weights when given:
+    that is how a micro-batch contributes its exact share of a mini-batch's loss and metrics.
+    Metrics: token means of ``pg_loss``, ``clipfrac``, ``clipfrac_lower``, ``ppo_kl`` and, when
+    given, ``entropy`` and ``kl_ref``.
     """
     losses, indicators = ppo_token_losses(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
                                           clip_c=clip_c)
+    per_token, stats = losses, dict(indicators, pg_loss=losses)
+    if ref_logp is not None and kl_coef > 0:
+        stats["kl_ref"] = kl_penalty(logp, ref_logp, kl_estimator)
+        per_token = per_token + kl_coef * stats["kl_ref"]
+    if entropy is not None:
+        stats["entropy"] = entropy
+        if entropy_coef > 0:
+            per_token = per_token - entropy_coef * entropy
     if weights is None:
         weights = agg_weights(mask, agg_mode, loss_scale_factor=loss_scale_factor)
-    token_mean = agg_weights(mask, "token-mean")
-    metrics = {name: jnp.sum(token_mean * value) for name, value in indicators.items()}
-    return jnp.sum(weights * losses), metrics
+    if token_mean is None:
+        token_mean = agg_weights(mask, "token-mean")
+    metrics = {name: jnp.sum(token_mean * value) for name, value in stats.items()}
+    return jnp.sum(weights * per_token), metrics
 
 
 def kl_penalty(logp, ref_logp, estimator: str = "k3") -> jax.Array:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from ..losses import agg_weights, chunked_logprobs
 from ..optim import apply_update, sum_micro_step_grads
-from .algorithms import kl_penalty, ppo_token_losses
+from .algorithms import policy_loss
 from .config import RLSection
 
 ROLLOUT_KEYS = ("input_ids", "attention_mask", "positions", "response_ids", "response_mask")
@@ -52,13 +52,16 @@ def make_logprob_fn(graphdef, temperature: float):
     return fn
 
 
-def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, schedule, cfg: RLSection):
+def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, schedule, cfg: RLSection, *,
+                   temperature: float, max_new_tokens: int):
     """``step(state, batch) -> (state, metrics)`` for one mini-batch (``state = {params, opt_state, step}``).
 
     ``batch`` has the rollout arrays plus ``advantages [N, B]``, ``old_logp [N, B, R]`` and, when
-    ``cfg.kl_coef > 0``, ``ref_logp [N, B, R]``.
+    ``cfg.kl_coef > 0``, ``ref_logp [N, B, R]``. Each micro-batch's loss is
+    :func:`sftrl_jax.rl.algorithms.policy_loss` with that micro-batch's share of the mini-batch's
+    aggregation weights.
     """
-    scale = cfg.loss_scale_factor if cfg.loss_scale_factor is not None else float(cfg.max_new_tokens)
+    scale = cfg.loss_scale_factor if cfg.loss_scale_factor is not None else float(max_new_tokens)
 
     def step(state, batch):
         mask = batch["response_mask"].astype(jnp.float32)
@@ -69,21 +72,12 @@ def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, schedule, 
             micro_batch, micro_weights, micro_token_mean = xs
 
             def loss_fn(params):
-                logp, entropy = response_logprobs(graphdef, params, micro_batch, cfg.temperature,
-                                                  with_entropy=True)
-                losses, indicators = ppo_token_losses(logp, micro_batch["old_logp"], micro_batch["advantages"],
-                                                      clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                                      clip_c=cfg.clip_c)
-                per_token = losses
-                stats = dict(indicators, entropy=entropy, pg_loss=losses)
-                if cfg.kl_coef > 0:
-                    kl = kl_penalty(logp, micro_batch["ref_logp"], cfg.kl_estimator)
-                    per_token = per_token + cfg.kl_coef * kl
-                    stats["kl_ref"] = kl
-                if cfg.entropy_coef > 0:
-                    per_token = per_token - cfg.entropy_coef * entropy
-                summed = {name: jnp.sum(micro_token_mean * value) for name, value in stats.items()}
-                return jnp.sum(micro_weights * per_token), summed
+                logp, entropy = response_logprobs(graphdef, params, micro_batch, temperature, with_entropy=True)
+                return policy_loss(logp, micro_batch["old_logp"], micro_batch["advantages"],
+                                   micro_batch["response_mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                   clip_c=cfg.clip_c, weights=micro_weights, token_mean=micro_token_mean,
+                                   entropy=entropy, entropy_coef=cfg.entropy_coef, ref_logp=micro_batch.get("ref_logp"),
+                                   kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
 
             return jax.grad(loss_fn, has_aux=True)(params)
 

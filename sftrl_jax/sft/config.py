@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..config import OPTIMIZER_RANGES, CheckpointOptions, ModelOptions
+from ..config import CheckpointOptions, LoggingOptions, RunConfig, TrainOptions
 from ..data.sft import SFTDataOptions
-from ..distributed import DistributedOptions
 from ..optim import OptimizerOptions
 
 
@@ -24,26 +23,20 @@ class SFTDataSection(SFTDataOptions):
 
 
 @dataclasses.dataclass
-class SFTTrainSection(OptimizerOptions):
+class SFTTrainSection(TrainOptions):
     global_batch_size: int = 64  # sequences per optimizer step (all micro-steps, all shards)
-    micro_batch_size: int = 1  # sequences per data-parallel shard per micro-step
-    max_steps: int | None = None  # default: num_epochs over the data
-    num_epochs: int = 1
-    seed: int = 42
     emulate_bug: Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "both"] = "none"
     eval_every: int = 0  # steps; 0 = only at the end (when there is an eval split)
-    log_every: int = 1
 
-    _ranges = {**OPTIMIZER_RANGES, "global_batch_size": ">= 1", "micro_batch_size": ">= 1", "max_steps": ">= 1",
-               "num_epochs": ">= 1", "seed": ">= 0", "eval_every": ">= 0", "log_every": ">= 1"}
+    _ranges = {"global_batch_size": ">= 1", "eval_every": ">= 0"}
 
 
-@dataclasses.dataclass
-class SFTConfig:
-    model: ModelOptions
+@dataclasses.dataclass(kw_only=True)
+class SFTConfig(RunConfig):
+    kind: Literal["sft"] = "sft"
     data: SFTDataSection = dataclasses.field(default_factory=SFTDataSection)
+    optimizer: OptimizerOptions = dataclasses.field(default_factory=OptimizerOptions)
     train: SFTTrainSection = dataclasses.field(default_factory=SFTTrainSection)
     checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
-    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
+    logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)
     output_dir: str = "runs/sft"

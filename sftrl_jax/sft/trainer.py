@@ -1,41 +1,24 @@
-"""The SFT training loop: data -> sharded jit step -> metrics, checkpoints, HF export."""
+"""SFT as an algorithm of the one training loop (:mod:`sftrl_jax.training`): data -> sharded jit step."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
-from tqdm.auto import tqdm
 
 from ..data.batching import SFTBatcher, eval_batches
 from ..data.sft import tokenize_sft
 from ..data.sources import load_rows
-from ..distributed import initialize
-from ..metrics import MetricsWriter, is_writer, plot_curves, read_metrics
-from ..models import load_tokenizer, save_pretrained
-from ..optim import make_optimizer
-from ..sharding import local_batch_shards, make_mesh, named_sharding, place, place_local
-from ..training import init_train_state, open_checkpoints, prepare_output, stop_on_nonfinite
+from ..sharding import local_batch_shards, micro_batch_sharding, place, place_local, rows_sharding
+from ..training import Algorithm, Hook, LoopContext, TrainResult, probe_hook, run_loop
 from .config import SFTConfig
 from .step import make_eval_step, make_train_step
 
 log = logging.getLogger("sftrl_jax.sft")
-
-
-@dataclasses.dataclass
-class SFTResult:
-    output_dir: Path
-    final_dir: Path
-    steps: int
-    params: dict
-    metrics: list[dict]
 
 
 def heldout_loss(eval_step, params, examples, *, rows: int, max_length: int, sharding) -> float:
@@ -92,94 +75,89 @@ def _require_supervised_tokens(examples, key: str, files, model_path: str) -> No
                      f"(a run would train on nothing with loss 0); {hint}")
 
 
-def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool = True,
-            on_step: Callable[[int, dict], None] | None = None, probe=None) -> SFTResult:
+class SFTAlgorithm(Algorithm):
+    """Supervised fine-tuning for :func:`sftrl_jax.training.run_loop`: exact global-token-mean accumulation
+    over ``[micro_steps, shards * rows, length]`` batches, optionally with a PyTorch-stack bug emulated."""
+
+    name, plot_name, plot_title = "sft", "loss", "SFT"
+    plot_keys = ("loss", "eval_loss", "grad_norm", "lr")
+    postfix_keys = ("loss", "grad_norm")
+
+    def setup(self, ctx: LoopContext) -> int:
+        config = self.config = ctx.config
+        train = config.train
+        if train.emulate_bug != "none":
+            self.name = f"sft [BUG: {train.emulate_bug}]"
+            log.warning("=" * 72 + "\nBUG EMULATION ON: train.emulate_bug=%s -- the gradient is deliberately WRONG "
+                        "(BRIEF §2/§3)\n" + "=" * 72, train.emulate_bug)
+        self.train_examples, self.eval_examples = load_examples(config, ctx.tokenizer)
+        self.batcher = SFTBatcher(self.train_examples, global_batch_size=train.global_batch_size,
+                                  micro_batch_size=train.micro_batch_size, shards=ctx.shards,
+                                  max_length=config.data.max_length, pack=config.data.pack, seed=train.seed,
+                                  shuffle=config.data.shuffle, shard_ids=local_batch_shards(ctx.mesh, ctx.shards))
+        self.total_steps = train.max_steps or train.num_epochs * self.batcher.steps_per_epoch
+        log.info("%d steps: global batch %d = %d micro-steps x %d shards x %d sequences", self.total_steps,
+                 train.global_batch_size, self.batcher.micro_steps, ctx.shards, train.micro_batch_size)
+        return self.total_steps
+
+    def build(self, ctx: LoopContext, state: dict) -> None:
+        train = self.config.train
+        self.ctx = ctx
+        self.batch_sharding = micro_batch_sharding(ctx.mesh, 3)
+        self.eval_sharding = rows_sharding(ctx.mesh, 2)
+        self.step_fn = jax.jit(make_train_step(ctx.graphdef, ctx.optimizer, ctx.schedule,
+                                               emulate_bug=train.emulate_bug, shards=ctx.shards),
+                               in_shardings=(ctx.state_shardings, self.batch_sharding),
+                               out_shardings=(ctx.state_shardings, None), donate_argnums=0)
+        self.eval_fn = jax.jit(make_eval_step(ctx.graphdef), in_shardings=(ctx.state_shardings["params"],
+                                                                             self.eval_sharding))
+
+    def train_step(self, state: dict, step: int) -> tuple[dict, dict]:
+        tick = time.perf_counter()
+        host_batch = self.batcher.next()  # this process's rows only
+        batch = {k: place_local(v, self.batch_sharding, self.batcher.global_shape(v)) for k, v in host_batch.items()}
+        state, metrics = self.step_fn(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        seconds = time.perf_counter() - tick
+        return state, {"epoch": self.batcher.epoch, **metrics, "tokens_per_s": metrics["tokens"] / seconds,
+                       "seconds": seconds}
+
+    def evaluate(self, params) -> float:
+        """The held-out loss (global token mean) of ``params``."""
+        return heldout_loss(self.eval_fn, params, self.eval_examples,
+                            rows=self.ctx.shards * self.config.train.micro_batch_size,
+                            max_length=self.config.data.max_length, sharding=self.eval_sharding)
+
+    def hooks(self) -> list[Hook]:
+        """The held-out loss every ``train.eval_every`` steps (before the last; :meth:`finish` does that one)."""
+        if not (self.eval_examples and self.config.train.eval_every):
+            return []
+        return [Hook(lambda _graphdef, params, step: {"eval_loss": self.evaluate(params)}
+                     if step < self.total_steps else None, every=self.config.train.eval_every)]
+
+    def state_dict(self) -> dict:
+        return {"data": self.batcher.state_dict(), "seed": self.config.train.seed}
+
+    def load_state_dict(self, meta: dict) -> None:
+        self.batcher.load_state_dict(meta["data"])
+
+    def finish(self, state: dict, step: int) -> dict | None:
+        if not self.eval_examples:
+            return None
+        final = self.evaluate(state["params"])
+        log.info("final eval loss %.4f", final)
+        return {"eval_loss": final}
+
+
+def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool | None = None,
+            on_step: Callable[[int, dict], None] | None = None, probe=None) -> TrainResult:
     """Run (or with ``resume`` continue) SFT as configured. ``on_step(step, metrics)`` runs after each step.
 
     ``probe`` (optional, see :mod:`sftrl_jax.pipeline`) is measured before the first step, every
-    ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``.
+    ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``. ``progress=False``
+    hides the progress bar (default: ``logging.progress``).
     """
-    train_cfg = config.train
-    initialize(config.distributed)
-    out = prepare_output(config)
-    if train_cfg.emulate_bug != "none":
-        log.warning("=" * 72 + "\nBUG EMULATION ON: train.emulate_bug=%s -- the gradient is deliberately WRONG "
-                    "(BRIEF §2/§3)\n" + "=" * 72, train_cfg.emulate_bug)
-
-    mesh = make_mesh(config.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    tokenizer = load_tokenizer(config.model.path)
-    train_examples, eval_examples = load_examples(config, tokenizer)
-    batcher = SFTBatcher(train_examples, global_batch_size=train_cfg.global_batch_size,
-                         micro_batch_size=train_cfg.micro_batch_size, shards=shards,
-                         max_length=config.data.max_length, pack=config.data.pack, seed=train_cfg.seed,
-                         shuffle=config.data.shuffle, shard_ids=local_batch_shards(mesh, shards))
-    total_steps = train_cfg.max_steps or train_cfg.num_epochs * batcher.steps_per_epoch
-    log.info("%d steps: global batch %d = %d micro-steps x %d shards x %d sequences", total_steps,
-             train_cfg.global_batch_size, batcher.micro_steps, shards, train_cfg.micro_batch_size)
-
-    optimizer, schedule = make_optimizer(train_cfg, total_steps)
-    graphdef, _, state, state_shardings = init_train_state(config.model, mesh, optimizer)
-    checkpointer, state, meta = open_checkpoints(out, config.checkpoint, state, resume=resume)
-    start_step = 0
-    if meta is not None:
-        batcher.load_state_dict(meta["data"])
-        start_step = int(meta["step"])
-
-    batch_sharding = named_sharding((None, "batch", "length"), mesh)
-    eval_sharding = named_sharding(("batch", "length"), mesh)
-    train_step = jax.jit(make_train_step(graphdef, optimizer, schedule, emulate_bug=train_cfg.emulate_bug,
-                                         shards=shards),
-                         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_shardings["params"], eval_sharding))
-
-    def evaluate(params) -> float:
-        return heldout_loss(eval_step, params, eval_examples, rows=shards * train_cfg.micro_batch_size,
-                            max_length=config.data.max_length, sharding=eval_sharding)
-
-    writer = MetricsWriter(out / "metrics.jsonl", truncate_after_step=start_step)
-    if probe is not None and start_step == 0:
-        writer.write({"step": 0, **probe.measure(graphdef, state["params"])})
-    bar = tqdm(total=total_steps, initial=start_step, desc="sft" + (f" [BUG: {train_cfg.emulate_bug}]"
-               if train_cfg.emulate_bug != "none" else ""), disable=not (progress and is_writer()), dynamic_ncols=True)
-    step = start_step
-    try:
-        while step < total_steps:
-            tick = time.perf_counter()
-            host_batch = batcher.next()  # this process's rows only
-            batch = {k: place_local(v, batch_sharding, batcher.global_shape(v)) for k, v in host_batch.items()}
-            state, metrics = train_step(state, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            step += 1
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                stop_on_nonfinite(step, f"loss={metrics['loss']}, grad_norm={metrics['grad_norm']}", checkpointer)
-            seconds = time.perf_counter() - tick
-            record = {"step": step, "epoch": batcher.epoch, **metrics,
-                      "tokens_per_s": metrics["tokens"] / seconds, "seconds": seconds}
-            if eval_examples and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < total_steps:
-                record["eval_loss"] = evaluate(state["params"])
-            if probe is not None and (step % probe.every == 0 or step == total_steps):
-                record.update(probe.measure(graphdef, state["params"]))
-            if step % max(train_cfg.log_every, 1) == 0 or "eval_loss" in record or "probe_sft_loss" in record:
-                writer.write(record)
-            meta = {"step": step, "data": batcher.state_dict(), "seed": train_cfg.seed}
-            checkpointer.save(step, state, meta, force=step == total_steps)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3g}")
-            if on_step is not None:
-                on_step(step, record)
-        if eval_examples:
-            final_eval = evaluate(state["params"])
-            writer.write({"step": step, "eval_loss": final_eval})
-            log.info("final eval loss %.4f", final_eval)
-    finally:
-        bar.close()
-        checkpointer.close()
-
-    final_dir = out / "final"
-    save_pretrained(nnx.merge(graphdef, state["params"]), final_dir, tokenizer_dir=config.model.path)
-    records = read_metrics(out / "metrics.jsonl")
-    plot_curves(records, ["loss", "eval_loss", "grad_norm", "lr"], out / "loss.png", title="SFT")
-    log.info("done: %d steps; final model in %s", step, final_dir)
-    return SFTResult(output_dir=out, final_dir=final_dir, steps=step, params=state["params"], metrics=records)
+    algorithm = SFTAlgorithm()
+    hooks = [probe_hook(probe)] if probe is not None else []
+    return run_loop(config, algorithm, resume=resume, hooks=hooks, on_step=on_step,
+                    progress=progress)

@@ -14,12 +14,12 @@ import logging
 import time
 from pathlib import Path
 
-from ..config import from_dict
+from ..config import deep_merge, from_dict
 from ..metrics import plot_curves, read_metrics
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
 from .task import teacher_accuracy
-from .workspace import (MODEL_OPTIONS, TASK_SEED, answer_stats, build_workspace, deep_merge, evaluate, mean,
+from .workspace import (MODEL_OPTIONS, TASK_SEED, answer_stats, build_workspace, evaluate, mean,
                         spread, with_compilation_cache)
 
 log = logging.getLogger("sftrl_jax.demo")
@@ -28,18 +28,21 @@ FULL = {
     "splits": {"sft": 2000, "rl": 2000, "test": 200},
     "model": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 384},
     "seeds": [0, 1],
-    "sft": {"train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 400, "learning_rate": 3e-3,
-                      "warmup_ratio": 0.1, "lr_schedule": "cosine", "weight_decay": 0.0},
+    "sft": {"train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 400},
+            "optimizer": {"learning_rate": 3e-3, "warmup_ratio": 0.1, "lr_schedule": "cosine", "weight_decay": 0.0},
             "data": {"max_length": 128}},
-    "rl": {"rl": {"prompts_per_step": 32, "group_size": 8, "mini_batches_per_step": 2, "ppo_epochs": 1, "micro_batch_size": 128,
-                  "max_steps": 40, "learning_rate": 2e-4, "max_new_tokens": 40, "temperature": 1.0,
-                  "norm_adv_by_std": True, "agg_mode": "token-mean", "generation_batch_size": 32,
-                  "reward_workers": 1}},
+    "rl": {"rl": {"prompts_per_step": 32, "mini_batches_per_step": 2, "ppo_epochs": 1, "norm_adv_by_std": True,
+                  "agg_mode": "token-mean"},
+           "train": {"micro_batch_size": 128, "max_steps": 40},
+           "optimizer": {"learning_rate": 2e-4},
+           "sampling": {"n": 8, "max_new_tokens": 40, "temperature": 1.0, "batch_size": 32},
+           "reward": {"num_workers": 1}},
 }
 QUICK = copy.deepcopy(FULL)
 QUICK.update(splits={"sft": 1000, "rl": 400, "test": 64}, seeds=[0])
 QUICK["sft"]["train"].update(max_steps=150)
-QUICK["rl"]["rl"].update(max_steps=3, prompts_per_step=8, mini_batches_per_step=1, ppo_epochs=1)
+QUICK["rl"]["train"].update(max_steps=3)
+QUICK["rl"]["rl"].update(prompts_per_step=8, mini_batches_per_step=1, ppo_epochs=1)
 
 
 def demo_settings(quick: bool) -> dict:
@@ -50,8 +53,9 @@ def demo_settings(quick: bool) -> dict:
     devices = jax.device_count()
     train = settings["sft"]["train"]
     train["micro_batch_size"] = max(train["global_batch_size"] // devices, 1)
-    rl = settings["rl"]["rl"]
-    rl["micro_batch_size"] = max(rl["prompts_per_step"] * rl["group_size"] // rl["mini_batches_per_step"] // devices, 1)
+    rl = settings["rl"]
+    rl["train"]["micro_batch_size"] = max(rl["rl"]["prompts_per_step"] * rl["sampling"]["n"]
+                                          // rl["rl"]["mini_batches_per_step"] // devices, 1)
     return settings
 
 
@@ -85,7 +89,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[
         tick = time.time()
         rl_cfg = from_dict(RLConfig, deep_merge({
             "model": {"path": str(sft.final_dir), **MODEL_OPTIONS}, "output_dir": str(run_dir / "rl"),
-            "data": {"files": [str(rl_file)]}, "rl": {"seed": seed}, "mesh": {"fsdp": -1}}, settings["rl"]))
+            "data": {"files": [str(rl_file)]}, "train": {"seed": seed}, "mesh": {"fsdp": -1}}, settings["rl"]))
         rl = run_rl(rl_cfg, progress=progress)
         rl_seconds = time.time() - tick
         rl_accuracy = evaluate(rl.final_dir, test_file, run_dir / "eval_rl")

@@ -9,7 +9,7 @@ teacher traces; held-out greedy reward on held-out prompts) every ``probe.every`
   it from a pretrained model; our base model is random and scores 0, so RL → SFT starts here from
   the stage-1 SFT model, which plays the pretrained model's part.
 
-The stage settings are the demo's (:data:`sftrl_jax.demo.runner.FULL`); the second SFT stage
+The stage settings are the demo's (:data:`sftrl_jax.experiments.demo.FULL`); the second SFT stage
 continues training at a sixth of the first stage's peak learning rate (restarting at the full rate
 with a fresh optimizer state would wreck the model, which is not the effect under study).
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from ..config import from_dict
 from ..metrics import plot_curves
 from ..pipeline import PipelineConfig, run_pipeline
-from .runner import demo_settings
+from .demo import demo_settings
 from .workspace import MODEL_OPTIONS, TASK_SEED, build_workspace, mean, spread, with_compilation_cache
 
 log = logging.getLogger("sftrl_jax.demo")
@@ -60,6 +60,7 @@ def run_repro_coupling(out: str | Path = "runs/repro_coupling", *, quick: bool =
     sft["data"]["train_files"] = [str(work.sft_file)]
     rl = copy.deepcopy(settings["rl"])
     rl["data"] = {"files": [str(work.prompt_files["rl"])]}
+    reward = rl.pop("reward", {})  # a pipeline's grader is set once, for its RL stages and the probe
     runs = []
     for seed in seeds:
         seed_sft = {"train": {"seed": seed}}
@@ -68,14 +69,15 @@ def run_repro_coupling(out: str | Path = "runs/repro_coupling", *, quick: bool =
         config = from_dict(PipelineConfig, {
             "model": {"path": str(work.base), **MODEL_OPTIONS},
             "stages": [{"kind": "sft", "settings": seed_sft},
-                       {"kind": "rl", "settings": {"rl": {"seed": seed}}},
+                       {"kind": "rl", "settings": {"train": {"seed": seed}}},
                        {"kind": "sft", "settings": {"train": {"seed": seed + 1000,
-                                                              "max_steps": settings["second_sft_steps"],
-                                                              "learning_rate": settings["second_sft_lr"]}}}],
-            "sft": sft, "rl": rl,
+                                                              "max_steps": settings["second_sft_steps"]},
+                                                    "optimizer": {"learning_rate": settings["second_sft_lr"]}}}],
+            "sft": sft, "rl": rl, "reward": reward,
             "probe": {"every": settings["probe_every"], "sft_files": [str(heldout_sft)], "max_length": 128,
                       "prompt_files": [str(work.prompt_files["probe"])], "prompt_limit": settings["splits"]["probe"],
-                      "sft_limit": settings["splits"]["heldout"], "temperature": 0.0, "max_new_tokens": 40},
+                      "sft_limit": settings["splits"]["heldout"],
+                      "sampling": {"temperature": 0.0, "max_new_tokens": 40}},
             "mesh": {"data": 1, "fsdp": -1}, "output_dir": str(out / f"seed{seed}")})
         tick = time.time()
         summary = run_pipeline(config, progress=progress, reward_fn=reward_fn)

@@ -18,11 +18,11 @@ import logging
 import time
 from pathlib import Path
 
-from ..config import from_dict
+from ..config import deep_merge, from_dict
 from ..metrics import plot_curves, read_metrics
 from ..models import load_tokenizer
 from ..sft import SFTConfig, run_sft
-from .workspace import (MODEL_OPTIONS, TASK_SEED, build_workspace, deep_merge, evaluate, mean, spread,
+from .workspace import (MODEL_OPTIONS, TASK_SEED, build_workspace, evaluate, mean, spread,
                         with_compilation_cache)
 
 log = logging.getLogger("sftrl_jax.demo")
@@ -37,8 +37,8 @@ FULL = {
     "model": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 384},
     "seeds": [0, 1, 2],
     "max_new_tokens": 64,
-    "sft": {"train": {"micro_batch_size": 1, "max_steps": 120, "learning_rate": 3e-3, "warmup_ratio": 0.1,
-                      "lr_schedule": "cosine", "weight_decay": 0.0},
+    "sft": {"train": {"micro_batch_size": 1, "max_steps": 120},
+            "optimizer": {"learning_rate": 3e-3, "warmup_ratio": 0.1, "lr_schedule": "cosine", "weight_decay": 0.0},
             "data": {"max_length": 128}},
 }
 QUICK = copy.deepcopy(FULL)
@@ -149,8 +149,8 @@ def _report(out: Path, settings: dict, seeds: list[int], runs: list[dict], secon
             response_tokens: tuple[int, int]) -> dict:
     rows = _summary(runs)
     findings = _findings(rows, seeded=len(seeds) > 1)
-    report = {"settings": settings, "seeds": seeds, "summary": rows, "runs": runs, "findings": findings,
-              "seconds": seconds, "quick": quick}
+    report = {"settings": settings, "seeds": seeds, "summary": rows, "labels": {bug: LABELS[bug] for bug in BUGS},
+              "runs": runs, "findings": findings, "seconds": seconds, "quick": quick}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _staircase_png(rows, out / "staircase.png")
     curves = {f"{LABELS[r['bug']]} seed {r['seed']}": read_metrics(Path(r["dir"]) / "metrics.jsonl")

@@ -4,7 +4,6 @@ config merging, and held-out evaluation through ``run_eval``."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import inspect
@@ -110,13 +109,6 @@ def with_compilation_cache(run):
             return run(*args, **kwargs)
 
     return wrapper
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        out[key] = deep_merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def spread(values: list[float]) -> float:

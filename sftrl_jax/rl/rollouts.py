@@ -1,0 +1,140 @@
+"""GRPO's rollouts as plain functions: sample groups, grade them, lay them out as arrays.
+
+:func:`collect_rollouts` samples ``sampling.n`` responses for each of ``rl.prompts_per_step``
+prompts from the current policy (with DAPO's dynamic sampling, groups whose rewards are all equal
+are dropped and more prompts are sampled), grades them, and adds the overlong penalty;
+:func:`rollout_arrays` turns them into the fixed-shape arrays the jitted step takes.
+
+With several processes every process runs the same code: sampling is one SPMD program, each process
+grades a contiguous share of the responses and the rewards are gathered, so all processes hold
+identical rollouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ..data.batching import bucket_length
+from ..distributed import map_rows_across_processes
+from .algorithms import overlong_penalty
+
+log = logging.getLogger("sftrl_jax.rl")
+
+# reward_fn(responses, ground_truths, response_token_ids) -> scores in [0, 1]
+RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], Sequence[float]]
+
+
+class DynamicSamplingError(RuntimeError):
+    """Dynamic sampling could not fill a step's batch with non-degenerate groups within the cap."""
+
+
+@dataclasses.dataclass
+class Rollouts:
+    prompts: list[list[int]] = dataclasses.field(default_factory=list)  # one per sequence (repeated in a group)
+    responses: list[list[int]] = dataclasses.field(default_factory=list)
+    sampler_logprobs: list[list[float]] = dataclasses.field(default_factory=list)
+    truncated: list[bool] = dataclasses.field(default_factory=list)
+    correctness: list[float] = dataclasses.field(default_factory=list)
+    rewards: list[float] = dataclasses.field(default_factory=list)
+    rounds: int = 0
+    dropped_groups: int = 0
+    score_seconds: float = 0.0
+
+
+def check_batch_sizes(config, shards: int) -> int:
+    """Micro-steps per mini-batch of an RL config; raises naming the keys when the sizes do not divide."""
+    cfg = config.rl
+    sequences = cfg.prompts_per_step * config.sampling.n
+    if sequences % cfg.mini_batches_per_step:
+        raise ValueError(f"rl.prompts_per_step x sampling.n ({sequences}) must be a multiple of "
+                         f"rl.mini_batches_per_step ({cfg.mini_batches_per_step})")
+    mini = sequences // cfg.mini_batches_per_step
+    if mini % (config.train.micro_batch_size * shards):
+        raise ValueError(f"a mini-batch of {mini} sequences must be a multiple of train.micro_batch_size "
+                         f"({config.train.micro_batch_size}) x data-parallel shards ({shards})")
+    return mini // (config.train.micro_batch_size * shards)
+
+
+def default_reward_fn(pool, require_think: bool) -> RewardFn:
+    """The math-verify grader of a :class:`sftrl_jax.rewards.RewardPool` as a reward function."""
+
+    def score(responses, ground_truths, _token_ids):
+        result = pool.score_batch(list(responses), list(ground_truths), require_think=require_think)
+        if result.num_timeouts:
+            log.warning("%d responses timed out in grading (scored 0)", result.num_timeouts)
+        return result.scores
+
+    return score
+
+
+def collect_rollouts(sampler, items, prompt_sampler, score: RewardFn, config, step: int) -> Rollouts:
+    """One step's rollouts: ``rl.prompts_per_step`` groups of ``sampling.n`` graded responses.
+
+    ``sampler``: a :class:`sftrl_jax.sampling.TextSampler` of the current policy; ``items``: the
+    prompts; ``prompt_sampler``: an :class:`~sftrl_jax.data.batching.EpochSampler` over them.
+    """
+    cfg, group = config.rl, config.sampling.n
+    out = Rollouts()
+    groups = 0
+    while groups < cfg.prompts_per_step:
+        if out.rounds >= cfg.max_generation_rounds:
+            raise DynamicSamplingError(
+                f"dynamic sampling: only {groups} of {cfg.prompts_per_step} prompt groups had rewards that "
+                f"differ after {cfg.max_generation_rounds} generation rounds (rl.max_generation_rounds) at "
+                f"step {step}; the prompts are too easy or too hard for this model")
+        out.rounds += 1
+        chunk = [items[i] for i in prompt_sampler.next()]
+        samples, texts = sampler.sample([it.prompt_ids for it in chunk],
+                                        seed=config.rollout_seed * 1_000_003 + step * 1009 + out.rounds)
+        tick = time.perf_counter()
+        # each process grades its share of the rollouts; all get the same full vector
+        correctness = map_rows_across_processes(score, texts, [chunk[s.prompt_index].ground_truth for s in samples],
+                                                [s.tokens for s in samples])
+        out.score_seconds += time.perf_counter() - tick
+        rewards = correctness + np.asarray(overlong_penalty([len(s.tokens) for s in samples],
+                                                            config.sampling.max_new_tokens, cfg.overlong_buffer_len,
+                                                            cfg.overlong_penalty_factor))
+        for g in range(len(chunk)):
+            rows = range(g * group, (g + 1) * group)
+            if cfg.dynamic_sampling and np.ptp(rewards[list(rows)]) == 0:
+                out.dropped_groups += 1
+                continue
+            if groups == cfg.prompts_per_step:
+                break
+            groups += 1
+            for r in rows:
+                out.prompts.append(chunk[g].prompt_ids)
+                out.responses.append(samples[r].tokens)
+                out.sampler_logprobs.append(samples[r].logprobs)
+                out.truncated.append(samples[r].stop_reason == "length")
+                out.correctness.append(float(correctness[r]))
+                out.rewards.append(float(rewards[r]))
+    return out
+
+
+def rollout_arrays(rollouts: Rollouts, *, max_new_tokens: int, mask_truncated: bool, pad_id: int) -> dict:
+    """``[S, P+R]`` sequences (left-padded prompt, right-padded response) and ``[S, R]`` response arrays."""
+    count = len(rollouts.responses)
+    prompt_len = bucket_length(max(map(len, rollouts.prompts)), maximum=1 << 30, minimum=16)
+    response_len = bucket_length(max(max(map(len, rollouts.responses)), 1), maximum=max_new_tokens, minimum=16)
+    ids = np.full((count, prompt_len + response_len), pad_id, np.int32)
+    attention = np.zeros_like(ids)
+    response_ids = np.full((count, response_len), pad_id, np.int32)
+    response_mask = np.zeros((count, response_len), np.float32)
+    sampler_logp = np.zeros((count, response_len), np.float32)
+    for row, (prompt, response) in enumerate(zip(rollouts.prompts, rollouts.responses)):
+        ids[row, prompt_len - len(prompt):prompt_len] = prompt
+        attention[row, prompt_len - len(prompt):prompt_len + len(response)] = 1
+        ids[row, prompt_len:prompt_len + len(response)] = response
+        response_ids[row, :len(response)] = response
+        if not (mask_truncated and rollouts.truncated[row]):
+            response_mask[row, :len(response)] = 1.0
+        sampler_logp[row, :len(response)] = rollouts.sampler_logprobs[row]
+    positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": attention, "positions": positions, "response_ids": response_ids,
+            "response_mask": response_mask, "sampler_logp": sampler_logp}
