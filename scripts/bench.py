@@ -198,7 +198,6 @@ def write_hf_model(hf: dict, directory: Path, seed: int = 0):
 def cpu_compare(args, results: dict) -> None:
     import jax
     import torch
-    from flax import nnx
 
     from sftrl_jax import flops
     from sftrl_jax.models import load_pretrained

@@ -371,7 +371,7 @@ def import_report(name: str, source: Path, *, root: Path = ROOT, command: str | 
         out_dir = str(source.resolve().parent.relative_to(Path.cwd()))
     except ValueError:
         out_dir = str(source.resolve().parent)
-    mtime = datetime.datetime.fromtimestamp(source.stat().st_mtime, datetime.timezone.utc)
+    mtime = datetime.datetime.fromtimestamp(source.stat().st_mtime, datetime.UTC)
     result = {"kind": name, "command": command or _command(name, report, out_dir),
               "date": mtime.date().isoformat(), "imported": datetime.date.today().isoformat(),
               "source": str(source), "version": _package_version(), "commit": _git_commit(),

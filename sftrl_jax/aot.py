@@ -764,11 +764,8 @@ def compile_sampler(compiler: Compiler, run: AbstractRun, *, prefix: str, prompt
     repeated cache, decode loop), and one prefill and one decode step for their FLOPs and bytes."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from .data.batching import bucket_length
-    from .flops import forward_flops, generation_flops
-    from .models.decoder import init_cache
     from .sampling import _generate_batch, generation_rows
     from .sharding import named_sharding
 
@@ -786,16 +783,7 @@ def compile_sampler(compiler: Compiler, run: AbstractRun, *, prefix: str, prompt
     key = _sds(key_shape.shape, key_shape.dtype, named_sharding((), mesh))
     resident = resident if resident is not None else {}
     if relaid:
-        # the relayout itself (once per rollout phase): training params in, sampling copy out
-        from .sampling import sampling_layout
-
-        def relayout_fn(p):
-            return nnx.to_pure_dict(nnx.state(sampling_layout(nnx.merge(run.graphdef, p))))
-
-        compiler.compile(f"{prefix}sampling_layout", lambda: jax.jit(relayout_fn).lower(run.state["params"]),
-                         resident=resident, note="training params -> decode layout (once per rollout phase)")
-        resident = {"during_sampling": resident, "train_params": run.state["params"]}
-    total_rows = rows * n
+        resident = _compile_relayout(compiler, run, prefix=prefix, resident=resident)
     note = f"{rows} prompts x {n} samples, prompt {length} + {max_new_tokens} new tokens"
     compiler.compile(
         f"{prefix}generate",
@@ -806,7 +794,41 @@ def compile_sampler(compiler: Compiler, run: AbstractRun, *, prefix: str, prompt
         note=note + "; memory is the whole generation's; FLOPs/bytes count the decode while_loop (no known trip "
                     "count) once on GPU and up to max_new_tokens times on TPU, so no MFU here (see "
                     "prefill/decode_step)")
+    _compile_prefill_and_decode(compiler, run, params, ids, mask, prefix=prefix, n=n, max_new_tokens=max_new_tokens,
+                                cache_dtype=cache_dtype, resident=resident, relaid=relaid)
 
+
+def _compile_relayout(compiler: Compiler, run: AbstractRun, *, prefix: str, resident: dict) -> dict:
+    """Compile the training -> decode parameter relayout; return what is resident while sampling after it."""
+    import jax
+    from flax import nnx
+
+    from .sampling import sampling_layout
+
+    # the relayout itself (once per rollout phase): training params in, sampling copy out
+    def relayout_fn(p):
+        return nnx.to_pure_dict(nnx.state(sampling_layout(nnx.merge(run.graphdef, p))))
+
+    compiler.compile(f"{prefix}sampling_layout", lambda: jax.jit(relayout_fn).lower(run.state["params"]),
+                     resident=resident, note="training params -> decode layout (once per rollout phase)")
+    return {"during_sampling": resident, "train_params": run.state["params"]}
+
+
+def _compile_prefill_and_decode(compiler: Compiler, run: AbstractRun, params, ids, mask, *, prefix: str, n: int,
+                                max_new_tokens: int, cache_dtype: str, resident: dict, relaid: bool) -> None:
+    """One prefill of the ``ids``/``mask`` prompts and one decode step (also from the training layout if
+    ``relaid``), for their FLOPs and bytes."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from .flops import forward_flops, generation_flops
+    from .models.decoder import init_cache
+    from .sharding import named_sharding
+
+    mesh, config = run.mesh, run.model_config
+    rows, length = ids.shape
+    total_rows = rows * n
     max_len = length + max_new_tokens
 
     def prefill(p, prompt_ids, prompt_mask):

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from .models.config import ModelConfig
 from .models.decoder import Decoder, as_dtype
-from .models.hf_io import abstract_model, copy_tokenizer_files, param_shardings
+from .models.hf_io import abstract_model, copy_tokenizer_files, param_shardings, read_json
 from .sharding import DEFAULT_RULES, Rules, single_device_mesh
 
 PARAMS_DIR = "params"
@@ -56,7 +56,7 @@ def load_model(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh:
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     if not is_orbax_model_dir(directory):
         raise FileNotFoundError(f"{directory} is not a model checkpoint (needs config.json and {PARAMS_DIR}/)")
-    hf = json.loads((directory / "config.json").read_text())
+    hf = read_json(directory / "config.json")
     config = ModelConfig.from_hf_dict(hf, source_dir=str(directory))
     param_dtype = as_dtype(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
     mesh = mesh or single_device_mesh()

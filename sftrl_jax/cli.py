@@ -44,7 +44,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from .sft import SFTConfig, run_sft
 
     config = load_config(SFTConfig, args.config, args.overrides)
-    result = run_sft(config, resume=args.resume)
+    result = run_sft(config, resume=args.resume, force=args.force)
     print(f"sft: {result.steps} steps; metrics {result.output_dir / 'metrics.jsonl'}; model {result.final_dir}")
     return 0
 
@@ -54,7 +54,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
     from .rl import RLConfig, run_rl
 
     config = load_config(RLConfig, args.config, args.overrides)
-    result = run_rl(config, resume=args.resume)
+    result = run_rl(config, resume=args.resume, force=args.force)
     print(f"rl: {result.steps} steps; metrics {result.output_dir / 'metrics.jsonl'}; model {result.final_dir}")
     return 0
 
@@ -64,7 +64,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline import PipelineConfig, run_pipeline
 
     config = load_config(PipelineConfig, args.config, args.overrides)
-    summary = run_pipeline(config, resume=args.resume)
+    summary = run_pipeline(config, resume=args.resume, force=args.force)
     for row in summary["stages"]:
         print(f"stage {row['stage']} {row['kind']}: {row['steps']} steps; probe {row['start']} -> {row['end']}")
     print(f"pipeline: {config.output_dir}/cross_stage.png, {config.output_dir}/boundaries.json")
@@ -163,14 +163,15 @@ def _config_command(sub, name: str, run, *, help: str, description: str, example
     p.add_argument("--config", help="YAML config file")
     if resume_help:
         p.add_argument("--resume", action="store_true", help=resume_help)
+        p.add_argument("--force", action="store_true",
+                       help="with --resume: continue even though settings that break continuity (data, batch size, "
+                            "seed, optimizer, algorithm) differ from the run's config.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
     p.set_defaults(func=run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sftrl-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_convert_command(sub) -> None:
+    """``convert``: Hugging Face directory <-> orbax checkpoint."""
     p = sub.add_parser("convert", help="convert a Hugging Face directory to an orbax checkpoint, or back",
                        description="Convert between a Hugging Face model directory (config.json + safetensors) "
                                    "and an orbax checkpoint (config.json + params/). The direction is "
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default fsdp=-1: all devices)")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_training_commands(sub) -> None:
+    """The config-driven training subcommands: ``sft``, ``rl`` and ``pipeline``."""
     resume = "continue from the latest checkpoint in output_dir"
     _config_command(sub, "sft", cmd_sft, help="supervised fine-tuning", example="train.max_steps=10",
                     resume_help=resume,
@@ -198,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Stages (sft | rl) each start from the previous stage's weights; the held-out "
                                 "SFT loss and reward are measured throughout.")
 
+
+def _add_offline_commands(sub) -> None:
+    """The offline CPU experiments on the embedded task: ``demo`` and ``repro``."""
     p = sub.add_parser("demo", help="offline CPU demo: base -> SFT -> GRPO -> evaluation on an embedded task",
                        description="Builds an arithmetic word-problem task, a tokenizer and a small random model "
                                    "offline, then runs SFT, GRPO and evaluation through the normal code paths, "
@@ -218,10 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: bugs 3, coupling 2)")
     p.set_defaults(func=cmd_repro)
 
-    _config_command(sub, "eval", cmd_eval, help="evaluate a model on reasoning benchmarks", example="sampling.n=4",
-                    description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
-                                "output_dir/generations.jsonl.")
 
+def _add_compile_command(sub) -> None:
+    """``compile``: ahead-of-time compilation of a run for a TPU slice or GPU host."""
     p = sub.add_parser("compile", help="ahead-of-time compile a run's jitted functions for a TPU slice or GPU host",
                        description="Compile, on this machine (a CPU is enough), every jitted function the run "
                                    "CONFIG describes for TOPOLOGY's chips, with the real XLA:TPU / XLA:GPU "
@@ -237,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. model.path=configs/models/Qwen2.5-Math-7B")
     p.set_defaults(func=cmd_compile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sftrl-jax`` parser: one subcommand per entry point, listed in this order in ``--help``."""
+    parser = argparse.ArgumentParser(prog="sftrl-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert_command(sub)
+    _add_training_commands(sub)
+    _add_offline_commands(sub)
+    _config_command(sub, "eval", cmd_eval, help="evaluate a model on reasoning benchmarks", example="sampling.n=4",
+                    description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
+                                "output_dir/generations.jsonl.")
+    _add_compile_command(sub)
     return parser
 
 

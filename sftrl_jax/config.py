@@ -54,56 +54,72 @@ def _describe(tp, spec: str | None = None) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _mismatch(value: Any, tp, key: str) -> ConfigError:
+    """The error for ``value`` not fitting type ``tp`` at config key ``key``."""
+    return ConfigError(f"config key {key!r}: expected {_describe(tp)}, got {value!r}")
+
+
 def _convert(value: Any, tp, key: str):
     """Check/convert ``value`` to type ``tp``; raise ConfigError naming ``key`` otherwise."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def fail():
-        raise ConfigError(f"config key {key!r}: expected {_describe(tp)}, got {value!r}")
-
     if tp is Any:
         return value
     if origin is Literal:
         if value in args:
             return value
-        fail()
+        raise _mismatch(value, tp, key)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                pass
-        fail()
+        return _convert_union(value, tp, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            fail()
+            raise _mismatch(value, tp, key)
         return from_dict(tp, value, prefix=key)
+    if origin in (list, Sequence, tuple, dict, Mapping) or tp in (list, tuple, dict):
+        return _convert_container(value, tp, key)
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_union(value: Any, tp, key: str):
+    """``value`` converted to the first member of the union ``tp`` it fits (``None`` where ``tp`` allows it)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ConfigError:
+            pass
+    raise _mismatch(value, tp, key)
+
+
+def _convert_container(value: Any, tp, key: str):
+    """``value`` as the list, tuple or dict type ``tp``, converting every item (a dict's keys and values)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (list, Sequence, tuple) or tp in (list, tuple):
         if isinstance(value, str) and (args and args[0] is str):
             value = [value]  # a single file name where a list is expected
         if not isinstance(value, (list, tuple)):
-            fail()
+            raise _mismatch(value, tp, key)
         item = args[0] if args else Any
         out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple or tp is tuple else out
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            fail()
-        key_type, value_type = args if args else (Any, Any)
-        return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if not isinstance(value, Mapping):
+        raise _mismatch(value, tp, key)
+    key_type, value_type = args if args else (Any, Any)
+    return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
+
+
+def _convert_scalar(value: Any, tp, key: str):
+    """``value`` as the scalar (bool, int, float, str) or plain class ``tp``; a float may come as a string."""
     if tp is bool:
         if isinstance(value, bool):
             return value
-        fail()
-    if tp is int:
+    elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        fail()
-    if tp is float:
+    elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
@@ -111,16 +127,14 @@ def _convert(value: Any, tp, key: str):
                 return float(value)
             except ValueError:
                 pass
-        fail()
-    if tp is str:
+    elif tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, os.PathLike):
             return os.fspath(value)
-        fail()
-    if isinstance(tp, type) and isinstance(value, tp):
+    elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    fail()
+    raise _mismatch(value, tp, key)
 
 
 _NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf)"

@@ -50,6 +50,8 @@ class DistributedOptions:
     initialization_timeout: int = 300  # seconds to wait for every process to connect
     cpu_collectives: Literal["gloo", "mpi"] = "gloo"  # cross-process collectives on CPU devices
 
+    _ranges = {"num_processes": ">= 1", "process_id": ">= 0", "initialization_timeout": ">= 1"}
+
 
 @dataclasses.dataclass
 class InitPlan:

@@ -26,6 +26,7 @@ from .config import RewardOptions, RunConfig, SamplingOptions, save_config
 from .data.prompts import PromptDataOptions, PromptItem, load_prompt_items
 from .distributed import barrier, initialize, map_rows_across_processes
 from .metrics import is_writer, read_jsonl
+from .run_folder import RunLock, writable_folder
 
 log = logging.getLogger("sftrl_jax.eval")
 
@@ -107,17 +108,6 @@ def summarize(records: Sequence[dict], math_benchmarks: Sequence[str]) -> dict:
     return {"benchmarks": benchmarks, "math_average": average, "math_benchmarks": present}
 
 
-def _extracted(response: str, ground_truth: str, require_think: bool) -> str | None:
-    from .rewards import extract_boxed, extract_choice, is_choice_answer
-
-    if require_think:
-        _, sep, tail = response.rpartition("</think>")
-        if not sep:
-            return None
-        response = tail
-    return extract_choice(response) if is_choice_answer(ground_truth) else extract_boxed(response)
-
-
 _GENERATION_FIELDS = ("prompt_id", "sample", "benchmark", "score", "num_tokens", "truncated", "timed_out")
 
 
@@ -134,88 +124,135 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
     With several processes every process generates (one SPMD program per batch) and grades its
     share of each chunk; process 0 alone writes the files.
     """
-    from .rewards import RewardPool
-
     initialize(config.distributed)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_writer():
+    if not is_writer():
+        return _evaluate(config, out, generator=generator, progress=progress)
+    writable_folder(out)
+    with RunLock(out, command="sftrl-jax eval"):
+        check_generation_settings(out, config)
         save_config(config, out / "config.yaml")
+        return _evaluate(config, out, generator=generator, progress=progress)
+
+
+# what does not change the generations already written: where, how fast, and which averages are shown
+_EVAL_LAYOUT_KEYS = ("output_dir", "mesh", "distributed", "chunk_size", "math_benchmarks", "sampling.batch_size",
+                     "reward.num_workers", "model.scan_layers", "model.attention", "model.attention_block_size",
+                     "model.logits_chunk_size", "model.remat")
+
+
+def generation_settings(config: EvalConfig) -> dict:
+    """What the generations in ``generations.jsonl`` depend on: the config, and the model's files
+    (name, size, modification time), so a re-exported model in the same directory counts as another."""
+    model_dir = Path(config.model.path)
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.json"))
+    fingerprint = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
+    return {**dataclasses.asdict(config), "model_files": fingerprint}
+
+
+def check_generation_settings(out: Path, config: EvalConfig) -> None:
+    """Refuse to reuse generations made with another model, sampling or data settings (naming them)."""
+    from .run_folder import RunFolderError, changed_settings
+
+    key_file, current = out / "generation_settings.json", generation_settings(config)
+    if read_generations(out / "generations.jsonl") and key_file.exists():
+        changes = changed_settings(json.loads(key_file.read_text()), json.loads(json.dumps(current)),
+                                   ignore=_EVAL_LAYOUT_KEYS)
+        if changes:
+            raise RunFolderError(f"{out}: generations.jsonl was made with other settings ({'; '.join(changes)}); "
+                                 "use a new output_dir, or delete generations.jsonl to start over")
+    key_file.write_text(json.dumps(current, indent=1) + "\n")
+
+
+def _evaluate(config: EvalConfig, out: Path, *, generator: Generator | None, progress: bool) -> dict:
     from .models import load_tokenizer
 
     tokenizer = load_tokenizer(config.model.path)
     items, skipped = load_prompt_items(config.data, tokenizer)
-    n = config.sampling.n
-    generations = out / "generations.jsonl"
-    unique: dict[tuple[int, int], dict] = {}  # (prompt, sample) -> record; a repeated one counts once
-    for r in read_generations(generations):
-        if 0 <= r["prompt_id"] < len(items):
-            unique.setdefault((r["prompt_id"], r["sample"]), r)
-    records = list(unique.values())
-    # Keep only prompts that have all n samples; a partly written prompt (a lost or corrupt line) is
-    # generated again.
-    counts: dict[int, int] = defaultdict(int)
-    for r in records:
-        counts[r["prompt_id"]] += 1
-    records = [r for r in records if counts[r["prompt_id"]] == n]
+    records = resume_generations(out / "generations.jsonl", len(items), config.sampling.n)
     done = {r["prompt_id"] for r in records}
-    barrier("sftrl_jax.eval.read_generations")  # every process has read the file before it is rewritten
-    if is_writer():
-        generations.write_text("".join(json.dumps(r) + "\n" for r in records))
     todo = [item for item in items if item.prompt_id not in done]
-    log.info("%d prompts (%d already generated), %d samples each", len(items), len(done), n)
-
-    if todo and generator is None:
-        from .models import load_pretrained
-        from .sharding import make_mesh
-
-        model, _ = load_pretrained(config.model.path, dtype=config.model.dtype,
-                                   compute_dtype=config.model.compute_dtype, scan_layers=config.model.scan_layers,
-                                   attention=config.model.attention,
-                                   attention_block_size=config.model.attention_block_size,
-                                   mesh=make_mesh(config.mesh))
-        generator = model_generator(model, tokenizer, config.sampling, progress=False)
+    log.info("%d prompts (%d already generated), %d samples each", len(items), len(done), config.sampling.n)
     if todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items), initial=len(done), desc="eval", disable=not progress, dynamic_ncols=True)
-        with RewardPool(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s) as pool:
-            for start in range(0, len(todo), config.chunk_size):
-                chunk = todo[start:start + config.chunk_size]
-                completions = generator(chunk, n)
-                truths = [item.ground_truth for item in chunk for _ in range(n)]
-                def grade(texts, truths):
-                    result = pool.score_batch(texts, truths, require_think=config.reward.require_think)
-                    return np.stack([result.scores, result.timed_out], axis=1)
-
-                graded = map_rows_across_processes(grade, [c.text for c in completions], truths, trailing=(2,))
-                new = []
-                for k, completion in enumerate(completions):
-                    item = chunk[k // n]
-                    new.append({
-                        "prompt_id": item.prompt_id, "sample": k % n, "benchmark": item.benchmark,
-                        "response": completion.text,
-                        "extracted_answer": _extracted(completion.text, item.ground_truth,
-                                                       config.reward.require_think),
-                        "ground_truth": item.ground_truth, "score": float(graded[k, 0]),
-                        "num_tokens": completion.num_tokens, "truncated": completion.truncated,
-                        "timed_out": bool(graded[k, 1])})
-                if is_writer():
-                    with generations.open("a") as f:
-                        f.write("".join(json.dumps(r) + "\n" for r in new))
-                records.extend(new)
-                bar.update(len(chunk))
-        bar.close()
-
+        if generator is None:
+            generator = _load_generator(config, tokenizer)
+        records.extend(_generate_and_grade(config, generator, todo, out / "generations.jsonl", total=len(items),
+                                           progress=progress))
     records.sort(key=lambda r: (r["prompt_id"], r["sample"]))
     results = summarize(records, config.math_benchmarks)
-    results.update(skipped=skipped, samples_per_prompt=n, sampling=dataclasses.asdict(config.sampling),
-                   model=config.model.path)
+    results.update(skipped=skipped, samples_per_prompt=config.sampling.n,
+                   sampling=dataclasses.asdict(config.sampling), model=config.model.path)
     if is_writer():
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print_table(results)
         plot_results(results, out / "accuracy.png")
     return results
+
+
+def resume_generations(path: Path, num_items: int, n: int) -> list[dict]:
+    """The complete prompts of an earlier, interrupted evaluation's ``generations.jsonl`` (rewritten to hold
+    just those): a repeated (prompt, sample) counts once, and a prompt with fewer than ``n`` samples (a
+    lost or corrupt line) is dropped, to be generated again."""
+    unique: dict[tuple[int, int], dict] = {}
+    for r in read_generations(path):
+        if 0 <= r["prompt_id"] < num_items:
+            unique.setdefault((r["prompt_id"], r["sample"]), r)
+    counts: dict[int, int] = defaultdict(int)
+    for r in unique.values():
+        counts[r["prompt_id"]] += 1
+    records = [r for r in unique.values() if counts[r["prompt_id"]] == n]
+    barrier("sftrl_jax.eval.read_generations")  # every process has read the file before it is rewritten
+    if is_writer():
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _load_generator(config: EvalConfig, tokenizer) -> Generator:
+    from .models import load_pretrained
+    from .sharding import make_mesh
+
+    model, _ = load_pretrained(config.model.path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
+                               scan_layers=config.model.scan_layers, attention=config.model.attention,
+                               attention_block_size=config.model.attention_block_size, mesh=make_mesh(config.mesh))
+    return model_generator(model, tokenizer, config.sampling, progress=False)
+
+
+def _generate_and_grade(config: EvalConfig, generator: Generator, todo: Sequence[PromptItem], path: Path, *,
+                        total: int, progress: bool) -> list[dict]:
+    """Generate and grade ``todo`` ``config.chunk_size`` prompts at a time, appending each chunk's records
+    to ``path`` as soon as it is graded; returns the new records."""
+    from tqdm.auto import tqdm
+
+    from .rewards import RewardPool, extract_answer
+
+    n, require_think = config.sampling.n, config.reward.require_think
+    new: list[dict] = []
+    bar = tqdm(total=total, initial=total - len(todo), desc="eval", disable=not progress, dynamic_ncols=True)
+    with RewardPool(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s) as pool:
+        def grade(texts, truths):
+            result = pool.score_batch(texts, truths, require_think=require_think)
+            return np.stack([result.scores, result.timed_out], axis=1)
+
+        for start in range(0, len(todo), config.chunk_size):
+            chunk = todo[start:start + config.chunk_size]
+            completions = generator(chunk, n)
+            truths = [item.ground_truth for item in chunk for _ in range(n)]
+            graded = map_rows_across_processes(grade, [c.text for c in completions], truths, trailing=(2,))
+            records = [{"prompt_id": item.prompt_id, "sample": k % n, "benchmark": item.benchmark,
+                        "response": completion.text,
+                        "extracted_answer": extract_answer(completion.text, item.ground_truth,
+                                                           require_think=require_think),
+                        "ground_truth": item.ground_truth, "score": float(graded[k, 0]),
+                        "num_tokens": completion.num_tokens, "truncated": completion.truncated,
+                        "timed_out": bool(graded[k, 1])}
+                       for k, (item, completion) in enumerate(zip((i for i in chunk for _ in range(n)), completions))]
+            if is_writer():
+                with path.open("a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in records))
+            new.extend(records)
+            bar.update(len(chunk))
+    bar.close()
+    return new
 
 
 def print_table(results: dict) -> None:

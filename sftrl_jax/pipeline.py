@@ -11,6 +11,7 @@ the reward). The pipeline writes ``metrics.jsonl`` (all stages on one global ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from .distributed import initialize
 from .metrics import is_writer, plot_curves, read_metrics
 from .models import load_tokenizer
 from .rl import RLConfig, run_rl
+from .run_folder import RunLock, check_continuity, writable_folder
 from .sampling import TextSampler
 from .sft import SFTConfig, heldout_loss, run_sft
 from .sft.step import make_eval_step
@@ -159,17 +161,29 @@ def stage_dir(config: PipelineConfig, index: int) -> Path:
 
 
 def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool = True, reward_fn=None,
-                 on_step: Callable[[int, int, dict], None] | None = None) -> dict:
-    """Run the stages in order; with ``resume``, skip finished stages and continue inside the unfinished one."""
+                 on_step: Callable[[int, int, dict], None] | None = None, force: bool = False) -> dict:
+    """Run the stages in order; with ``resume``, skip finished stages and continue inside the unfinished one
+    (refusing changed settings unless ``force``, as :func:`sftrl_jax.training.run_loop` does)."""
     initialize(config.distributed)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_writer():
-        save_config(config, out / "config.yaml")
+    if not is_writer():
+        return _run_stages(config, out, resume=resume, progress=progress, reward_fn=reward_fn, on_step=on_step,
+                           force=force)
+    writable_folder(out)
+    with RunLock(out, command="sftrl-jax pipeline"):
+        return _run_stages(config, out, resume=resume, progress=progress, reward_fn=reward_fn, on_step=on_step,
+                           force=force)
+
+
+def _run_stages(config: PipelineConfig, out: Path, *, resume, progress, reward_fn, on_step, force) -> dict:
     state_file = out / "pipeline_state.json"
-    done = json.loads(state_file.read_text())["completed"] if (resume and state_file.exists()) else []
     if not resume and state_file.exists():
         raise FileExistsError(f"{out} holds an earlier pipeline run; pass --resume or choose a new output_dir")
+    done = json.loads(state_file.read_text())["completed"] if state_file.exists() else []
+    if resume and is_writer():
+        check_continuity(out / "config.yaml", dataclasses.asdict(config), force=force)
+    if is_writer():  # the record, written once the folder is known to be this pipeline's
+        save_config(config, out / "config.yaml")
     tokenizer = load_tokenizer(config.model.path)
     probe = CrossStageProbe(config.probe, tokenizer=tokenizer, mesh=make_mesh(config.mesh), reward=config.reward,
                             reward_fn=reward_fn)
@@ -185,11 +199,8 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool
             log.info("stage %d/%d: %s from %s%s", index + 1, len(config.stages), stage.kind, model_path,
                      " (resuming)" if stage_resume else "")
             hook = (lambda step, record, i=index: on_step(i, step, record)) if on_step else None
-            if stage.kind == "sft":
-                result = run_sft(stage_cfg, resume=stage_resume, progress=progress, on_step=hook, probe=probe)
-            else:
-                result = run_rl(stage_cfg, resume=stage_resume, progress=progress, on_step=hook, probe=probe,
-                                reward_fn=reward_fn)
+            run = run_sft if stage.kind == "sft" else functools.partial(run_rl, reward_fn=reward_fn)
+            result = run(stage_cfg, resume=stage_resume, progress=progress, on_step=hook, probe=probe, force=force)
             model_path = str(result.final_dir)
             done.append(index)
             if is_writer():

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .data.batching import bucket_length
 from .models.decoder import Decoder, KVCache, init_cache
 from .models.hf_io import param_shardings
-from .sharding import named_sharding, place, sampling_rules, to_host
+from .sharding import data_parallel_size, place, rows_sharding, sampling_rules, to_host
 
 _NEG_INF = -1e30
 
@@ -215,24 +215,13 @@ def generate(
     if split_layer_weights is None:
         split_layer_weights = model.platform == "cpu"  # the platform of the model's mesh
     mesh = model.mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
     graphdef, params = nnx.split(model)
-    batch_prompts = generation_rows(batch_size, len(prompt_ids), shards)
-    rows_sharding = named_sharding(("batch", "length"), mesh) if mesh is not None else None
-    vector_sharding = named_sharding(("batch",), mesh) if mesh is not None else None
+    batch_prompts = generation_rows(batch_size, len(prompt_ids), data_parallel_size(mesh) if mesh is not None else 1)
     samples: list[Sample] = []
     starts = range(0, len(prompt_ids), batch_prompts)
     for batch_index, start in enumerate(tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True)):
         chunk = prompt_ids[start:start + batch_prompts]
-        length = bucket_length(max(len(p) for p in chunk), maximum=1 << 30, minimum=16)
-        ids = np.full((batch_prompts, length), pad_token_id, np.int32)
-        mask = np.zeros((batch_prompts, length), np.int32)
-        for row, prompt in enumerate(chunk):  # left padding
-            ids[row, length - len(prompt):] = prompt
-            mask[row, length - len(prompt):] = 1
-        live = np.arange(batch_prompts) < len(chunk)
-        if rows_sharding is not None:
-            ids, mask, live = place(ids, rows_sharding), place(mask, rows_sharding), place(live, vector_sharding)
+        ids, mask, live = _prompt_batch(chunk, batch_prompts, pad_token_id, mesh)
         tokens, logprobs, _ = _generate_batch(
             graphdef, params, ids, mask, live, jax.random.fold_in(jax.random.key(seed), batch_index), n=n,
             max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
@@ -246,6 +235,20 @@ def generate(
                                   logprobs=logprobs[row, :end].tolist(),
                                   stop_reason="eos" if hits.size else "length"))
     return samples
+
+
+def _prompt_batch(chunk: Sequence[Sequence[int]], rows: int, pad_id: int, mesh):
+    """Left-padded ``ids``/``mask`` ``[rows, bucketed length]`` and the ``live`` rows, on ``mesh`` when given."""
+    length = bucket_length(max(len(p) for p in chunk), maximum=1 << 30, minimum=16)
+    ids = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for row, prompt in enumerate(chunk):
+        ids[row, length - len(prompt):] = prompt
+        mask[row, length - len(prompt):] = 1
+    live = np.arange(rows) < len(chunk)
+    if mesh is None:
+        return ids, mask, live
+    return place(ids, rows_sharding(mesh, 2)), place(mask, rows_sharding(mesh, 2)), place(live, rows_sharding(mesh, 1))
 
 
 def stop_token_ids(tokenizer, model_config) -> list[int]:

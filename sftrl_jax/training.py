@@ -30,6 +30,7 @@ from .distributed import initialize
 from .metrics import MetricSinks, is_writer
 from .models import load_pretrained, load_tokenizer, save_pretrained
 from .optim import init_opt_state, make_optimizer
+from .run_folder import RunLock, check_continuity, writable_folder
 from .sharding import data_parallel_size, make_mesh, shardings_on
 
 log = logging.getLogger("sftrl_jax.training")
@@ -198,17 +199,29 @@ def probe_hook(probe) -> Hook:
 
 
 def run_loop(config, algorithm: Algorithm, *, resume: bool = False, hooks: Sequence[Hook] = (),
-             on_step: Callable[[int, dict], None] | None = None, progress: bool | None = None) -> TrainResult:
+             on_step: Callable[[int, dict], None] | None = None, progress: bool | None = None,
+             force: bool = False) -> TrainResult:
     """Train ``algorithm`` as ``config`` says (or with ``resume`` continue the run in ``config.output_dir``).
 
     ``on_step(step, record)`` runs after every step with that step's metrics; ``progress`` overrides
-    ``logging.progress`` (the progress bar).
+    ``logging.progress`` (the progress bar). The run holds ``output_dir/.lock`` throughout; a resumed
+    run whose settings differ from the folder's ``config.yaml`` in ways that break continuity stops
+    naming them, unless ``force``.
     """
     if progress is not None:
         config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, progress=progress))
     initialize(config.distributed)
+    out = Path(config.output_dir)
+    if not is_writer():
+        return _run(config, algorithm, out, resume=resume, hooks=hooks, on_step=on_step, force=force)
+    writable_folder(out)
+    with RunLock(out, command=f"sftrl-jax {config.kind}"):
+        return _run(config, algorithm, out, resume=resume, hooks=hooks, on_step=on_step, force=force)
+
+
+def _run(config, algorithm, out, *, resume, hooks, on_step, force) -> TrainResult:
     mesh = make_mesh(config.mesh)
-    ctx = LoopContext(config=config, out=Path(config.output_dir), mesh=mesh, shards=data_parallel_size(mesh),
+    ctx = LoopContext(config=config, out=out, mesh=mesh, shards=data_parallel_size(mesh),
                       tokenizer=load_tokenizer(config.model.path))
     _log_layout(ctx)
     updates = algorithm.setup(ctx)
@@ -216,27 +229,27 @@ def run_loop(config, algorithm: Algorithm, *, resume: bool = False, hooks: Seque
     ctx.graphdef, ctx.model_config, state, ctx.state_shardings = init_train_state(config.model, mesh, ctx.optimizer)
     algorithm.build(ctx, state)
     hooks = [*algorithm.hooks(), *hooks]
-    if is_writer():
-        ctx.out.mkdir(parents=True, exist_ok=True)
-    checkpointer, state, meta = open_checkpoints(ctx.out, config.checkpoint, state, resume=resume)
-    if is_writer():  # the run's record, written once the folder is known to be this run's
-        save_config(config, ctx.out / "config.yaml")
+    checkpointer, state, meta = open_checkpoints(out, config.checkpoint, state, resume=resume)
     start = 0
     if meta is not None:
+        if is_writer():
+            check_continuity(out / "config.yaml", to_dict(config), force=force)
         algorithm.load_state_dict(meta)
         start = int(meta["step"])
-    sinks = MetricSinks(config.logging, ctx.out, resume_step=start, plot_name=algorithm.plot_name,
+    if is_writer():  # the run's record, written once the folder is known to be this run's
+        save_config(config, out / "config.yaml")
+    sinks = MetricSinks(config.logging, out, resume_step=start, plot_name=algorithm.plot_name,
                         plot_keys=algorithm.plot_keys, title=algorithm.plot_title, config=to_dict(config))
     try:
         state, step = _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step)
     finally:
         checkpointer.close()
         algorithm.close()
-    final_dir = ctx.out / "final"
+    final_dir = out / "final"
     save_pretrained(nnx.merge(ctx.graphdef, state["params"]), final_dir, tokenizer_dir=config.model.path)
     records = sinks.close()
     log.info("done: %d steps; final model in %s", step, final_dir)
-    return TrainResult(output_dir=ctx.out, final_dir=final_dir, steps=step, params=state["params"], metrics=records)
+    return TrainResult(output_dir=out, final_dir=final_dir, steps=step, params=state["params"], metrics=records)
 
 
 def _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step):

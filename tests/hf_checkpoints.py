@@ -92,7 +92,7 @@ QWEN25_CHAT_TEMPLATE = (
 
 def make_tokenizer(directory: Path, chat_template: str = CHAT_TEMPLATE) -> Path:
     """A tiny character-level tokenizer with Qwen-style special tokens and a chat template (< 96 ids)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789 \n.,+-*/=()\\{}^_?:")

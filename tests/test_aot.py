@@ -71,6 +71,7 @@ def test_vendored_gpu_specs_match_the_chip_table():
         assert figures["peak_flops"] == pytest.approx(chip.peak_flops, rel=1e-3)  # 989 TFLOP/s bf16 dense
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_sft_step_compiles_for_a_tpu_slice(tiny_model, tmp_path, capsys):
     out = tmp_path / "sft.json"
@@ -90,6 +91,7 @@ def test_sft_step_compiles_for_a_tpu_slice(tiny_model, tmp_path, capsys):
     assert functions["sft/train_step"]["alias_bytes"] > 0  # the train state is donated
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_rl_functions_compile_for_a_tpu_slice(tiny_model):
     result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", _overrides(tiny_model))
@@ -103,6 +105,7 @@ def test_rl_functions_compile_for_a_tpu_slice(tiny_model):
     assert decode["collective_bytes"] < decode_from_training_layout["collective_bytes"]
 
 
+@pytest.mark.slow
 @needs_cuda_plugin
 def test_sft_and_rl_compile_for_a_gpu(tiny_model):
     sft = _by_name(aot.compile_run(ROOT / "configs/tiny_sft.yaml", "1xh100", _overrides(tiny_model)))

@@ -62,6 +62,7 @@ def test_blockwise_matches_dense(dtype, block_size):
                  _value_and_grads(q, k, v, implementation="dense", **kw), dtype)
 
 
+@pytest.mark.slow
 def test_blockwise_with_a_query_offset_matches_dense():
     """The KV-cache form: 6 queries at slots 20..25 against 37 keys, offset traced."""
     q, k, v = _qkv(jnp.float32, q_len=6)
@@ -94,6 +95,7 @@ def test_splash_rejects_what_it_cannot_serve():
         attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, implementation="splash", block_size=64)
 
 
+@pytest.mark.slow
 def test_cudnn_falls_back_to_blockwise_where_it_does_not_apply():
     q, k, v = _qkv(jnp.float32)
     seg = _segments()
@@ -220,6 +222,7 @@ def dense_decoder_results():
     return {packed: _logits_and_grads(reference, ids, mask, segments if packed else None) for packed in (True, False)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation,block,cases", [("blockwise", 16, (True, False)), ("splash", 128, (True,))])
 def test_decoder_matches_dense(implementation, block, cases, dense_decoder_results):
     """Logits and the loss gradient of a tiny model, on packed + left-padded rows and left-padded rows."""

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs every benchmark section at toy sizes (about 3 min on 2 cores)
+
 ROOT = Path(__file__).parents[1]
 
 

@@ -31,7 +31,8 @@ def _loss(chunk_size, temperature, with_entropy):
     return loss
 
 
-@pytest.mark.parametrize("chunk_size", [8, 10, 37, 64])  # divides after padding, uneven tail, exact, larger
+@pytest.mark.parametrize("chunk_size", [8, 10, pytest.param(37, marks=pytest.mark.slow),  # divides after padding,
+                                        pytest.param(64, marks=pytest.mark.slow)])  # uneven tail, exact, larger
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_chunked_logprobs_equal_full_path_values_and_gradients(chunk_size, with_entropy):
     hidden, head, labels = _problem()

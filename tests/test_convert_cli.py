@@ -2,13 +2,14 @@
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
+from hf_checkpoints import read_tensors as _tensors
 from sftrl_jax.checkpointing import load_model
 from sftrl_jax.cli import main
 from sftrl_jax.models import load_pretrained, param_items
 from sftrl_jax.sharding import make_mesh
-from hf_checkpoints import read_tensors as _tensors
 
 
 def test_convert_round_trip_is_bit_exact(hf_checkpoint, tmp_path, capsys):
@@ -23,6 +24,7 @@ def test_convert_round_trip_is_bit_exact(hf_checkpoint, tmp_path, capsys):
     assert (tmp_path / "hf" / "generation_config.json").exists()
 
 
+@pytest.mark.slow
 def test_orbax_checkpoint_restores_onto_a_different_mesh(hf_checkpoint, tmp_path):
     source = hf_checkpoint("llama3_rope")
     main(["convert", str(source), str(tmp_path / "orbax"), "--mesh", "fsdp=8", "--dtype", "bfloat16"])

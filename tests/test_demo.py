@@ -62,6 +62,7 @@ def test_trace_stats_counts_the_teachers_slip_and_wrong_steps():
     assert exact["three_step_problems"] == sum(p.solution.count("=") == 3 for p in splits) > 0
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end_and_sft_beats_base(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
@@ -89,6 +90,7 @@ def test_demo_quick_runs_end_to_end_and_sft_beats_base(tmp_path, capsys):
     assert f"| mean | 0.0 % | {100 * report['sft_accuracy']:.1f} % |" in page
 
 
+@pytest.mark.slow
 def test_repro_bugs_quick_writes_the_staircase(tmp_path, capsys):
     out = tmp_path / "bugs"
     assert main(["repro", "bugs", "--quick", "--out", str(out)]) == 0
@@ -114,6 +116,7 @@ def test_repro_bugs_quick_writes_the_staircase(tmp_path, capsys):
     assert report["findings"][0] in page
 
 
+@pytest.mark.slow
 def test_repro_coupling_quick_writes_the_boundary_table(tmp_path):
     from sftrl_jax.experiments.repro_coupling import run_repro_coupling
 

@@ -126,13 +126,17 @@ def test_pass_at_k_and_summary_by_hand():
 
 
 def test_math_verify_grades_the_real_ground_truths(tmp_path):
-    """Per benchmark, the ground truth wrapped in an extra brace group (so the exact-string shortcut does
-    not apply and math-verify must parse both sides) is graded correct."""
+    """Every benchmark's ground truth wrapped in an extra brace group (so the exact-string shortcut does
+    not apply and math-verify must parse both sides) is graded correct, bar three known misses."""
     from sftrl_jax.rewards import RewardPool
 
+    # The fixture's ground truths that math-verify does not match in this form (a tuple, a \text{} name, a
+    # Python expression; math-verify 0.9.0); any other miss is a regression.
+    known_misses = {r"\left( 3, \frac{\pi}{2} \right)", r"\text{Evelyn}", "np.arcsin(10/13)"}
     rows = pd.read_parquet(LUFFY / "valid.parquet")
+    assert set(rows["data_source"]) == {"aime", "amc", "math", "minerva", "olympiad_bench"}
+    truths = [r["ground_truth"] for r in rows["reward_model"]]
     with RewardPool(num_workers=2, timeout_s=10) as pool:
-        for benchmark, group in rows.groupby("data_source"):
-            truths = [r["ground_truth"] for r in group["reward_model"]]  # 4-10 per benchmark
-            result = pool.score_batch([f"so \\boxed{{{{{t}}}}}" for t in truths], truths)
-            assert result.mean >= 0.9, (benchmark, [t for t, s in zip(truths, result.scores) if s < 1])
+        result = pool.score_batch([f"so \\boxed{{{{{t}}}}}" for t in truths], truths)
+    misses = {t for t, s in zip(truths, result.scores) if s < 1}
+    assert misses <= known_misses, misses - known_misses

@@ -235,6 +235,7 @@ def test_metrics_corrupt_middle_line_is_reported_and_skipped(tmp_path, caplog):
     assert read_metrics(path) == _records([1, 2, 4])
 
 
+@pytest.mark.slow
 def test_sft_resume_with_a_torn_metrics_line(hf_checkpoint, tmp_path, capsys):
     model_dir = make_model_dir(hf_checkpoint("qwen2_tied"), tmp_path / "model")
     data = write_parquet(luffy_rows(16, seed=2), tmp_path / "train.parquet")

@@ -77,9 +77,17 @@ def _flag(words: list[str], name: str) -> str:
 
 # ------------------------------------------------------------------------------------ syntax and lint
 def test_every_script_is_found():
+    """SCRIPTS (what the syntax and shellcheck tests below run on) holds every script in tpu/ and gpu/ (one
+    named without .sh would escape them), and every script the README, docs/ and the scripts name exists."""
     names = {p.name for p in SCRIPTS}
     assert {"common.sh", "create.sh", "install.sh", "launch.sh", "logs.sh", "stop.sh", "ssh.sh", "delete.sh",
             "launch_local.sh", "slurm_multinode.sbatch"} <= names
+    others = [p for folder in (TPU, GPU) for p in folder.iterdir() if p not in SCRIPTS]
+    assert [p for p in others if p.suffix != ".md" or p.read_text().startswith("#!")] == []
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *TPU.iterdir(), *GPU.iterdir()]
+    named = {word for text in texts for word in (w.strip("`'\"()[]{},.:;|") for w in text.read_text().split())
+             if word.startswith(("tpu/", "gpu/")) and word.endswith((".sh", ".sbatch")) and "*" not in word}
+    assert len(named) >= 10 and not {n for n in named if ROOT / n not in SCRIPTS}, named
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -348,7 +356,26 @@ def test_slurm_per_node_and_per_gpu(fakes):
     assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
 
 
-def test_slurm_header_asks_for_whole_gpu_nodes():
-    header = [line for line in (GPU / "slurm_multinode.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
-    assert "#SBATCH --ntasks-per-node=1" in header and "#SBATCH --gpus-per-node=8" in header
-    assert any(line.startswith("#SBATCH --nodes=") for line in header)
+def test_slurm_header_asks_for_whole_gpu_nodes(fakes):
+    """The #SBATCH defaults, handed to the script the way SLURM does, start one process per node owning all of
+    that node's GPUs; the usage line's per-GPU variant starts one process per GPU the header asks for."""
+    env, _ = fakes
+    text = (GPU / "slurm_multinode.sbatch").read_text()
+    header = dict(line.removeprefix("#SBATCH --").partition("=")[::2] for line in text.splitlines()
+                  if line.startswith("#SBATCH --"))
+    assert "exclusive" in header  # no other job on the node's GPUs
+    nodes, per_node, gpus = int(header["nodes"]), int(header["ntasks-per-node"]), int(header["gpus-per-node"])
+    assert per_node == 1  # by default one process per node
+    usage = next(line for line in text.splitlines() if line.endswith("# one process per GPU"))
+    per_gpu = int(usage.split("--ntasks-per-node=", 1)[1].split()[0])
+    assert per_gpu == gpus  # the per-GPU variant gives every GPU the header asks for a process of its own
+    for tasks_per_node, local_devices in ((per_node, False), (per_gpu, True)):
+        slurm = dict(env, SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES=str(nodes),
+                     SLURM_NTASKS=str(nodes * tasks_per_node))
+        *exports, srun = _commands(_run(GPU / "slurm_multinode.sbatch", "--dry-run", "--config", GPU_CONFIG,
+                                        env=slurm).stdout)
+        assert ["export", f"SFTRL_JAX_NUM_PROCESSES={nodes * tasks_per_node}"] in exports
+        assert _flag(srun, "--ntasks") == str(nodes * tasks_per_node)
+        assert _flag(srun, "--ntasks-per-node") == str(tasks_per_node)
+        # one process per node drives all the node's GPUs; one per GPU is pinned to its own
+        assert ("JAX_LOCAL_DEVICE_IDS" in srun[srun.index("-c") + 1]) == local_devices

@@ -36,6 +36,7 @@ def logits_of(model, ids, mask=None):
     return np.asarray(_apply(*nnx.split(model), jnp.asarray(ids), jnp.asarray(mask)))
 
 
+@pytest.mark.slow
 def test_float32_logits_match_transformers(family, hf_checkpoint):
     directory = hf_checkpoint(family)
     reference = load_hf(directory)
@@ -54,6 +55,7 @@ def test_float32_logits_match_transformers(family, hf_checkpoint):
     np.testing.assert_allclose(padded[2, 12:], row_alone[0], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute_only", [False, True], ids=["bf16-params", "fp32-params-bf16-compute"])
 def test_bfloat16_within_documented_tolerance(hf_checkpoint, compute_only):
     directory = hf_checkpoint("qwen3_headdim")
@@ -67,6 +69,7 @@ def test_bfloat16_within_documented_tolerance(hf_checkpoint, compute_only):
     assert error > 0  # bf16 really was used
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", [{"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
 def test_sharded_mesh_gives_single_device_logits(hf_checkpoint, mesh_spec):
     directory = hf_checkpoint("qwen2_untied")
@@ -129,6 +132,7 @@ def test_rope_frequencies_match_transformers(hf_checkpoint, family):
     assert config.rope_scaling is None or config.rope_scaling[0] in ROPE_INIT_FUNCTIONS
 
 
+@pytest.mark.slow
 def test_remat_and_unrolled_layers_give_same_gradients(hf_checkpoint):
     """Every way of running the layer loop (scan or unrolled, with or without remat) is the same math."""
     directory = hf_checkpoint("qwen2_tied")

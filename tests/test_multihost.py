@@ -23,6 +23,8 @@ from sftrl_jax.checkpointing import TrainCheckpointer
 from sftrl_jax.models import load_pretrained
 from sftrl_jax.sharding import make_mesh
 
+pytestmark = pytest.mark.slow  # two processes train, checkpoint and restore (minutes)
+
 WORKER = Path(__file__).parent / "multihost_worker.py"
 PROCESSES, LOCAL_DEVICES = 2, 4
 

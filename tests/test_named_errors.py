@@ -20,7 +20,6 @@ from sftrl_jax.data import (
 from sftrl_jax.data.sources import UnreadableRow
 from sftrl_jax.sft import SFTConfig
 
-
 pytestmark = pytest.mark.usefixtures("isolated_datasets_cache")  # fixtures: tests/conftest.py
 
 

@@ -46,6 +46,7 @@ def _config(workdir, out):
         f"prompt_files: [{root / 'prompts.jsonl'}], prompt_limit: 8, sampling: {{max_new_tokens: 4}}}}"])
 
 
+@pytest.mark.slow
 def test_sft_rl_sft_pipeline_resumes_inside_the_rl_stage(workdir):
     config = _config(workdir, "run")
 

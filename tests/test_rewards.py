@@ -115,8 +115,19 @@ def test_compute_score_table(response, ground_truth, require_think, expected):
     assert compute_score(response, ground_truth, require_think=require_think) == expected
 
 
-def test_table_size():
-    assert len(CASES) >= 40
+def test_table_is_consistent_and_the_think_rule_only_takes_reward_away():
+    # no row twice (a repeated row with another expected score would contradict itself), and both outcomes
+    # both with and without the think rule
+    keys = [case[:3] for case in CASES]
+    assert len(set(keys)) == len(keys), [key for key in keys if keys.count(key) > 1]
+    assert {(think, expected) for _, _, think, expected in CASES} == {(False, 0.0), (False, 1.0), (True, 0.0),
+                                                                      (True, 1.0)}
+    # require_think adds a condition and never a way to score: every row's score without the rule is at
+    # least its score with it, and some rows score only without it.
+    with_rule = [compute_score(response, truth, require_think=True) for response, truth, _, _ in CASES]
+    without = [compute_score(response, truth, require_think=False) for response, truth, _, _ in CASES]
+    assert all(w >= r for w, r in zip(without, with_rule)), [c for c, w, r in zip(CASES, without, with_rule) if w < r]
+    assert sum(without) > sum(with_rule)
 
 
 @pytest.mark.parametrize(
@@ -356,7 +367,10 @@ def test_extract_choice_linear_time():
 
 
 def test_evaluation_extraction_is_bounded():
-    from sftrl_jax.evaluation import _extracted
+    from sftrl_jax.rewards import extract_answer
+
+    def _extracted(response, truth, require_think):
+        return extract_answer(response, truth, require_think=require_think)
 
     assert _within(1.0, _extracted, DEGENERATE, "1", False)[0] is None
     assert _within(1.0, _extracted, "</think>" + DEGENERATE + "\\boxed{7}", "7", True)[0] == "7"

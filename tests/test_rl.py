@@ -20,6 +20,8 @@ from sftrl_jax.data.batching import micro_step_layout as _layout
 from sftrl_jax.rl.rollouts import Rollouts, rollout_arrays
 from sftrl_jax.sharding import make_mesh, micro_batch_sharding, place
 
+pytestmark = pytest.mark.slow  # every test trains GRPO end to end (40-140 s each on 2 cores)
+
 TARGET = 7  # the controlled reward: 1 when a response contains this token id
 
 

@@ -32,8 +32,10 @@ def hf_logprobs(model, prompt, tokens):
     return [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens)]
 
 
-@pytest.mark.parametrize("family,scan_layers", [("qwen2_tied", True), ("llama3_rope", True), ("qwen3_headdim", True),
-                                               ("qwen3_headdim", False)],
+@pytest.mark.parametrize("family,scan_layers", [("qwen2_tied", True),
+                                               pytest.param("llama3_rope", True, marks=pytest.mark.slow),
+                                               pytest.param("qwen3_headdim", True, marks=pytest.mark.slow),
+                                               pytest.param("qwen3_headdim", False, marks=pytest.mark.slow)],
                          ids=["qwen2_tied", "llama3_rope", "qwen3_headdim", "qwen3_headdim-unrolled"])
 def test_greedy_matches_transformers(hf_checkpoint, family, scan_layers):
     directory = hf_checkpoint(family)
@@ -67,6 +69,7 @@ def controlled_model(probs):
     return nnx.merge(graphdef, params)
 
 
+@pytest.mark.slow
 def test_top_k_and_top_p_never_leave_the_allowed_set():
     probs = np.array([0.30, 0.25, 0.20, 0.10, 0.05, 0.04, 0.03, 0.03], np.float32)
     model = controlled_model(probs)
@@ -103,6 +106,7 @@ def test_same_seed_same_output_and_n_samples_per_prompt(hf_checkpoint):
     assert greedy[0].tokens == greedy[1].tokens and greedy[2].tokens == greedy[3].tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 def test_split_layer_weights_decode_like_the_layer_stack(hf_checkpoint, scan_layers):
     """The CPU default (per-layer weights and cache in the decode loop) samples what the stacked path does."""
@@ -115,6 +119,7 @@ def test_split_layer_weights_decode_like_the_layer_stack(hf_checkpoint, scan_lay
                                atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 def test_sampling_layout_drops_fsdp_and_samples_what_the_training_layout_samples(hf_checkpoint, compute_dtype):
     """Weights whole on every data-parallel shard (tensor split kept), matmul weights in the compute

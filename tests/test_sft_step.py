@@ -95,6 +95,7 @@ def max_param_relative_error(a, b):
     return max(jax.tree.leaves(jax.tree.map(lambda x, y: np.abs(x - y).max() / np.abs(y).max(), a, b)))
 
 
+@pytest.mark.slow
 def test_grad_accum_matches_full_batch_for_any_split(setup):
     directory, examples = setup
     examples = examples[:8]
@@ -111,6 +112,7 @@ def test_grad_accum_matches_full_batch_for_any_split(setup):
         assert metrics["tokens"] == tokens.sum()
 
 
+@pytest.mark.slow
 def test_deepspeed_offload_keeps_only_first_and_last_micro_batch(setup):
     directory, examples = setup
     examples = examples[:8]  # 1 device, micro-batches of 2 -> N = 4 micro-steps
@@ -127,6 +129,7 @@ def test_deepspeed_offload_keeps_only_first_and_last_micro_batch(setup):
     assert metrics["grad_norm"] < correct_metrics["grad_norm"]  # the bug under-estimates the norm
 
 
+@pytest.mark.slow
 def test_openrlhf_mean_of_means_per_micro_batch_and_shard(setup):
     directory, examples = setup  # 16 examples on 4 shards, micro-batches of 2 -> N = 2 micro-steps
     tokens = response_tokens(examples)
@@ -139,6 +142,7 @@ def test_openrlhf_mean_of_means_per_micro_batch_and_shard(setup):
     assert relative_error(params, correct, before) > 0.02
 
 
+@pytest.mark.slow
 def test_both_bugs_together(setup):
     directory, examples = setup
     examples = examples[:8]  # 1 device, N = 4: mean of means over micro-batches 0 and 3 only, divided by N

@@ -31,6 +31,8 @@ class PromptDataOptions:
     max_prompt_length: int = 1024  # longer prompts are skipped (and counted)
     limit_per_benchmark: int | None = None  # first k rows of each benchmark (quick runs)
 
+    _ranges = {"max_prompt_length": ">= 1", "limit_per_benchmark": ">= 1"}
+
 
 @dataclasses.dataclass
 class PromptItem:

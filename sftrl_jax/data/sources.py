@@ -100,7 +100,7 @@ def _file_rows(path: str) -> Iterator[Row]:
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty file (0 bytes), no rows to read")
     try:
-        dataset = _load_dataset(builder, data_files=str(path), split="train")
+        dataset = _load_dataset(builder, data_files=str(path), split="train", cache_dir=_content_cache_dir(path))
     except Exception as err:  # noqa: BLE001 - re-raised below with the file named
         if builder != "json":
             raise ValueError(f"{path}: cannot read as {builder}: {_root_cause(err)}") from None
@@ -189,6 +189,25 @@ def _json_array_rows(path: str) -> Iterator[Row]:
 
 def _hub_rows(dataset_id: str, split: str) -> Iterator[Row]:
     yield from _dataset_rows(dataset_id, _load_dataset(dataset_id, split=split))
+
+
+def _content_cache_dir(path: str) -> str:
+    """The ``datasets`` cache folder for ``path``'s current bytes.
+
+    ``datasets`` keys its Arrow cache of a local file on the path and modification time, so a file
+    replaced by one with the same time (``cp -p``, a restored backup, a coarse file system clock)
+    would be served from the old cache. Keying the folder on a hash of the content makes that
+    impossible; an unchanged file still reuses its cache (hashing reads the file once, ~1 GB/s).
+    """
+    import hashlib
+
+    import datasets
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "sftrl_jax-by-content" / digest.hexdigest()[:32])
 
 
 def _load_dataset(*args: Any, **kwargs: Any):

@@ -106,6 +106,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[
 
 def _report(out: Path, settings: dict, seeds, base_accuracy: float, runs: list[dict], num_test: int, seconds: float,
             quick: bool, teacher: float) -> dict:
+    """Write ``report.json``, the first seed's curves and ``metrics.jsonl``, and ``report.md``; return the report."""
     sft = [r["sft_accuracy"] for r in runs]
     rl = [r["rl_accuracy"] for r in runs]
     sft_mean, rl_mean = mean(sft), mean(rl)
@@ -120,8 +121,13 @@ def _report(out: Path, settings: dict, seeds, base_accuracy: float, runs: list[d
         "runs": runs, "settings": settings, "final_model": runs[0]["final_model"],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _write_curves(out, runs[0])
+    (out / "report.md").write_text(_report_markdown(report))
+    return report
 
-    first = runs[0]
+
+def _write_curves(out: Path, first: dict) -> None:
+    """Plot the ``first`` seed's SFT loss and GRPO reward, and copy both stages' metrics to ``metrics.jsonl``."""
     sft_records = read_metrics(Path(first["sft_dir"]) / "metrics.jsonl")
     rl_records = read_metrics(Path(first["rl_dir"]) / "metrics.jsonl")
     plot_curves(sft_records, ["loss"], out / "sft_loss.png", title=f"SFT loss (seed {first['seed']})")
@@ -131,13 +137,30 @@ def _report(out: Path, settings: dict, seeds, base_accuracy: float, runs: list[d
     metrics_out.write_text("".join(json.dumps({"stage": "sft", **r}) + "\n" for r in sft_records)
                            + "".join(json.dumps({"stage": "rl", **r}) + "\n" for r in rl_records))
 
-    per_seed = "\n".join(f"| {r['seed']} | {100 * base_accuracy:.1f} | {100 * r['sft_accuracy']:.1f} | "
-                         f"{100 * r['rl_accuracy']:.1f} | {r['sft_seconds']:.0f} | {r['rl_seconds']:.0f} |" for r in runs)
-    verdict = "PASSED" if report["accepted"] else "NOT MET"
-    answers = "\n".join(
+
+def _per_seed_rows(runs: list[dict], base_accuracy: float) -> str:
+    """The per-seed accuracy and timing table's rows (markdown)."""
+    return "\n".join(f"| {r['seed']} | {100 * base_accuracy:.1f} | {100 * r['sft_accuracy']:.1f} | "
+                     f"{100 * r['rl_accuracy']:.1f} | {r['sft_seconds']:.0f} | {r['rl_seconds']:.0f} |" for r in runs)
+
+
+def _answer_rows(runs: list[dict]) -> str:
+    """The wrong-answer table's rows (markdown): per seed and stage, two-step stops and wrong arithmetic steps."""
+    return "\n".join(
         f"| {r['seed']} | {stage} | {a['stopped_after_two_steps']} / {a['three_step_problems']} | "
         f"{a['wrong_steps']} / {a['steps']} |"
         for r in runs for stage, a in (("SFT", r["answers"]["sft"]), ("SFT→RL", r["answers"]["rl"])))
+
+
+def _report_markdown(report: dict) -> str:
+    """``report.md``'s text, from the report :func:`_report` returns."""
+    runs, settings, first = report["runs"], report["settings"], report["runs"][0]
+    base_accuracy, sft_mean, rl_mean = report["base_accuracy"], report["sft_accuracy"], report["rl_accuracy"]
+    seed_spread, teacher = report["seed_spread_std"], report["teacher_accuracy_on_sft_data"]
+    num_test, seconds, quick = report["num_test_problems"], report["seconds"], report["quick"]
+    per_seed = _per_seed_rows(runs, base_accuracy)
+    verdict = "PASSED" if report["accepted"] else "NOT MET"
+    answers = _answer_rows(runs)
     text = f"""# sftrl-jax demo report
 
 Task: arithmetic word problems (2-3 steps, integer answer), generated from seed {TASK_SEED};
@@ -175,5 +198,4 @@ Files: `sft_loss.png`, `rl_reward.png` (seed {first['seed']}), `metrics.jsonl`, 
 (`seed*/sft`, `seed*/rl` with checkpoints and `final/`), evaluation outputs (`eval_*`,
 `seed*/eval_*`), and the final model `{first['final_model']}` (loads in `transformers`).
 """
-    (out / "report.md").write_text(text)
-    return report
+    return text

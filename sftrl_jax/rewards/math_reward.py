@@ -206,10 +206,21 @@ def _same_text(answer: str, ground_truth: str) -> bool:
 
 
 def _answer_part(response: str, require_think: bool) -> str | None:
+    """The graded part of a response: all of it, or with ``require_think`` what follows the last
+    ``</think>`` (None when there is none)."""
     if not require_think:
         return response
     _, sep, tail = response.rpartition("</think>")
     return tail if sep else None
+
+
+def extract_answer(response: str, ground_truth: str, *, require_think: bool = False) -> str | None:
+    """The answer the grader reads from ``response``: a choice letter where ``ground_truth`` is one,
+    else the last ``\\boxed{}``; None where there is none (or no ``</think>`` when it is required)."""
+    text = _answer_part(response, require_think)
+    if text is None:
+        return None
+    return extract_choice(text) if is_choice_answer(ground_truth) else extract_boxed(text)
 
 
 def _score(response, ground_truth, require_think: bool, timeout: int | None) -> float:

@@ -360,6 +360,8 @@ class RewardPool:
                 raise
 
     def _run(self, responses: list, ground_truths: list, require_think: bool) -> ScoreResult:
+        """Grade the batch: hand items to idle workers, collect their scores, and score 0 (replacing the
+        worker) an item whose worker dies or runs over time, until every item is settled."""
         n = len(responses)
         scores, timed_out = [0.0] * n, [False] * n
         num_crashed = 0
@@ -368,73 +370,89 @@ class RewardPool:
         while remaining:
             if not self._workers:  # shut down under us (interpreter exit)
                 raise RuntimeError("RewardPool was closed during score_batch")
-            # Hand one item to each idle, ready worker.
-            for i, worker in enumerate(self._workers):
-                if not todo:
-                    break
-                if worker.ready and worker.task is None:
-                    idx = todo.popleft()
-                    try:
-                        worker.conn.send((responses[idx], ground_truths[idx], require_think))
-                    except (OSError, ValueError):  # died while idle: retry the item elsewhere
-                        todo.appendleft(idx)
-                        self._replace(i)
-                        continue
-                    worker.task, worker.deadline = idx, time.monotonic() + self.timeout_s
-
-            # Wait for a result, a worker becoming ready or dying, or the nearest deadline.
-            waiting = [w for w in self._workers if not w.ready or w.task is not None]
-            deadlines = [w.deadline for w in waiting if w.task is not None]
-            if deadlines:
-                wait_s = max(0.0, min(deadlines) - time.monotonic())
-            else:  # only starting workers
-                first_start = min(w.started for w in waiting)
-                wait_s = max(0.0, first_start + _START_TIMEOUT_S - time.monotonic())
-                if wait_s == 0.0:
-                    raise RuntimeError(f"no reward worker became ready within {_START_TIMEOUT_S:.0f} s")
-            ready = set(multiprocessing.connection.wait([w.conn for w in waiting], timeout=wait_s))
-
-            for i, worker in enumerate(self._workers):
-                if worker.conn not in ready:
-                    continue
-                try:
-                    message = worker.conn.recv()
-                except (EOFError, OSError):  # the worker died
-                    worker.process.join(timeout=5.0)  # for its exit code
-                    if worker.task is None:
-                        self._start_failed(worker)
-                    else:
-                        num_crashed += 1
-                        remaining -= 1
-                        logger.error(  # the worker is dead already; the snippet is bounded work
-                            "reward worker died (exit code %s) grading item %d; scored 0 (answer %s)",
-                            worker.process.exitcode, worker.task, _snippet(responses[worker.task]),
-                        )
-                    self._replace(i)
-                    continue
-                if not worker.ready:
-                    worker.ready = message == _READY
-                    self._start_failures = 0
-                else:
-                    scores[worker.task] = float(message)
-                    worker.task = None
-                    remaining -= 1
-
-            # Kill workers whose item is over time.
-            now = time.monotonic()
-            for i, worker in enumerate(self._workers):
-                if worker.task is not None and now >= worker.deadline:
-                    idx = worker.task
-                    timed_out[idx] = True
-                    remaining -= 1
-                    self._replace(i)  # kill the worker first; the log line below is bounded work
-                    logger.warning(
-                        "reward grading of item %d timed out after %.1f s; scored 0, worker replaced "
-                        "(ground truth %s, answer %s)",
-                        idx, self.timeout_s, _snippet(ground_truths[idx], 60), _snippet(responses[idx]),
-                    )
+            self._dispatch(todo, responses, ground_truths, require_think)
+            ready = self._wait_for_workers()
+            scored, crashed = self._collect(ready, scores, responses)
+            num_crashed += crashed
+            remaining -= scored + crashed
+            remaining -= self._kill_overdue(timed_out, responses, ground_truths)
 
         return ScoreResult(scores, timed_out, sum(timed_out), num_crashed)
+
+    def _dispatch(self, todo: deque, responses: list, ground_truths: list, require_think: bool) -> None:
+        """Hand one item from ``todo`` to each idle, ready worker (an item whose send fails goes back)."""
+        for i, worker in enumerate(self._workers):
+            if not todo:
+                break
+            if worker.ready and worker.task is None:
+                idx = todo.popleft()
+                try:
+                    worker.conn.send((responses[idx], ground_truths[idx], require_think))
+                except (OSError, ValueError):  # died while idle: retry the item elsewhere
+                    todo.appendleft(idx)
+                    self._replace(i)
+                    continue
+                worker.task, worker.deadline = idx, time.monotonic() + self.timeout_s
+
+    def _wait_for_workers(self) -> set:
+        """Wait for a result, a worker becoming ready or dying, or the nearest deadline; the ready connections."""
+        waiting = [w for w in self._workers if not w.ready or w.task is not None]
+        deadlines = [w.deadline for w in waiting if w.task is not None]
+        if deadlines:
+            wait_s = max(0.0, min(deadlines) - time.monotonic())
+        else:  # only starting workers
+            first_start = min(w.started for w in waiting)
+            wait_s = max(0.0, first_start + _START_TIMEOUT_S - time.monotonic())
+            if wait_s == 0.0:
+                raise RuntimeError(f"no reward worker became ready within {_START_TIMEOUT_S:.0f} s")
+        return set(multiprocessing.connection.wait([w.conn for w in waiting], timeout=wait_s))
+
+    def _collect(self, ready: set, scores: list, responses: list) -> tuple[int, int]:
+        """Read the ``ready`` workers' messages into ``scores`` or their ready flags, replacing workers that
+        died; ``(items scored, items lost to a crash)``."""
+        scored = crashed = 0
+        for i, worker in enumerate(self._workers):
+            if worker.conn not in ready:
+                continue
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):  # the worker died
+                worker.process.join(timeout=5.0)  # for its exit code
+                if worker.task is None:
+                    self._start_failed(worker)
+                else:
+                    crashed += 1
+                    logger.error(  # the worker is dead already; the snippet is bounded work
+                        "reward worker died (exit code %s) grading item %d; scored 0 (answer %s)",
+                        worker.process.exitcode, worker.task, _snippet(responses[worker.task]),
+                    )
+                self._replace(i)
+                continue
+            if not worker.ready:
+                worker.ready = message == _READY
+                self._start_failures = 0
+            else:
+                scores[worker.task] = float(message)
+                worker.task = None
+                scored += 1
+        return scored, crashed
+
+    def _kill_overdue(self, timed_out: list, responses: list, ground_truths: list) -> int:
+        """Replace the workers whose item is over time, marking the item in ``timed_out``; how many."""
+        count = 0
+        now = time.monotonic()
+        for i, worker in enumerate(self._workers):
+            if worker.task is not None and now >= worker.deadline:
+                idx = worker.task
+                timed_out[idx] = True
+                count += 1
+                self._replace(i)  # kill the worker first; the log line below is bounded work
+                logger.warning(
+                    "reward grading of item %d timed out after %.1f s; scored 0, worker replaced "
+                    "(ground truth %s, answer %s)",
+                    idx, self.timeout_s, _snippet(ground_truths[idx], 60), _snippet(responses[idx]),
+                )
+        return count
 
     def _start_failed(self, worker: _Worker) -> None:
         self._start_failures += 1

@@ -20,8 +20,6 @@ class RLDataSection(PromptDataOptions):
     split: str = "train"
     shuffle: bool = True
 
-    _ranges = {"max_prompt_length": ">= 1", "limit_per_benchmark": ">= 1"}
-
 
 @dataclasses.dataclass
 class RLSection:

@@ -174,13 +174,14 @@ class GRPOAlgorithm(Algorithm):
 
 
 def run_rl(config: RLConfig, *, resume: bool = False, progress: bool | None = None, reward_fn: RewardFn | None = None,
-           on_step: Callable[[int, dict], None] | None = None, probe=None) -> TrainResult:
+           on_step: Callable[[int, dict], None] | None = None, probe=None, force: bool = False) -> TrainResult:
     """Run (or with ``resume`` continue) GRPO as configured.
 
     ``probe`` (optional, see :mod:`sftrl_jax.pipeline`) is measured before the first step, every
     ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``. ``progress=False``
-    hides the progress bar (default: ``logging.progress``).
+    hides the progress bar (default: ``logging.progress``); ``force`` resumes despite changed settings
+    (:func:`sftrl_jax.run_folder.check_continuity`).
     """
     hooks = [probe_hook(probe)] if probe is not None else []
     return run_loop(config, GRPOAlgorithm(reward_fn), resume=resume, hooks=hooks, on_step=on_step,
-                    progress=progress)
+                    progress=progress, force=force)

@@ -150,14 +150,15 @@ class SFTAlgorithm(Algorithm):
 
 
 def run_sft(config: SFTConfig, *, resume: bool = False, progress: bool | None = None,
-            on_step: Callable[[int, dict], None] | None = None, probe=None) -> TrainResult:
+            on_step: Callable[[int, dict], None] | None = None, probe=None, force: bool = False) -> TrainResult:
     """Run (or with ``resume`` continue) SFT as configured. ``on_step(step, metrics)`` runs after each step.
 
     ``probe`` (optional, see :mod:`sftrl_jax.pipeline`) is measured before the first step, every
     ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``. ``progress=False``
-    hides the progress bar (default: ``logging.progress``).
+    hides the progress bar (default: ``logging.progress``); ``force`` resumes despite changed settings
+    (:func:`sftrl_jax.run_folder.check_continuity`).
     """
     algorithm = SFTAlgorithm()
     hooks = [probe_hook(probe)] if probe is not None else []
     return run_loop(config, algorithm, resume=resume, hooks=hooks, on_step=on_step,
-                    progress=progress)
+                    progress=progress, force=force)

@@ -1,0 +1,157 @@
+"""A run's output folder: usable, owned by one run at a time, and continued only by the same run.
+
+- :func:`writable_folder` creates ``output_dir`` or says in one line why it cannot (a file is in the
+  way, no permission, a read-only file system).
+- :class:`RunLock` is ``output_dir/.lock``, created atomically and holding the owner's host, process
+  id and start time. A second run on the same folder stops naming the owner; a lock whose process
+  is gone (same host) is stale and taken over with a warning. A lock from another host cannot be
+  checked and is refused with the file to delete if that run is known to be dead.
+- :func:`check_continuity` compares a resumed run's settings with the ones its folder was started
+  with (``config.yaml``) and refuses changes that break continuity -- other data, batch size, seed,
+  optimizer or algorithm settings -- naming each, unless forced.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+log = logging.getLogger("sftrl_jax.run_folder")
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used for this run (the message says why and what to do)."""
+
+
+def writable_folder(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Create ``path`` (and its parents) and check it can be written; one-line errors naming ``key``."""
+    folder = Path(path)
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RunFolderError(f"{key} {folder}: {parent} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RunFolderError(f"{key} {folder}: cannot write there ({err.strerror or err})") from None
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+class RunLock:
+    """``with RunLock(folder):`` -- this process owns ``folder`` until the block ends."""
+
+    def __init__(self, folder: str | os.PathLike, *, command: str = ""):
+        self.path = Path(folder) / ".lock"
+        self.command = command
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
+                      "started": datetime.datetime.now().isoformat(timespec="seconds")}
+
+    def __enter__(self) -> RunLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._handle_existing()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.owner, f)
+            return self
+        raise RunFolderError(f"{self.path.parent}: could not take the run lock {self.path}")
+
+    def _handle_existing(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            host, pid = holder["host"], int(holder["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable lock file (a run killed while writing it); taking it over", self.path)
+            self.path.unlink(missing_ok=True)
+            return
+        who = f"{holder.get('command') or 'a run'} (pid {pid} on {host}, started {holder.get('started', '?')})"
+        if host == socket.gethostname():
+            if _alive(pid) and pid != os.getpid():
+                raise RunFolderError(f"{self.path.parent} is in use by {who}; wait for it or choose another "
+                                     "output_dir")
+            log.warning("%s: stale lock of %s, whose process is gone; taking it over", self.path, who)
+            self.path.unlink(missing_ok=True)
+            return
+        raise RunFolderError(f"{self.path.parent} is locked by {who}, which this host cannot check; if that "
+                             f"run is dead, delete {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+
+
+# Keys whose change does not alter what a resumed run computes: where it writes, how it logs and
+# checkpoints, how the work is laid out on devices (exact accumulation makes the micro-batch split
+# immaterial) and how the model's kernels are chosen. Everything else must match to resume.
+LAYOUT_KEYS = ("output_dir", "checkpoint", "logging", "distributed", "mesh", "train.micro_batch_size",
+               "model.remat", "model.scan_layers", "model.attention", "model.attention_block_size",
+               "model.logits_chunk_size", "reward.num_workers", "reward.timeout_s", "sampling.batch_size")
+
+
+def _flatten(data: Mapping, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def changed_settings(before: Mapping, after: Mapping, ignore: Iterable[str] = LAYOUT_KEYS) -> list[str]:
+    """``key: old -> new`` for every dotted key that differs, except ``ignore``d keys and sections."""
+    ignore = tuple(ignore)
+    old, new = _flatten(before), _flatten(after)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or key.startswith(k + ".") for k in ignore):
+            continue
+        if old.get(key, "(unset)") != new.get(key, "(unset)"):
+            changes.append(f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}")
+    return changes
+
+
+def check_continuity(record: Path, settings: Mapping, *, force: bool = False) -> None:
+    """Refuse to resume with settings that differ from the run's ``record`` (its ``config.yaml``)."""
+    import yaml
+
+    if not record.exists():
+        return
+    try:
+        before = yaml.safe_load(record.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RunFolderError(f"{record}: the run's record is not valid YAML ({err}); cannot check continuity") \
+            from None
+    changes = changed_settings(before, settings)
+    if not changes:
+        return
+    text = "; ".join(changes)
+    if force:
+        log.warning("--force: resuming with changed settings (%s)", text)
+        return
+    raise RunFolderError(f"{record.parent}: --resume with settings that differ from the run's ({text}); the old "
+                         "position would be applied to a different run. Use a new output_dir, or add --force")
