@@ -318,8 +318,10 @@ def cpu_compare(args, results: dict) -> None:
                "speedup_vs_torch": min(tt) / min(jt),
                "speedup_vs_torch_median": statistics.median(tt) / statistics.median(jt), "load_1min": loads}
         results["generate"] = res
-        log(f"  jax   {res['jax']['tokens_per_s']:8.0f} new tok/s  best {min(jt):.3f}s median {statistics.median(jt):.3f}s")
-        log(f"  torch {res['torch']['tokens_per_s']:8.0f} new tok/s  best {min(tt):.3f}s median {statistics.median(tt):.3f}s")
+        log(f"  jax   {res['jax']['tokens_per_s']:8.0f} new tok/s  best {min(jt):.3f}s "
+            f"median {statistics.median(jt):.3f}s")
+        log(f"  torch {res['torch']['tokens_per_s']:8.0f} new tok/s  best {min(tt):.3f}s "
+            f"median {statistics.median(tt):.3f}s")
         log(f"  speedup {res['speedup_vs_torch']:.2f}x (median {res['speedup_vs_torch_median']:.2f}x), greedy tokens "
             f"agree {agree:.1%}  load {loads}")
 
@@ -340,7 +342,7 @@ def decode_floor(config, args) -> dict:
     x = jnp.ones(((1 if args.smoke else args.floor_mb) * 2**20 // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    read = x.nbytes / min(timed(lambda: total(x).block_until_ready()) for _ in range(args.repeats))
+    read = x.nbytes / min(timed(lambda x=x: total(x).block_until_ready()) for _ in range(args.repeats))
     del x
     c = config
     per_layer = {"q_proj": (c.hidden_size, c.num_heads * c.head_dim),
@@ -363,7 +365,8 @@ def decode_floor(config, args) -> dict:
         entry = {"shape": [k, n], "per_step": per_step}
         for label, fn, weights in (("x @ W", right, ws), ("(W^T @ x^T)^T", left, wts)):
             jax.block_until_ready(fn(a, weights))
-            each = min(timed(lambda: jax.block_until_ready(fn(a, weights))) for _ in range(args.repeats)) / copies
+            each = min(timed(lambda fn=fn, a=a, weights=weights: jax.block_until_ready(fn(a, weights)))
+                       for _ in range(args.repeats)) / copies
             entry[label] = {"seconds": each, "weight_bytes_per_s": k * n * 4 / each}
             floor[label] += per_step * each
         res["matrices"][name] = entry
@@ -438,9 +441,11 @@ def memory_child(path: str, smoke: bool) -> None:
         rec["loss"] = float(metrics["loss"])
         out[name] = rec
         del model, state
-    out["state_ratio_fsdp8_over_data8"] = out["fsdp8"]["state_bytes_per_device"] / out["data8"]["state_bytes_per_device"]
+    out["state_ratio_fsdp8_over_data8"] = (out["fsdp8"]["state_bytes_per_device"]
+                                           / out["data8"]["state_bytes_per_device"])
     if "compiled" in out["fsdp8"]:
-        args8, args1 = out["fsdp8"]["compiled"]["argument_size_in_bytes"], out["data8"]["compiled"]["argument_size_in_bytes"]
+        args8 = out["fsdp8"]["compiled"]["argument_size_in_bytes"]
+        args1 = out["data8"]["compiled"]["argument_size_in_bytes"]
         out["argument_ratio_fsdp8_over_data8"] = args8 / args1
     Path(path).write_text(json.dumps(out, indent=1))
     log(f"  per device params+opt: fsdp=8 {out['fsdp8']['state_bytes_per_device'] / 2**20:.2f} MiB, "

@@ -39,7 +39,8 @@ def batches(rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
     attention[..., :8] = 0  # some left padding
     grpo = {"input_ids": ids, "attention_mask": attention,
             "positions": np.maximum(np.cumsum(attention, -1) - 1, 0).astype(np.int32),
-            "response_ids": ids[..., prompt:], "response_mask": (rng.random((1, rows, response)) < 0.7).astype(np.float32),
+            "response_ids": ids[..., prompt:],
+            "response_mask": (rng.random((1, rows, response)) < 0.7).astype(np.float32),
             "advantages": rng.normal(size=(1, rows)).astype(np.float32),
             "old_logp": -rng.random((1, rows, response)).astype(np.float32)}
     sft_ids = rng.integers(0, CONFIG.vocab_size, (1, 32, 96)).astype(np.int32)
@@ -77,7 +78,8 @@ def main() -> None:
             jax.block_until_ready(metrics)
             entry["times"].append(time.perf_counter() - tick)
     for (name, scan_layers), entry in steps.items():
-        print(f"{name:12s} {'scanned' if scan_layers else 'unrolled':9s} first call (compile) {entry['compile_s']:5.2f} s"
+        layout = "scanned" if scan_layers else "unrolled"
+        print(f"{name:12s} {layout:9s} first call (compile) {entry['compile_s']:5.2f} s"
               f"  best {min(entry['times']):.3f} s  median {np.median(entry['times']):.3f} s")
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from .distributed import DistributedOptions
+from .optim import OptimizerOptions
 
 T = TypeVar("T")
 
@@ -455,6 +456,16 @@ class RunConfig:
     mesh: dict[str, int] = dataclasses.field(default_factory=_default_mesh)
     distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
     output_dir: str = "runs/run"
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainingRunConfig(RunConfig):
+    """A training command's config: :class:`RunConfig` plus the sections the training loop reads."""
+
+    optimizer: OptimizerOptions = dataclasses.field(default_factory=OptimizerOptions)
+    train: TrainOptions = dataclasses.field(default_factory=TrainOptions)
+    checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
+    logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)
 
 
 # Settings that were renamed when the configs were composed from shared sections: the old dotted key

@@ -111,8 +111,9 @@ def test_boundary_values_and_null_are_accepted():
         "optimizer.max_grad_norm=0", "train.eval_every=0", "data.eval_fraction=0", "checkpoint.save_every=0",
         "checkpoint.keep_last=1", "model.logits_chunk_size=0", "model.attention_block_size=1"])
     assert config.train.max_steps is None and config.model.logits_chunk_size == 0
-    config = load_config(RLConfig, overrides=["model.path=/m", "sampling.temperature=0", "sampling.top_p=1", "sampling.top_k=0",
-                                              "rl.clip_low=0", "rl.loss_scale_factor=null", "reward.num_workers=null"])
+    config = load_config(RLConfig, overrides=["model.path=/m", "sampling.temperature=0", "sampling.top_p=1",
+                                              "sampling.top_k=0", "rl.clip_low=0", "rl.loss_scale_factor=null",
+                                              "reward.num_workers=null"])
     assert config.sampling.temperature == 0.0 and config.sampling.top_p == 1.0
 
 

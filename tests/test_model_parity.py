@@ -147,7 +147,7 @@ def test_remat_and_unrolled_layers_give_same_gradients(hf_checkpoint):
             assert np.abs(logits_of(model, ids, mask) - hf_logits(reference, ids, mask))[mask.astype(bool)].max() \
                 <= FP32_TOLERANCE
 
-        def loss(state):
+        def loss(state, graphdef=graphdef):
             logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)
             return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask)
 

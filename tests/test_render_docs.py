@@ -47,7 +47,8 @@ COUPLING = {
     "boundaries": [{"stage": i + 1, "kind": kind, "steps": 10,
                     **{f"{when}_{key}": {"mean": v, "std": 0.0, "per_seed": [v]}
                        for when, key, v in (("start", "probe_sft_loss", 1.0 + i), ("end", "probe_sft_loss", 2.0 + i),
-                                            ("start", "probe_reward", 0.1 * i), ("end", "probe_reward", 0.1 * i + 0.05))}}
+                                            ("start", "probe_reward", 0.1 * i),
+                                            ("end", "probe_reward", 0.1 * i + 0.05))}}
                    for i, kind in enumerate(["sft", "rl", "sft"])],
     "findings": ["- RL after SFT raises the held-out SFT loss: reproduced (1/1 seeds)."],
     "seconds": 20.0, "quick": False,
@@ -79,11 +80,13 @@ def results(tmp_path):
 def test_renders_blocks_from_result_files_and_says_what_is_missing(results):
     rendered = render_docs.render_text(PAGE, results)
     assert "hand-edited" not in rendered
-    assert rendered.startswith("# A page\n\nintro\n<!-- results:demo:start -->\nMeasured with `sftrl-jax demo` on 2026-01-02")
+    assert rendered.startswith("# A page\n\nintro\n<!-- results:demo:start -->\n"
+                               "Measured with `sftrl-jax demo` on 2026-01-02")
     assert "middle\n<!-- results:repro-bugs:start -->\n" in rendered and rendered.endswith("end\n")
     # the demo table, margins and verdict come from the report
     assert "| held-out accuracy (40 problems) | base | SFT | SFT→RL |" in rendered
-    assert "| seed 0 | 0.0 % | 45.0 % | 72.5 % |\n| seed 1 | 0.0 % | 55.0 % | 77.5 % |\n| mean | 0.0 % | 50.0 % | 75.0 % |" in rendered
+    assert ("| seed 0 | 0.0 % | 45.0 % | 72.5 % |\n| seed 1 | 0.0 % | 55.0 % | 77.5 % |\n"
+            "| mean | 0.0 % | 50.0 % | 75.0 % |") in rendered
     assert "SFT→RL − SFT = 25.0 points (per seed: +27.5, +22.5)" in rendered and "**PASSED**" in rendered
     assert "| 1 | SFT→RL | 1 / 20 | 4 / 99 |" in rendered
     assert "4 CPU cores (Test CPU)" in rendered and "commit abc123" in rendered and "123 s wall" in rendered
@@ -93,7 +96,8 @@ def test_renders_blocks_from_result_files_and_says_what_is_missing(results):
     assert BUGS["findings"][0] in rendered
     # no repro_coupling.json: the block names the commands instead of figures
     assert ("<!-- results:repro-coupling:start -->\n*Not yet measured with this version: run `sftrl-jax repro "
-            "coupling`, then `python scripts/render_docs.py --import-repro-coupling runs/repro_coupling/report.json`.*\n"
+            "coupling`, then `python scripts/render_docs.py --import-repro-coupling "
+            "runs/repro_coupling/report.json`.*\n"
             "<!-- results:repro-coupling:end -->") in rendered
     # deterministic, and rendering a rendered page changes nothing
     assert render_docs.render_text(rendered, results) == rendered == render_docs.render_text(PAGE, results)

@@ -35,8 +35,8 @@ def workdir(hf_checkpoint, tmp_path_factory):
 def _args(workdir, out, *extra):
     root, model_dir, data, _ = workdir
     return ["sft", "--config", str(TINY), f"model.path={model_dir}", f"data.train_files=[{data}]",
-            f"output_dir={root / out}", "train.max_steps=2", "checkpoint.save_every=1", "checkpoint.async_save=false", "logging.progress=false",
-            *extra]
+            f"output_dir={root / out}", "train.max_steps=2", "checkpoint.save_every=1", "checkpoint.async_save=false",
+            "logging.progress=false", *extra]
 
 
 def _error(capsys, argv) -> str:
@@ -47,6 +47,7 @@ def _error(capsys, argv) -> str:
     return err[0]
 
 
+@pytest.mark.slow
 def test_a_live_run_holds_the_folder_and_a_dead_ones_lock_is_taken_over(workdir, capsys, caplog):
     root = workdir[0]
     out = root / "locked"
@@ -81,6 +82,7 @@ def test_a_lock_from_another_host_names_the_file_to_delete(tmp_path):
     assert not lock.path.exists()
 
 
+@pytest.mark.slow
 def test_a_refused_start_keeps_the_record_and_resume_refuses_a_different_run(workdir, capsys):
     assert main(_args(workdir, "cont")) == 0
     record = (workdir[0] / "cont" / "config.yaml").read_text()

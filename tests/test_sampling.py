@@ -92,6 +92,7 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
                                    atol=1e-4)
 
 
+@pytest.mark.slow
 def test_same_seed_same_output_and_n_samples_per_prompt(hf_checkpoint):
     model, _ = load_pretrained(hf_checkpoint("qwen2_untied"), mesh=make_mesh({"fsdp": 8}))
     kwargs = dict(max_new_tokens=8, temperature=1.0, eos_token_id=[], n=3)

@@ -84,9 +84,11 @@ def test_hooks_cadence_log_every_and_on_step(workdir):
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())[-1] == 7
 
 
+@pytest.mark.slow
 def test_nan_stops_naming_the_last_checkpoint_and_resume_continues(workdir):
     config = _config(workdir, "nan", "checkpoint.save_every=2")
-    with pytest.raises(NonFiniteLossError, match=r"at step 5 \(loss=nan, grad_norm=1.0\).*Last good checkpoint: step 4"):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"at step 5 \(loss=nan, grad_norm=1.0\).*Last good checkpoint: step 4"):
         run_loop(config, Countdown(6, nan_at=5), progress=False)
     resumed = Countdown(6)
     result = run_loop(config, resumed, resume=True, progress=False)
@@ -106,6 +108,7 @@ def _tfrecords(path: str) -> list[bytes]:
     return out
 
 
+@pytest.mark.slow
 def test_metric_sinks_jsonl_tensorboard_and_wandb_offline(workdir, monkeypatch):
     pytest.importorskip("tensorboardX")
     pytest.importorskip("wandb")
@@ -131,6 +134,7 @@ def test_metric_sinks_jsonl_tensorboard_and_wandb_offline(workdir, monkeypatch):
     assert len(runs) == 1 and Path(runs[0]).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_without_the_jsonl_sink_the_result_still_holds_the_records(workdir):
     config = _config(workdir, "no_jsonl", "train.max_steps=2", "logging.sinks=[plots]")
     result = run_sft(config, progress=False)

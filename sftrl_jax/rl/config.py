@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..config import CheckpointOptions, LoggingOptions, RewardOptions, RunConfig, SamplingOptions, TrainOptions
+from ..config import RewardOptions, SamplingOptions, TrainingRunConfig
 from ..data.prompts import PromptDataOptions
 from ..optim import OptimizerOptions
 
@@ -62,16 +62,13 @@ def _rl_sampling() -> SamplingOptions:
 
 
 @dataclasses.dataclass(kw_only=True)
-class RLConfig(RunConfig):
+class RLConfig(TrainingRunConfig):
     kind: Literal["rl"] = "rl"
     data: RLDataSection = dataclasses.field(default_factory=RLDataSection)
     optimizer: OptimizerOptions = dataclasses.field(default_factory=_rl_optimizer)
-    train: TrainOptions = dataclasses.field(default_factory=TrainOptions)
     sampling: SamplingOptions = dataclasses.field(default_factory=_rl_sampling)
     reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
     rl: RLSection = dataclasses.field(default_factory=RLSection)
-    checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
-    logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)
     output_dir: str = "runs/rl"
 
     @property

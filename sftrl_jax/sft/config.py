@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..config import CheckpointOptions, LoggingOptions, RunConfig, TrainOptions
+from ..config import TrainingRunConfig, TrainOptions
 from ..data.sft import SFTDataOptions
-from ..optim import OptimizerOptions
 
 
 @dataclasses.dataclass
@@ -32,11 +31,8 @@ class SFTTrainSection(TrainOptions):
 
 
 @dataclasses.dataclass(kw_only=True)
-class SFTConfig(RunConfig):
+class SFTConfig(TrainingRunConfig):
     kind: Literal["sft"] = "sft"
     data: SFTDataSection = dataclasses.field(default_factory=SFTDataSection)
-    optimizer: OptimizerOptions = dataclasses.field(default_factory=OptimizerOptions)
     train: SFTTrainSection = dataclasses.field(default_factory=SFTTrainSection)
-    checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
-    logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)
     output_dir: str = "runs/sft"
