@@ -127,6 +127,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
                         quiet=args.quiet)
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from .data.split import split_file
+
+    result = split_file(args.src, args.out_train, args.out_heldout, heldout=args.heldout, seed=args.seed)
+    print(f"split: {result.summary()}")
+    return 0
+
+
 def _has_accelerator() -> bool:
     """A TPU (Google PCI device), NVIDIA or AMD GPU is attached (the checks JAX's own start-up makes)."""
     import glob
@@ -245,6 +253,23 @@ def _add_compile_command(sub) -> None:
     p.set_defaults(func=cmd_compile)
 
 
+def _add_split_command(sub) -> None:
+    """``split``: carve a held-out file (e.g. the pipeline probe's SFT rows) out of a training file."""
+    p = sub.add_parser("split", help="carve a held-out file out of a training file, deterministically",
+                       description="Write TRAIN and HELDOUT from SRC: N rows chosen by SEED (the first N of a "
+                                   "seeded permutation of the row numbers) go to HELDOUT, the others to TRAIN. "
+                                   "Same SRC and seed, same split; both keep SRC's row order; every row lands "
+                                   "in exactly one. Parquet in, parquet out; JSON lines in, JSON lines out. "
+                                   "E.g. the held-out SFT file the Qwen3-0.6B pipeline configs probe "
+                                   "(probe.sft_files).")
+    p.add_argument("src", help="source file (.parquet or .jsonl)")
+    p.add_argument("--out-train", required=True, metavar="TRAIN", help="the rows not held out (same format)")
+    p.add_argument("--out-heldout", required=True, metavar="HELDOUT", help="the held-out rows (same format)")
+    p.add_argument("--heldout", required=True, type=int, metavar="N", help="number of rows to hold out")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the choice (default 0)")
+    p.set_defaults(func=cmd_split)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sftrl-jax`` parser: one subcommand per entry point, listed in this order in ``--help``."""
     parser = argparse.ArgumentParser(prog="sftrl-jax", description=__doc__)
@@ -256,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
                                 "output_dir/generations.jsonl.")
     _add_compile_command(sub)
+    _add_split_command(sub)
     return parser
 
 

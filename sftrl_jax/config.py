@@ -364,8 +364,16 @@ class RewardOptions:
     require_think: bool = False  # grade only after </think>; no </think> scores 0
     timeout_s: float = 10.0  # hard per-response limit (the worker is killed)
     num_workers: int | None = None  # grading processes (default: CPU count)
+    # the reward of a correct and of a wrong answer in RL and the probe (Paper B's 0.385/0.343 suggest
+    # correct 1 / wrong -1); evaluation always reports accuracy (0 / 1)
+    correct: float = 1.0
+    wrong: float = 0.0
 
     _ranges = {"timeout_s": "> 0", "num_workers": ">= 1"}
+
+    def scale(self, correctness):
+        """Rewards on this scale from 0/1 correctness (numpy arrays or floats)."""
+        return self.wrong + (self.correct - self.wrong) * correctness
 
 
 @dataclasses.dataclass

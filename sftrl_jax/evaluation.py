@@ -2,11 +2,24 @@
 
 Rows in the verl/LUFFY parquet format (``data_source`` names the benchmark, ``prompt`` = chat
 messages, ``reward_model.ground_truth``) or plain JSONL (``prompt``, ``answer``) become prompts
-through the chat template; the one sampler generates, the one reward module grades, and every
-completion is appended to ``generations.jsonl`` as soon as its chunk is graded, so an interrupted
-evaluation resumes without regenerating. Metrics per benchmark: accuracy (mean over all rows and
-samples, so repeated rows give avg@k), unbiased pass@k when ``n > 1``, mean response length, share
-truncated, share timed out; plus the unweighted average over the math benchmarks.
+through the model's own chat template (``model.path``'s tokenizer files; ``data.remove_system_prompt``
+drops a system message and the default one a template injects); the one sampler generates, stopping
+at the ids of :func:`sftrl_jax.sampling.stop_token_ids` (``generation_config.json``'s included), the
+one reward module grades, and every completion is appended to ``generations.jsonl`` as soon as its
+chunk is graded, so an interrupted evaluation resumes without regenerating.
+
+Scored as the reference scores it:
+
+- a prompt longer than ``data.max_prompt_length`` is not generated; its ``n`` records score 0 with
+  ``prompt_too_long: true``, so it stays in its benchmark's denominator (RL still skips such prompts);
+- rows with the same prompt text and ground truth within a benchmark are one *problem*: its attempts
+  are its repeated rows times ``n`` samples (LUFFY repeats AIME rows instead of sampling ``n``).
+
+Metrics per benchmark: accuracy (mean over all attempts), ``avg@k`` (k = attempts per problem: the
+mean over problems of each one's accuracy, the accuracy when every problem has k attempts), unbiased
+``pass@k`` over each problem's attempts for power-of-two k up to the attempts, mean response length,
+share truncated and timed out (of the generated responses), the count of over-long prompts; plus the
+unweighted average accuracy over the math benchmarks.
 """
 
 from __future__ import annotations
@@ -79,29 +92,47 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
 
 
+def problem_ids(items: Sequence[PromptItem]) -> list[int]:
+    """For each item, the prompt id of the first item of its benchmark with the same prompt text and
+    ground truth: repeated rows (LUFFY repeats AIME rows) are attempts at one problem."""
+    first: dict[tuple[str, str, str], int] = {}
+    return [first.setdefault((item.benchmark, item.prompt_text, item.ground_truth), item.prompt_id) for item in items]
+
+
 def summarize(records: Sequence[dict], math_benchmarks: Sequence[str]) -> dict:
-    """Per-benchmark metrics and the unweighted math average from generation records."""
+    """Per-benchmark metrics and the unweighted math average from generation records.
+
+    A problem is a record's ``problem_id`` (its ``prompt_id`` when it has none): its attempts are all
+    its records, repeated rows and ``n`` samples together. Over-long prompts (``prompt_too_long``)
+    count in the accuracy, avg@k and pass@k (scored 0), not in the response length and shares.
+    """
     by_benchmark: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         by_benchmark[record["benchmark"]].append(record)
     benchmarks = {}
     for name, rows in sorted(by_benchmark.items()):
-        per_prompt: dict[int, list[float]] = defaultdict(list)
+        per_problem: dict[int, list[float]] = defaultdict(list)
         for r in rows:
-            per_prompt[r["prompt_id"]].append(r["score"])
-        n = min(len(v) for v in per_prompt.values())
+            per_problem[r.get("problem_id", r["prompt_id"])].append(r["score"])
+        attempts = min(len(v) for v in per_problem.values())
+        generated = [r for r in rows if not r.get("prompt_too_long", False)]
+        share = (lambda key: sum(r[key] for r in generated) / len(generated)) if generated else (lambda key: 0.0)
         metrics = {
-            "prompts": len(per_prompt),
+            "prompts": len({r["prompt_id"] for r in rows}),
+            "problems": len(per_problem),
             "samples": len(rows),
+            "attempts": attempts,
             "accuracy": sum(r["score"] for r in rows) / len(rows),
-            "mean_response_tokens": sum(r["num_tokens"] for r in rows) / len(rows),
-            "truncated_share": sum(r["truncated"] for r in rows) / len(rows),
-            "timed_out_share": sum(r["timed_out"] for r in rows) / len(rows),
+            f"avg@{attempts}": sum(sum(s) / len(s) for s in per_problem.values()) / len(per_problem),
+            "mean_response_tokens": share("num_tokens"),
+            "truncated_share": share("truncated"),
+            "timed_out_share": share("timed_out"),
+            "prompt_too_long": len({r["prompt_id"] for r in rows if r.get("prompt_too_long", False)}),
         }
-        if n > 1:
-            for k in [2**i for i in range(int(math.log2(n)) + 1)]:
-                metrics[f"pass@{k}"] = sum(pass_at_k(len(s), int(sum(s)), k) for s in per_prompt.values()) / len(
-                    per_prompt)
+        if attempts > 1:
+            for k in [2**i for i in range(int(math.log2(attempts)) + 1)]:
+                metrics[f"pass@{k}"] = sum(pass_at_k(len(s), int(sum(s)), k) for s in per_problem.values()) / len(
+                    per_problem)
         benchmarks[name] = metrics
     present = [b for b in math_benchmarks if b in benchmarks]
     average = sum(benchmarks[b]["accuracy"] for b in present) / len(present) if present else None
@@ -147,7 +178,8 @@ def generation_settings(config: EvalConfig) -> dict:
     model_dir = Path(config.model.path)
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.json"))
     fingerprint = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
-    return {**dataclasses.asdict(config), "model_files": fingerprint}
+    # how prompt ids are assigned: over-long prompts are kept (scored 0), no longer skipped (which shifted ids)
+    return {**dataclasses.asdict(config), "model_files": fingerprint, "prompts_too_long": "scored 0"}
 
 
 def check_generation_settings(out: Path, config: EvalConfig) -> None:
@@ -167,20 +199,27 @@ def check_generation_settings(out: Path, config: EvalConfig) -> None:
 def _evaluate(config: EvalConfig, out: Path, *, generator: Generator | None, progress: bool) -> dict:
     from .models import load_tokenizer
 
-    tokenizer = load_tokenizer(config.model.path)
-    items, skipped = load_prompt_items(config.data, tokenizer)
+    tokenizer = load_tokenizer(config.model.path)  # the model's own chat template
+    items, skipped = load_prompt_items(config.data, tokenizer, keep_too_long=True)
+    problems = problem_ids(items)
     records = resume_generations(out / "generations.jsonl", len(items), config.sampling.n)
+    for r in records:  # records written before problems were recorded
+        r["problem_id"] = problems[r["prompt_id"]]
+        r.setdefault("prompt_too_long", False)
     done = {r["prompt_id"] for r in records}
     todo = [item for item in items if item.prompt_id not in done]
-    log.info("%d prompts (%d already generated), %d samples each", len(items), len(done), config.sampling.n)
+    too_long = sum(item.prompt_too_long for item in items)
+    log.info("%d prompts (%d already generated, %d longer than data.max_prompt_length: scored 0), %d samples each",
+             len(items), len(done), too_long, config.sampling.n)
     if todo:
-        if generator is None:
+        if generator is None and not all(item.prompt_too_long for item in todo):
             generator = _load_generator(config, tokenizer)
         records.extend(_generate_and_grade(config, generator, todo, out / "generations.jsonl", total=len(items),
-                                           progress=progress))
+                                           problems=problems, progress=progress))
     records.sort(key=lambda r: (r["prompt_id"], r["sample"]))
     results = summarize(records, config.math_benchmarks)
-    results.update(skipped=skipped, samples_per_prompt=config.sampling.n,
+    results.update(skipped={"bad_rows": skipped["bad_rows"]}, prompt_too_long=too_long,
+                   max_prompt_length=config.data.max_prompt_length, samples_per_prompt=config.sampling.n,
                    sampling=dataclasses.asdict(config.sampling), model=config.model.path)
     if is_writer():
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -217,10 +256,11 @@ def _load_generator(config: EvalConfig, tokenizer) -> Generator:
     return model_generator(model, tokenizer, config.sampling, progress=False)
 
 
-def _generate_and_grade(config: EvalConfig, generator: Generator, todo: Sequence[PromptItem], path: Path, *,
-                        total: int, progress: bool) -> list[dict]:
+def _generate_and_grade(config: EvalConfig, generator: Generator | None, todo: Sequence[PromptItem], path: Path, *,
+                        total: int, problems: Sequence[int], progress: bool) -> list[dict]:
     """Generate and grade ``todo`` ``config.chunk_size`` prompts at a time, appending each chunk's records
-    to ``path`` as soon as it is graded; returns the new records."""
+    to ``path`` as soon as it is graded; returns the new records. An over-long prompt is not generated:
+    its ``n`` records score 0 (``prompt_too_long``)."""
     from tqdm.auto import tqdm
 
     from .rewards import RewardPool, extract_answer
@@ -235,17 +275,31 @@ def _generate_and_grade(config: EvalConfig, generator: Generator, todo: Sequence
 
         for start in range(0, len(todo), config.chunk_size):
             chunk = todo[start:start + config.chunk_size]
-            completions = generator(chunk, n)
-            truths = [item.ground_truth for item in chunk for _ in range(n)]
-            graded = map_rows_across_processes(grade, [c.text for c in completions], truths, trailing=(2,))
-            records = [{"prompt_id": item.prompt_id, "sample": k % n, "benchmark": item.benchmark,
-                        "response": completion.text,
-                        "extracted_answer": extract_answer(completion.text, item.ground_truth,
-                                                           require_think=require_think),
-                        "ground_truth": item.ground_truth, "score": float(graded[k, 0]),
-                        "num_tokens": completion.num_tokens, "truncated": completion.truncated,
-                        "timed_out": bool(graded[k, 1])}
-                       for k, (item, completion) in enumerate(zip((i for i in chunk for _ in range(n)), completions))]
+            fitting = [item for item in chunk if not item.prompt_too_long]
+            generated: dict[int, list[tuple[Completion, np.ndarray]]] = {}
+            if fitting:  # the same on every process: all of them generate and grade, or none
+                completions = generator(fitting, n)
+                truths = [item.ground_truth for item in fitting for _ in range(n)]
+                graded = map_rows_across_processes(grade, [c.text for c in completions], truths, trailing=(2,))
+                for k, item in enumerate(fitting):
+                    generated[item.prompt_id] = [(completions[k * n + s], graded[k * n + s]) for s in range(n)]
+            records = []
+            for item in chunk:
+                for s in range(n):
+                    record = {"prompt_id": item.prompt_id, "sample": s, "benchmark": item.benchmark,
+                              "problem_id": problems[item.prompt_id], "ground_truth": item.ground_truth}
+                    if item.prompt_too_long:
+                        record.update(response="", extracted_answer=None, score=0.0, num_tokens=0,
+                                      truncated=False, timed_out=False, prompt_too_long=True)
+                    else:
+                        completion, grade_row = generated[item.prompt_id][s]
+                        record.update(response=completion.text,
+                                      extracted_answer=extract_answer(completion.text, item.ground_truth,
+                                                                      require_think=require_think),
+                                      score=float(grade_row[0]), num_tokens=completion.num_tokens,
+                                      truncated=completion.truncated, timed_out=bool(grade_row[1]),
+                                      prompt_too_long=False)
+                    records.append(record)
             if is_writer():
                 with path.open("a") as f:
                     f.write("".join(json.dumps(r) + "\n" for r in records))
@@ -260,18 +314,20 @@ def print_table(results: dict) -> None:
     from rich.table import Table
 
     table = Table(title="evaluation")
-    columns = ["prompts", "samples", "accuracy", "mean_response_tokens", "truncated_share", "timed_out_share"]
+    columns = ["prompts", "problems", "attempts", "accuracy", "avg@k", "mean_response_tokens", "truncated_share",
+               "timed_out_share", "prompt_too_long"]
     extra = sorted({k for m in results["benchmarks"].values() for k in m if k.startswith("pass@")},
                    key=lambda k: int(k[5:]))
     table.add_column("benchmark")
     for column in columns + extra:
         table.add_column(column.replace("_", " "), justify="right")
     for name, metrics in results["benchmarks"].items():
+        metrics = {**metrics, "avg@k": metrics.get(f"avg@{metrics.get('attempts')}")}
         cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, ""))
                  for c in columns + extra]
         table.add_row(name, *cells)
     if results["math_average"] is not None:
-        table.add_row("math average", "", "", f"{results['math_average']:.3f}")
+        table.add_row("math average", "", "", "", f"{results['math_average']:.3f}")
     Console().print(table)
 
 

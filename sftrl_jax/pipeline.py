@@ -127,7 +127,7 @@ class CrossStageProbe:
 
                     self._pool = RewardPool(num_workers=self.reward.num_workers, timeout_s=self.reward.timeout_s)
                 scores = self._pool.score_batch(texts, truths, require_think=self.reward.require_think).scores
-            out["probe_reward"] = float(np.mean(scores))
+            out["probe_reward"] = float(np.mean(self.reward.scale(np.asarray(scores, np.float64))))
         return out
 
     def close(self) -> None:

@@ -251,9 +251,16 @@ def _prompt_batch(chunk: Sequence[Sequence[int]], rows: int, pad_id: int, mesh):
     return place(ids, rows_sharding(mesh, 2)), place(mask, rows_sharding(mesh, 2)), place(live, rows_sharding(mesh, 1))
 
 
-def stop_token_ids(tokenizer, model_config) -> list[int]:
-    """The ids that end a response: the tokenizer's EOS and the model config's ``eos_token_id`` list."""
-    return sorted({tokenizer.eos_token_id, *model_config.eos_token_ids} - {None})
+def stop_token_ids(tokenizer, model_config, model_dir: str | None = None) -> list[int]:
+    """The ids that end a response (the one place that decides them, for rollouts, evaluation and the
+    probe): the tokenizer's EOS, the model config's ``eos_token_id`` (int or list), and the
+    ``eos_token_id`` of ``generation_config.json`` in ``model_dir`` (a path; default: the directory the
+    model was read from, ``model_config.source_dir``) when there is one, as ``transformers``/vLLM stop."""
+    from .models.hf_io import generation_eos_token_ids
+
+    directory = model_dir if model_dir is not None else getattr(model_config, "source_dir", None)
+    return sorted({tokenizer.eos_token_id, *model_config.eos_token_ids, *generation_eos_token_ids(directory)}
+                  - {None})
 
 
 def pad_token_id(tokenizer) -> int:

@@ -180,3 +180,103 @@ def test_a_base_cycle_is_an_error_naming_the_files(tmp_path):
     (tmp_path / "self.yaml").write_text("base: self.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(SFTConfig, tmp_path / "self.yaml")
+
+
+# ------------------------------------------------------------------ LUFFY's recipe in the full-scale configs
+MODEL_DIRS = ROOT / "configs" / "models"
+FULL_SCALE = [p for p in SHIPPED if p.name.startswith(("sft_", "rl_", "pipeline_"))]
+
+
+def _hf(name):
+    return json.loads((MODEL_DIRS / name / "config.json").read_text())
+
+
+def test_16k_think_is_stock_qwen_with_longer_rope():
+    """LUFFY's base model: stock Qwen2.5-Math-7B with rope_theta 40000 and 16384 positions, same weights."""
+    stock, think = _hf("Qwen2.5-Math-7B"), _hf("Qwen2.5-Math-7B-16k-think")
+    assert {k for k in stock.keys() | think.keys() if stock.get(k) != think.get(k)} == {
+        "max_position_embeddings", "rope_theta"}
+    assert (think["max_position_embeddings"], think["rope_theta"]) == (16384, 40000)
+    model = abstract_model(ModelConfig.from_hf_dict(think), dtype="bfloat16")
+    assert count_params(model) == EXPECTED["qwen2.5-math-7b"]
+
+
+def _loaded(path):
+    from sftrl_jax.config import config_kind, load_config
+
+    return load_config(_classes()[config_kind(path)], path, ["model.path=/m"])
+
+
+def _model_dir(path) -> str:
+    """The configs/models directory of the model a full-scale config names (the Qwen 7B: LUFFY's 16k-think)."""
+    name = path.name
+    if "qwen2.5-math-7b" in name:
+        return "Qwen2.5-Math-7B-16k-think"
+    return "Llama-3.1-8B" if "llama-3.1-8b" in name else "Qwen3-0.6B"
+
+
+def _positions_needed(config) -> dict[str, int]:
+    from sftrl_jax.pipeline import stage_config
+
+    if config.kind == "sft":
+        return {"data.max_length": config.data.max_length}
+    if config.kind == "rl":
+        return {"data.max_prompt_length + sampling.max_new_tokens":
+                config.data.max_prompt_length + config.sampling.max_new_tokens}
+    needed = {"probe.max_length": config.probe.max_length,
+              "probe.max_prompt_length + probe.sampling.max_new_tokens":
+                  config.probe.max_prompt_length + config.probe.sampling.max_new_tokens}
+    for index in range(len(config.stages)):
+        for key, value in _positions_needed(stage_config(config, index, "/m")).items():
+            needed[f"stage {index + 1} {key}"] = value
+    return needed
+
+
+@pytest.mark.parametrize("path", FULL_SCALE, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_full_scale_configs_fit_their_models_positions(path):
+    from sftrl_jax.models.config import require_positions
+
+    model = ModelConfig.from_hf_dict(_hf(_model_dir(path)))
+    for key, needed in _positions_needed(_loaded(path)).items():
+        require_positions(model, needed, key)  # raises past max_position_embeddings
+
+
+def test_stock_qwen_refuses_luffys_sft_rows():
+    from sftrl_jax.models.config import require_positions
+
+    config = _loaded(ROOT / "configs/sft_qwen2.5-math-7b.yaml")
+    assert config.model.path == "/m"  # the file names the 16k-think copy; the override replaced it
+    assert "16k-think" in yaml.safe_load((ROOT / "configs/sft_qwen2.5-math-7b.yaml").read_text())["model"]["path"]
+    with pytest.raises(ValueError, match=r"data.max_length \(16384\) exceeds the model's max_position_embeddings "
+                                         r"\(4096\)"):
+        require_positions(ModelConfig.from_hf_dict(_hf("Qwen2.5-Math-7B")), config.data.max_length, "data.max_length")
+
+
+@pytest.mark.parametrize("path", FULL_SCALE, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_full_scale_headers_say_whose_settings_they_are(path):
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    assert "BRIEF section 6" not in header and "Reference" not in header and "papers' recipe" not in header
+    if "pipeline_qwen3-0.6b" in path.name:
+        assert "Paper B publishes no" in header or "settings ours: Paper B publishes none" in header
+    else:
+        assert "LUFFY's public" in header
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-math-7b", "llama-3.1-8b"])
+def test_luffys_settings(model):
+    sft = _loaded(ROOT / f"configs/sft_{model}.yaml")
+    opt = sft.optimizer
+    assert (opt.learning_rate, opt.warmup_ratio, opt.lr_schedule, opt.min_lr_ratio) == (5e-5, 0.1, "cosine", 0.1)
+    assert (opt.adam_b1, opt.adam_b2, opt.weight_decay, opt.max_grad_norm) == (0.9, 0.95, 0.0, 1.0)  # OpenRLHF's
+    assert (sft.train.global_batch_size, sft.train.num_epochs, sft.data.max_length, sft.data.pack) == (64, 3, 16384, True)
+    assert (sft.train.emulate_bug, sft.train.emulate_ranks, sft.train.emulate_micro_batch_size) == ("none", 8, 1)
+    assert sft.data.think_prefix == ("prompt" if model.startswith("qwen") else "keep")  # Llama's: ours
+    rl = _loaded(ROOT / f"configs/rl_{model}.yaml")
+    assert (rl.optimizer.learning_rate, rl.optimizer.lr_schedule, rl.optimizer.weight_decay) == (1e-6, "constant", 0.01)
+    assert (rl.optimizer.adam_b1, rl.optimizer.adam_b2, rl.optimizer.max_grad_norm) == (0.9, 0.999, 1.0)  # verl's
+    assert (rl.rl.prompts_per_step, rl.sampling.n, rl.rl.mini_batches_per_step, rl.rl.ppo_epochs) == (128, 8, 2, 1)
+    assert (rl.data.max_prompt_length, rl.sampling.max_new_tokens, rl.sampling.temperature) == (1024, 8192, 1.0)
+    # loss_remove_token_mean: token sum / (8192 padded response length x 8 GPUs, whose gradients FSDP averages)
+    assert (rl.rl.agg_mode, rl.rl.loss_scale_factor) == ("seq-mean-token-sum-norm", 8192 * 8)
+    assert (rl.rl.norm_adv_by_std, rl.rl.kl_coef, rl.rl.entropy_coef) == (False, 0.0, 0.001)
+    assert (rl.rl.clip_low, rl.rl.clip_high) == (0.2, 0.2) and rl.rl.clip_c > 4.9e8  # no dual clip below exp(20)

@@ -103,6 +103,13 @@ CASES = [
     (r"<think>the answer is (A)</think> The answer is (D).", "A", True, 0.0),
     (r"<think>hmm</think> \boxed{A}", "A", True, 1.0),
     (r"\boxed{2}", "2", False, 1.0),  # ARC-c items labelled 1-4 are graded as numbers
+    # --- multiple choice with up to ten options (MMLU-Pro: A-J) ---------------------------------------
+    ("Step by step...\nANSWER: J", "J", False, 1.0),
+    (r"so the answer is \boxed{H}", "H", False, 1.0),
+    ("The answer is (G).", "G", False, 1.0),
+    (r"\boxed{\text{(e)}}", "E", False, 1.0),
+    ("ANSWER: I", "J", False, 0.0),
+    (r"<think>maybe F</think>\nANSWER: F", "F", True, 1.0),
     # --- degenerate inputs ----------------------------------------------------------------------
     ("", "5", False, 0.0),
     (r"\boxed{5}", "", False, 0.0),
@@ -162,11 +169,23 @@ def test_extract_boxed(text, expected):
         (None, None),
         ("(d)", "D"),
         ("answer is I think", "I"),  # a known limitation: "I" is a valid choice letter
+        ("ANSWER: J", "J"),
+        (r"\boxed{F. 42 N}", "F"),
+        ("the answer is [h]", "H"),
+        ("Answer: K", None),  # past J: not a choice
         ("no choice here", None),
     ],
 )
 def test_extract_choice(text, expected):
     assert extract_choice(text) == expected
+
+
+def test_choice_answers_are_the_letters_a_to_j():
+    from sftrl_jax.rewards import is_choice_answer
+
+    assert all(is_choice_answer(letter) for letter in "ABCDEFGHIJ")
+    assert all(is_choice_answer(form) for form in ("(J)", r"\text{I}", "$E$"))
+    assert not any(is_choice_answer(other) for other in ("K", "Z", "AB", "1", "j2"))
 
 
 @pytest.mark.parametrize(

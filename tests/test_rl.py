@@ -54,6 +54,8 @@ def _update(directory, rollouts, cfg, *, devices, micro_batch_size):
     arrays = rollout_arrays(rollouts, max_new_tokens=16, mask_truncated=False, pad_id=0)
     arrays.pop("sampler_logp")
     arrays["advantages"] = np.linspace(-1.5, 1.5, len(rollouts.responses)).astype(np.float32)
+    if cfg.method == "chord":
+        arrays["chord_mu"] = np.full(len(rollouts.responses), 0.3, np.float32)
     rows = micro_batch_size * devices
     on_devices = lambda a: {k: place(v, micro_batch_sharding(mesh, v.ndim)) for k, v in a.items()}  # noqa
     old = jax.jit(make_logprob_fn(graphdef, 1.0))(params, on_devices(_layout(arrays, rows)))
@@ -89,6 +91,25 @@ def test_grpo_update_does_not_depend_on_the_micro_batch_split(workdir, agg_mode)
         # (1.1e-6 measured), the update itself to 1e-4 of its size
         assert error <= 3e-6 and update_error <= 1e-4, (devices, micro, error, update_error)
         assert 0 < metrics["clipfrac"] < 1
+
+
+@pytest.mark.parametrize("method", ["luffy", "chord"])
+def test_mixed_policy_update_does_not_depend_on_the_micro_batch_split(workdir, method):
+    _, model_dir = workdir
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 60, int(rng.integers(3, 12))).tolist() for _ in range(8)]
+    responses = [rng.integers(1, 60, int(n)).tolist() for n in (4, 16, 3, 9, 2, 14, 5, 7)]
+    rollouts = Rollouts(prompts, responses, [[0.0] * len(r) for r in responses], [False] * 8, [0.0] * 8,
+                        [0.0] * 8, off_policy=[False, False, False, True] * 2)
+    cfg = RLSection(method=method, clip_high=0.28, entropy_coef=0.01)
+    reference, _, before = _update(model_dir, rollouts, cfg, devices=1, micro_batch_size=8)
+    for devices, micro in [(2, 2), (8, 1)]:
+        params, metrics, _ = _update(model_dir, rollouts, cfg, devices=devices, micro_batch_size=micro)
+        update_error = max(jax.tree.leaves(jax.tree.map(
+            lambda a, b, c: np.linalg.norm(a - b) / np.linalg.norm(b - c), params, reference, before)))
+        assert update_error <= 1e-4, (method, devices, micro, update_error)
+        assert metrics["off_policy_share"] == pytest.approx(
+            sum(len(r) for r, o in zip(responses, rollouts.off_policy) if o) / sum(map(len, responses)), rel=1e-5)
 
 
 def test_grpo_raises_a_controlled_reward_and_logs_everything(workdir):

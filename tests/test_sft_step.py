@@ -11,7 +11,8 @@ from sft_fixtures import luffy_rows, make_model_dir
 from sftrl_jax.data import SFTDataOptions, tokenize_sft
 from sftrl_jax.data.batching import layout_step, pack_groups
 from sftrl_jax.models import load_pretrained, load_tokenizer
-from sftrl_jax.sft.step import make_train_step, sequence_nll
+from sftrl_jax.sft.step import (bug_example_weights, make_train_step, sequence_nll, supervised_token_counts,
+                                virtual_layout)
 from sftrl_jax.sharding import make_mesh, named_sharding, place
 
 LR = 1.0  # plain SGD: the update is the gradient itself, so it is compared directly
@@ -36,20 +37,25 @@ def _params(directory):
 _RUNS = {}
 
 
-def ours(directory, examples, *, devices, micro_batch_size, emulate_bug="none", pack=False):
-    """Parameters after one of our SGD steps, and its metrics (memoised: several tests share runs)."""
-    key = (str(directory), len(examples), devices, micro_batch_size, emulate_bug, pack)
+def ours(directory, examples, *, devices, micro_batch_size, emulate_bug="none", pack=False, virtual=None):
+    """Parameters after one of our SGD steps, and its metrics (memoised: several tests share runs).
+
+    A bug is emulated on the ``virtual`` layout ``(ranks, micro_batch_size)``, by default the real one."""
+    key = (str(directory), len(examples), devices, micro_batch_size, emulate_bug, pack, virtual)
     if key in _RUNS:
         return _RUNS[key]
     mesh = make_mesh({"fsdp": devices}, devices=jax.devices()[:devices])
     model, _ = load_pretrained(directory, mesh=mesh)
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
     micro_steps = len(examples) // (micro_batch_size * devices)
+    ranks, virtual_micro = virtual or (devices, micro_batch_size)
+    weights = None if emulate_bug == "none" else bug_example_weights(
+        supervised_token_counts(examples), emulate_bug, ranks=ranks, micro_batch_size=virtual_micro)
     batch = layout_step(examples, micro_steps=micro_steps, shards=devices, micro_batch_size=micro_batch_size,
-                        max_length=256, pack=pack)
+                        max_length=256, pack=pack, example_weights=weights)
     batch = {k: place(v, named_sharding((None, "batch", "length"), mesh)) for k, v in batch.items()}
     optimizer = optax.sgd(LR)
-    step = jax.jit(make_train_step(graphdef, optimizer, lambda s: LR, emulate_bug=emulate_bug, shards=devices))
+    step = jax.jit(make_train_step(graphdef, optimizer, lambda s: LR, emulate_bug=emulate_bug))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
     new_state, metrics = step(state, batch)
     _RUNS[key] = jax.device_get(new_state["params"]), jax.device_get(metrics)
@@ -140,6 +146,49 @@ def test_openrlhf_mean_of_means_per_micro_batch_and_shard(setup):
     assert relative_error(params, reference, before) <= 1e-4
     correct, _ = ours(directory, examples, devices=4, micro_batch_size=2)
     assert relative_error(params, correct, before) > 0.02
+
+
+def test_mean_of_means_on_a_virtual_layout_not_the_mesh(setup):
+    """The reference of the test above (4 ranks x 2 micro-steps x 2 sequences), emulated on 1 device with
+    micro-batches of 8 (2 micro-steps) and, packed, on 2 devices: only the virtual layout matters."""
+    directory, examples = setup
+    tokens = response_tokens(examples)
+    group = np.arange(16) // 2
+    group_tokens = np.array([tokens[group == g].sum() for g in range(8)])
+    reference, before, _ = sgd_reference(directory, examples, 1.0 / (group_tokens[group] * 8))
+    for devices, micro, pack in ((1, 8, False), (2, 4, True)):
+        params, _ = ours(directory, examples, devices=devices, micro_batch_size=micro, pack=pack,
+                         emulate_bug="openrlhf_mean_of_means", virtual=(4, 2))
+        assert relative_error(params, reference, before) <= 1e-4, (devices, micro, pack)
+
+
+def test_virtual_layout_assigns_examples_as_layout_step_does():
+    micro_step, rank, n = virtual_layout(24, ranks=3, micro_batch_size=2)
+    assert n == 4
+    # layout_step: micro-step i, shard r holds examples (i * shards + r) * micro_batch_size onwards
+    for i in range(4):
+        for r in range(3):
+            first = (i * 3 + r) * 2
+            assert list(micro_step[first:first + 2]) == [i, i] and list(rank[first:first + 2]) == [r, r]
+    tokens = np.arange(1, 25, dtype=float)
+    kept = bug_example_weights(tokens, "deepspeed_offload", ranks=3, micro_batch_size=2) > 0
+    assert kept.tolist() == [i in (0, 3) for i in micro_step]  # micro-steps 0 and N-1 of every rank
+    assert bug_example_weights(tokens, "deepspeed_offload", ranks=6, micro_batch_size=2).min() > 0  # N = 2: all
+    means = bug_example_weights(tokens, "openrlhf_mean_of_means", ranks=3, micro_batch_size=2)
+    group = micro_step * 3 + rank
+    assert np.allclose([np.sum(means[group == g] * tokens[group == g]) for g in range(12)], 1 / 12)
+    with pytest.raises(ValueError, match="not a whole number of micro-steps of 5 ranks x 2"):
+        virtual_layout(24, ranks=5, micro_batch_size=2)
+
+
+def test_a_bug_without_loss_weights_is_refused(setup):
+    directory, examples = setup
+    graphdef, params = _params(directory)
+    batch = layout_step(examples[:2], micro_steps=1, shards=1, micro_batch_size=2, max_length=256, pack=False)
+    step = make_train_step(graphdef, optax.sgd(LR), lambda s: LR, emulate_bug="both")
+    state = {"params": params, "opt_state": optax.sgd(LR).init(params), "step": jnp.zeros((), jnp.int32)}
+    with pytest.raises(ValueError, match="no 'loss_weights'"):
+        jax.eval_shape(step, state, batch)
 
 
 @pytest.mark.slow

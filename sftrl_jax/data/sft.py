@@ -42,7 +42,9 @@ class SFTDataOptions:
     overlong: Literal["truncate", "drop"] = "truncate"  # "truncate" (cut the response from the end) | "drop"
     on_bad_row: Literal["skip", "error"] = "skip"  # "skip" (warn, count) | "error" (raise ValueError)
     remove_system_prompt: bool = False  # drop system messages and a template-injected default one
-    think_prefix: Literal["keep", "prompt"] = "keep"  # "keep" (supervise a leading <think>) | "prompt" (condition on it)
+    # "keep": supervise a response's leading <think>. "prompt": condition on it instead -- it moves to the
+    # prompt, or is dropped when the chat template already ends the prompt with it (LUFFY's SFT data).
+    think_prefix: Literal["keep", "prompt"] = "keep"
     eos_token: str | None = None  # appended to every response; None = tokenizer.eos_token
 
     def __post_init__(self):
@@ -168,9 +170,13 @@ def _row_texts(row: Any, tokenizer, options: SFTDataOptions) -> tuple[str, str]:
     except jinja2.TemplateError as error:  # the template's raise_exception, e.g. "roles must alternate"
         raise _BadRow(f"field {options.prompt_field!r}: chat template refused it: {error}") from None
     if options.think_prefix == "prompt":
+        # A template that already opens the block (LUFFY's Qwen2.5-Math-7B-16k-think ends its generation
+        # prompt with "<think>\n") keeps its own marker: the response's is dropped, not appended a second
+        # time. That is LUFFY's SFT preparation exactly: it strips "<think>\n" from every target.
+        opened = prompt.rstrip().endswith(_THINK_MARKERS[-1])
         for marker in _THINK_MARKERS:
             if response.startswith(marker):
-                prompt, response = prompt + marker, response[len(marker):]
+                prompt, response = (prompt if opened else prompt + marker), response[len(marker):]
                 if not response.strip():
                     raise _BadRow(f"field {field!r} is empty after moving {marker!r} to the prompt")
                 break
@@ -303,3 +309,15 @@ def _eos_id(tokenizer, eos_token: str | None) -> int:
     if not isinstance(eos_id, int) or tokenizer.convert_ids_to_tokens(eos_id) != token:
         raise ValueError(f"eos token {token!r} is not a single token of the tokenizer's vocabulary")
     return eos_id
+
+
+def demonstration_text(row: Any, response_field: str | None = None) -> str:
+    """The response an SFT-format row demonstrates: ``target``'s assistant message (LUFFY/OpenR1
+    parquet) or ``response``, as SFT reads it. A ValueError names the problem."""
+    if not isinstance(row, dict):
+        raise ValueError(f"row must be a dict, got {type(row).__name__}")
+    field = response_field or _auto_response_field(row)
+    try:
+        return _response_text(row.get(field), field)
+    except _BadRow as problem:
+        raise ValueError(str(problem)) from None

@@ -167,6 +167,25 @@ class ModelConfig:
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
 
+def require_positions(model_config: ModelConfig, needed: int, key: str) -> None:
+    """Refuse sequences of ``needed`` tokens (config key ``key``) on a model that has fewer positions.
+
+    Positions past ``max_position_embeddings`` are outside what the model (its RoPE scaling) was built
+    for: training there runs and silently learns on out-of-range positions (e.g. a 16k-token recipe on
+    stock Qwen2.5-Math-7B, which has 4,096). A checkpoint whose ``config.json`` does not declare the
+    key has no known limit and passes.
+    """
+    declared = model_config.hf_config
+    if declared and "max_position_embeddings" not in declared:
+        return
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and needed > limit:
+        where = f" ({model_config.source_dir})" if model_config.source_dir else ""
+        raise ValueError(f"{key} ({needed}) exceeds the model's max_position_embeddings ({limit}){where}: "
+                         f"it was not built for positions past {limit}; lower {key} or use a model with "
+                         f"longer positions (e.g. RoPE extended, as LUFFY's Qwen2.5-Math-7B-16k-think)")
+
+
 def _parse_rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
     # transformers >= 5 writes ``rope_parameters``; older checkpoints ``rope_theta`` + ``rope_scaling``.
     params = hf.get("rope_parameters") or {}

@@ -170,6 +170,23 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf_dict(config, source_dir=str(directory))
 
 
+def generation_eos_token_ids(path: str | os.PathLike | None) -> tuple[int, ...]:
+    """The ``eos_token_id`` (an int or a list) of ``generation_config.json`` in model directory ``path``;
+    empty where there is no such file or no such key. Invalid JSON is a ValueError naming the file."""
+    if path is None:
+        return ()
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return ()
+    eos = read_json(file).get("eos_token_id")
+    if eos is None:
+        return ()
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{file}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return tuple(ids)
+
+
 def read_json(file: Path) -> dict:
     """A JSON object from ``file``; invalid JSON (or text that is not UTF-8) is a ValueError naming it."""
     try:

@@ -21,36 +21,62 @@ class RLDataSection(PromptDataOptions):
     shuffle: bool = True
 
 
+# Each method's defaults for the settings left unset (null): verl's GRPO; LUFFY's released recipe
+# (grpo_use_std=False, loss_remove_token_mean=True, loss_remove_clip=True, entropy 0.001); CHORD with GRPO's.
+METHOD_DEFAULTS = {
+    "grpo": {"norm_adv_by_std": True, "agg_mode": "token-mean", "entropy_coef": 0.0, "clip_on_policy": True},
+    "luffy": {"norm_adv_by_std": False, "agg_mode": "seq-mean-token-sum-norm", "entropy_coef": 0.001,
+              "clip_on_policy": False},
+    "chord": {"norm_adv_by_std": True, "agg_mode": "token-mean", "entropy_coef": 0.0, "clip_on_policy": True},
+}
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
 @dataclasses.dataclass
 class RLSection:
+    # grpo: on-policy groups; luffy / chord: each group is sampling.n - 1 on-policy samples and the
+    # prompt's demonstration (the data's target/response), see sftrl_jax/rl/algorithms.py
+    method: Literal["grpo", "luffy", "chord"] = "grpo"
     # what one step samples and how it updates
     prompts_per_step: int = 128
     mini_batches_per_step: int = 2  # optimizer updates per epoch over the step's responses
     ppo_epochs: int = 1
-    # advantage and loss (verl semantics, BRIEF §5)
-    norm_adv_by_std: bool = True  # False = Dr.GRPO (A = r - mean)
+    # advantage and loss (verl semantics, BRIEF §5); null: the method's default (METHOD_DEFAULTS)
+    norm_adv_by_std: bool | None = None  # False = Dr.GRPO (A = r - mean)
     clip_low: float = 0.2
     clip_high: float = 0.2  # DAPO clip-higher: 0.28
     clip_c: float = 3.0  # dual clip for A < 0
-    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = \
-        "token-mean"
+    agg_mode: AggMode | None = None
     loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant (default: sampling.max_new_tokens)
     kl_coef: float = 0.0  # 0: no reference model is kept
     kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
-    entropy_coef: float = 0.0
+    entropy_coef: float | None = None
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
     # DAPO options
-    dynamic_sampling: bool = False  # drop groups whose rewards are all equal and sample more
+    dynamic_sampling: bool = False  # drop groups whose accuracy is all equal (verl's metric=acc) and sample more
     max_generation_rounds: int = 4  # cap on generation rounds per step with dynamic sampling
     overlong_buffer_len: int = 0  # soft overlong punishment over the last this-many tokens (0: off)
     overlong_penalty_factor: float = 1.0
     mask_truncated: bool = False  # exclude responses cut at sampling.max_new_tokens from the loss
+    # mixed-policy methods
+    demonstration_field: str | None = None  # null: "target" (LUFFY parquet) if the row has one, else "response"
+    clip_on_policy: bool | None = None  # LUFFY: PPO-clip the on-policy tokens (its released run does not)
+    shaping_gamma: float = 0.1  # LUFFY's policy shaping f(p) = p / (p + gamma) on demonstration tokens
+    chord_mu_peak: float = 0.1  # CHORD: weight of the SFT term, (1 - mu) GRPO + mu SFT
+    chord_mu_valley: float = 0.1  # ... decayed (cosine) to this after the warm-up; equal to the peak: constant
+    chord_mu_warmup_steps: int = 0
 
     _ranges = {
         "prompts_per_step": ">= 1", "mini_batches_per_step": ">= 1", "ppo_epochs": ">= 1", "clip_low": ">= 0",
         "clip_high": ">= 0", "clip_c": "> 1", "loss_scale_factor": "> 0", "kl_coef": ">= 0", "entropy_coef": ">= 0",
         "max_generation_rounds": ">= 1", "overlong_buffer_len": ">= 0", "overlong_penalty_factor": ">= 0",
+        "shaping_gamma": "> 0", "chord_mu_peak": "[0, 1]", "chord_mu_valley": "[0, 1]", "chord_mu_warmup_steps": ">= 0",
     }
+
+    def __post_init__(self):
+        for key, value in METHOD_DEFAULTS[self.method].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
 
 def _rl_optimizer() -> OptimizerOptions:

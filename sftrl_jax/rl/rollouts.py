@@ -41,6 +41,7 @@ class Rollouts:
     truncated: list[bool] = dataclasses.field(default_factory=list)
     correctness: list[float] = dataclasses.field(default_factory=list)
     rewards: list[float] = dataclasses.field(default_factory=list)
+    off_policy: list[bool] = dataclasses.field(default_factory=list)  # a demonstration (LUFFY, CHORD)
     rounds: int = 0
     dropped_groups: int = 0
     score_seconds: float = 0.0
@@ -49,6 +50,9 @@ class Rollouts:
 def check_batch_sizes(config, shards: int) -> int:
     """Micro-steps per mini-batch of an RL config; raises naming the keys when the sizes do not divide."""
     cfg = config.rl
+    if cfg.method != "grpo" and config.sampling.n < 2:
+        raise ValueError(f"rl.method={cfg.method}: sampling.n ({config.sampling.n}) must be at least 2 (a group is "
+                         "n - 1 samples and the demonstration)")
     sequences = cfg.prompts_per_step * config.sampling.n
     if sequences % cfg.mini_batches_per_step:
         raise ValueError(f"rl.prompts_per_step x sampling.n ({sequences}) must be a multiple of "
@@ -72,11 +76,16 @@ def default_reward_fn(pool, require_think: bool) -> RewardFn:
     return score
 
 
-def collect_rollouts(sampler, items, prompt_sampler, score: RewardFn, config, step: int) -> Rollouts:
+def collect_rollouts(sampler, items, prompt_sampler, score: RewardFn, config, step: int,
+                     demonstrations: dict | None = None) -> Rollouts:
     """One step's rollouts: ``rl.prompts_per_step`` groups of ``sampling.n`` graded responses.
 
     ``sampler``: a :class:`sftrl_jax.sampling.TextSampler` of the current policy; ``items``: the
     prompts; ``prompt_sampler``: an :class:`~sftrl_jax.data.batching.EpochSampler` over them.
+    With ``demonstrations`` (``prompt_id -> Demonstration``, the mixed-policy methods) each group is
+    ``sampling.n - 1`` samples and the prompt's demonstration, graded like the samples.
+    Rewards are ``reward.scale(correctness)`` plus the overlong penalty; dynamic sampling drops a
+    group whose correctness is all equal (verl's ``metric=acc``).
     """
     cfg, group = config.rl, config.sampling.n
     out = Rollouts()
@@ -89,32 +98,50 @@ def collect_rollouts(sampler, items, prompt_sampler, score: RewardFn, config, st
                 f"step {step}; the prompts are too easy or too hard for this model")
         out.rounds += 1
         chunk = [items[i] for i in prompt_sampler.next()]
-        samples, texts = sampler.sample([it.prompt_ids for it in chunk],
-                                        seed=config.rollout_seed * 1_000_003 + step * 1009 + out.rounds)
+        members = _group_members(sampler, chunk, demonstrations, group,
+                                 seed=config.rollout_seed * 1_000_003 + step * 1009 + out.rounds)
         tick = time.perf_counter()
         # each process grades its share of the rollouts; all get the same full vector
-        correctness = map_rows_across_processes(score, texts, [chunk[s.prompt_index].ground_truth for s in samples],
-                                                [s.tokens for s in samples])
+        correctness = map_rows_across_processes(score, [m[1] for m in members],
+                                                [chunk[m[0]].ground_truth for m in members],
+                                                [m[2] for m in members])
         out.score_seconds += time.perf_counter() - tick
-        rewards = correctness + np.asarray(overlong_penalty([len(s.tokens) for s in samples],
-                                                            config.sampling.max_new_tokens, cfg.overlong_buffer_len,
-                                                            cfg.overlong_penalty_factor))
+        rewards = config.reward.scale(correctness) + np.asarray(overlong_penalty(
+            [len(m[2]) for m in members], config.sampling.max_new_tokens, cfg.overlong_buffer_len,
+            cfg.overlong_penalty_factor))
         for g in range(len(chunk)):
             rows = range(g * group, (g + 1) * group)
-            if cfg.dynamic_sampling and np.ptp(rewards[list(rows)]) == 0:
+            if cfg.dynamic_sampling and np.ptp(correctness[list(rows)]) == 0:
                 out.dropped_groups += 1
                 continue
             if groups == cfg.prompts_per_step:
                 break
             groups += 1
             for r in rows:
+                _, _, tokens, logprobs, truncated, off_policy = members[r]
                 out.prompts.append(chunk[g].prompt_ids)
-                out.responses.append(samples[r].tokens)
-                out.sampler_logprobs.append(samples[r].logprobs)
-                out.truncated.append(samples[r].stop_reason == "length")
+                out.responses.append(tokens)
+                out.sampler_logprobs.append(logprobs)
+                out.truncated.append(truncated)
+                out.off_policy.append(off_policy)
                 out.correctness.append(float(correctness[r]))
                 out.rewards.append(float(rewards[r]))
     return out
+
+
+def _group_members(sampler, chunk, demonstrations, group: int, *, seed: int) -> list[tuple]:
+    """``(prompt index in chunk, text, tokens, sampler log-probs, truncated, off-policy)`` per group member,
+    group-major: ``group`` samples per prompt, or ``group - 1`` samples and the demonstration."""
+    on_policy = group - 1 if demonstrations is not None else group
+    samples, texts = sampler.sample([it.prompt_ids for it in chunk], seed=seed, n=on_policy)
+    members = []
+    for g, item in enumerate(chunk):
+        for sample, text in zip(samples[g * on_policy:(g + 1) * on_policy], texts[g * on_policy:(g + 1) * on_policy]):
+            members.append((g, text, sample.tokens, sample.logprobs, sample.stop_reason == "length", False))
+        if demonstrations is not None:
+            demo = demonstrations[item.prompt_id]
+            members.append((g, demo.text, demo.token_ids, [0.0] * len(demo.token_ids), demo.truncated, True))
+    return members
 
 
 def rollout_arrays(rollouts: Rollouts, *, max_new_tokens: int, mask_truncated: bool, pad_id: int) -> dict:
@@ -127,6 +154,7 @@ def rollout_arrays(rollouts: Rollouts, *, max_new_tokens: int, mask_truncated: b
     response_ids = np.full((count, response_len), pad_id, np.int32)
     response_mask = np.zeros((count, response_len), np.float32)
     sampler_logp = np.zeros((count, response_len), np.float32)
+    off_policy = np.zeros((count, response_len), np.float32)
     for row, (prompt, response) in enumerate(zip(rollouts.prompts, rollouts.responses)):
         ids[row, prompt_len - len(prompt):prompt_len] = prompt
         attention[row, prompt_len - len(prompt):prompt_len + len(response)] = 1
@@ -135,6 +163,8 @@ def rollout_arrays(rollouts: Rollouts, *, max_new_tokens: int, mask_truncated: b
         if not (mask_truncated and rollouts.truncated[row]):
             response_mask[row, :len(response)] = 1.0
         sampler_logp[row, :len(response)] = rollouts.sampler_logprobs[row]
+        if rollouts.off_policy and rollouts.off_policy[row]:
+            off_policy[row, :len(response)] = 1.0
     positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0).astype(np.int32)
     return {"input_ids": ids, "attention_mask": attention, "positions": positions, "response_ids": response_ids,
-            "response_mask": response_mask, "sampler_logp": sampler_logp}
+            "response_mask": response_mask, "response_off_policy": off_policy, "sampler_logp": sampler_logp}

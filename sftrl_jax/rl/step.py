@@ -21,11 +21,8 @@ from flax import nnx
 
 from ..losses import agg_weights, chunked_logprobs
 from ..optim import apply_update, sum_micro_step_grads
-from .algorithms import policy_loss
+from .algorithms import mixed_policy_loss, policy_loss
 from .config import RLSection
-
-ROLLOUT_KEYS = ("input_ids", "attention_mask", "positions", "response_ids", "response_mask")
-
 
 def response_logprobs(graphdef, params, batch, temperature: float, *, with_entropy: bool = False):
     """log p of each response token ``[S, R]`` (and its entropy when asked)."""
@@ -57,31 +54,39 @@ def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, schedule, 
     """``step(state, batch) -> (state, metrics)`` for one mini-batch (``state = {params, opt_state, step}``).
 
     ``batch`` has the rollout arrays plus ``advantages [N, B]``, ``old_logp [N, B, R]`` and, when
-    ``cfg.kl_coef > 0``, ``ref_logp [N, B, R]``. Each micro-batch's loss is
-    :func:`sftrl_jax.rl.algorithms.policy_loss` with that micro-batch's share of the mini-batch's
-    aggregation weights.
+    ``cfg.kl_coef > 0``, ``ref_logp [N, B, R]``; for CHORD also ``chord_mu [N]`` (the step's mu).
+    Each micro-batch's loss is :func:`sftrl_jax.rl.algorithms.policy_loss` (GRPO) or
+    :func:`~sftrl_jax.rl.algorithms.mixed_policy_loss` (LUFFY, CHORD) with that micro-batch's share
+    of the mini-batch's aggregation weights, so the update does not depend on the micro-batch split.
     """
     scale = cfg.loss_scale_factor if cfg.loss_scale_factor is not None else float(max_new_tokens)
 
+    def loss_fn(params, micro_batch, weights, token_mean, off_weights):
+        logp, entropy = response_logprobs(graphdef, params, micro_batch, temperature, with_entropy=True)
+        common = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, weights=weights, token_mean=token_mean,
+                      entropy=entropy, entropy_coef=cfg.entropy_coef)
+        if cfg.method == "grpo":
+            return policy_loss(logp, micro_batch["old_logp"], micro_batch["advantages"], micro_batch["response_mask"],
+                               clip_c=cfg.clip_c, ref_logp=micro_batch.get("ref_logp"), kl_coef=cfg.kl_coef,
+                               kl_estimator=cfg.kl_estimator, **common)
+        return mixed_policy_loss(cfg.method, logp, micro_batch["old_logp"], micro_batch["advantages"],
+                                 micro_batch["response_mask"], micro_batch["response_off_policy"],
+                                 off_weights=off_weights, mu=micro_batch.get("chord_mu", 0.0),
+                                 shaping_gamma=cfg.shaping_gamma, clip_c=cfg.clip_c,
+                                 clip_on_policy=cfg.clip_on_policy, **common)
+
     def step(state, batch):
         mask = batch["response_mask"].astype(jnp.float32)
-        weights = agg_weights(mask, cfg.agg_mode, loss_scale_factor=scale)
+        off = batch["response_off_policy"].astype(jnp.float32) if cfg.method == "chord" else jnp.zeros_like(mask)
+        # CHORD aggregates its GRPO term over on-policy tokens and its SFT term over demonstration tokens
+        weights = agg_weights(mask * (1.0 - off), cfg.agg_mode, loss_scale_factor=scale)
+        off_weights = agg_weights(mask * off, "token-mean")
         token_mean = agg_weights(mask, "token-mean")
 
         def micro_step(params, xs):
-            micro_batch, micro_weights, micro_token_mean = xs
+            return jax.grad(loss_fn, has_aux=True)(params, *xs)
 
-            def loss_fn(params):
-                logp, entropy = response_logprobs(graphdef, params, micro_batch, temperature, with_entropy=True)
-                return policy_loss(logp, micro_batch["old_logp"], micro_batch["advantages"],
-                                   micro_batch["response_mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                   clip_c=cfg.clip_c, weights=micro_weights, token_mean=micro_token_mean,
-                                   entropy=entropy, entropy_coef=cfg.entropy_coef, ref_logp=micro_batch.get("ref_logp"),
-                                   kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
-
-            return jax.grad(loss_fn, has_aux=True)(params)
-
-        grads, summed = sum_micro_step_grads(micro_step, state["params"], (batch, weights, token_mean))
+        grads, summed = sum_micro_step_grads(micro_step, state["params"], (batch, weights, token_mean, off_weights))
         params, opt_state = apply_update(optimizer, grads, state["opt_state"], state["params"])
         metrics = {name: jnp.sum(value) for name, value in summed.items()}
         metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))

@@ -27,8 +27,9 @@ from ..flops import generation_flops, train_flops
 from ..sampling import TextSampler, pad_token_id
 from ..sharding import micro_batch_sharding, place, to_host
 from ..training import Algorithm, LoopContext, TrainResult, probe_hook, run_loop
-from .algorithms import compute_advantages, kl_penalty
+from .algorithms import chord_mu, compute_advantages, kl_penalty
 from .config import RLConfig
+from .demonstrations import load_demonstrations
 from .rollouts import RewardFn, check_batch_sizes, collect_rollouts, default_reward_fn, rollout_arrays
 from .step import make_grpo_step, make_logprob_fn
 
@@ -50,7 +51,12 @@ def load_prompts(config: RLConfig, tokenizer) -> list:
 
 
 class GRPOAlgorithm(Algorithm):
-    """Sample -> score -> advantages -> old/ref log-probs -> mini-batch updates (verl semantics)."""
+    """Sample -> score -> advantages -> old/ref log-probs -> mini-batch updates (verl semantics).
+
+    ``rl.method`` luffy / chord: each group holds ``sampling.n - 1`` samples and the prompt's
+    demonstration (:mod:`sftrl_jax.rl.demonstrations`), trained with LUFFY's policy shaping or
+    CHORD's weighted SFT term (:func:`sftrl_jax.rl.algorithms.mixed_policy_loss`).
+    """
 
     name, plot_name, plot_title = "rl", "rl", "GRPO"
     plot_keys = ("reward_mean", "accuracy", "response_len_mean", "entropy", "kl_ref", "grad_norm")
@@ -67,6 +73,14 @@ class GRPOAlgorithm(Algorithm):
         check_batch_sizes(config, ctx.shards)
         self.pad_id = pad_token_id(ctx.tokenizer)
         self.items = load_prompts(config, ctx.tokenizer)
+        self.demonstrations = None
+        if config.rl.method != "grpo":
+            if ctx.tokenizer.eos_token_id is None:
+                raise ValueError(f"rl.method={config.rl.method}: the tokenizer of {config.model.path} has no EOS "
+                                 "token to end demonstrations with")
+            self.demonstrations = load_demonstrations(
+                self.items, config.data, ctx.tokenizer, eos_id=ctx.tokenizer.eos_token_id,
+                max_new_tokens=config.sampling.max_new_tokens, response_field=config.rl.demonstration_field)
         self.prompt_sampler = EpochSampler(len(self.items), config.rl.prompts_per_step, seed=config.train.seed,
                                            shuffle=config.data.shuffle)
         self.total_steps = config.train.max_steps or config.train.num_epochs * self.prompt_sampler.batches_per_epoch
@@ -100,11 +114,16 @@ class GRPOAlgorithm(Algorithm):
         config = self.config
         tick = time.perf_counter()
         sampler = TextSampler(nnx.merge(self.ctx.graphdef, state["params"]), self.ctx.tokenizer, config.sampling)
-        rollouts = collect_rollouts(sampler, self.items, self.prompt_sampler, self.reward_fn, config, step)
+        rollouts = collect_rollouts(sampler, self.items, self.prompt_sampler, self.reward_fn, config, step,
+                                    self.demonstrations)
         del sampler  # its decode-layout copy of the weights
         timing = {"generate": time.perf_counter() - tick - rollouts.score_seconds, "score": rollouts.score_seconds}
         tick = time.perf_counter()
         arrays, mismatch = self._update_arrays(state, rollouts)
+        if config.rl.method == "chord":
+            arrays["chord_mu"] = np.full(len(rollouts.responses), float(chord_mu(
+                step, self.total_steps, peak=config.rl.chord_mu_peak, valley=config.rl.chord_mu_valley,
+                warmup_steps=config.rl.chord_mu_warmup_steps)), np.float32)
         state, update_metrics = self._updates(state, arrays)
         timing["train"] = time.perf_counter() - tick
         summary = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
@@ -127,12 +146,11 @@ class GRPOAlgorithm(Algorithm):
         cfg = self.config.rl
         arrays = rollout_arrays(rollouts, max_new_tokens=self.config.sampling.max_new_tokens,
                                 mask_truncated=cfg.mask_truncated, pad_id=self.pad_id)
-        arrays["advantages"] = np.asarray(compute_advantages(rollouts.rewards, self.config.sampling.n,
-                                                             norm_by_std=cfg.norm_adv_by_std))
+        arrays["advantages"] = self._advantages(rollouts)
         sampler_logp = arrays.pop("sampler_logp")
         laid = self._on_devices(arrays)
         recomputed = to_host(self.logprobs_of(state["params"], laid)).reshape(sampler_logp.shape)
-        mask = arrays["response_mask"] > 0
+        mask = (arrays["response_mask"] > 0) & (arrays["response_off_policy"] == 0)  # sampled tokens only
         kl = np.asarray(kl_penalty(jnp.asarray(recomputed), jnp.asarray(sampler_logp)))
         mismatch = {"logprob_mismatch_abs": float(np.abs(recomputed - sampler_logp)[mask].mean()) if mask.any() else 0.0,
                     "logprob_mismatch_kl": float(kl[mask].mean()) if mask.any() else 0.0}
@@ -140,6 +158,16 @@ class GRPOAlgorithm(Algorithm):
         if self.ref_params is not None:
             arrays["ref_logp"] = to_host(self.logprobs_of(self.ref_params, laid)).reshape(sampler_logp.shape)
         return arrays, mismatch
+
+    def _advantages(self, rollouts) -> np.ndarray:
+        """Group-relative advantages; CHORD's over its on-policy members only (its demonstration gets 0, it
+        is learned by the SFT term), GRPO's and LUFFY's over the whole group."""
+        cfg, n = self.config.rl, self.config.sampling.n
+        if cfg.method != "chord":
+            return np.asarray(compute_advantages(rollouts.rewards, n, norm_by_std=cfg.norm_adv_by_std))
+        groups = np.asarray(rollouts.rewards, np.float32).reshape(-1, n)
+        on_policy = np.asarray(compute_advantages(groups[:, :-1].reshape(-1), n - 1, norm_by_std=cfg.norm_adv_by_std))
+        return np.concatenate([on_policy.reshape(-1, n - 1), np.zeros((len(groups), 1), np.float32)], axis=1).ravel()
 
     def _updates(self, state: dict, arrays: dict) -> tuple[dict, list[dict]]:
         """``rl.ppo_epochs`` passes of ``rl.mini_batches_per_step`` optimizer updates over the step's arrays."""
@@ -155,7 +183,9 @@ class GRPOAlgorithm(Algorithm):
 
     def _count_flops(self, rollouts, lengths) -> None:
         model_config, group = self.ctx.model_config, self.config.sampling.n
-        for prompt, response in zip(rollouts.prompts[::group], np.split(lengths, len(lengths) // group)):
+        sampled = np.where(np.asarray(rollouts.off_policy, bool), 0, lengths) if rollouts.off_policy else lengths
+        for prompt, response in zip(rollouts.prompts[::group], np.split(sampled, len(sampled) // group)):
+            # demonstrations are not generated (0 new tokens)
             self.flops["flops_generate"] += sum(generation_flops(model_config, len(prompt), int(n), prefill=k == 0)
                                                 for k, n in enumerate(response))
         forward_passes = 3 * self.config.rl.ppo_epochs + 1 + (self.ref_params is not None)  # updates, old (+ ref)

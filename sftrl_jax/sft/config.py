@@ -25,9 +25,15 @@ class SFTDataSection(SFTDataOptions):
 class SFTTrainSection(TrainOptions):
     global_batch_size: int = 64  # sequences per optimizer step (all micro-steps, all shards)
     emulate_bug: Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "both"] = "none"
+    # The DeepSpeed layout a bug is emulated on (not our mesh's): data-parallel ranks (default: the mesh's
+    # data-parallel size) and sequences per rank per micro-step (default: train.micro_batch_size). Unused
+    # (logged) without emulate_bug. LUFFY: 8 ranks x 1 sequence, global batch 64 -> 8 micro-steps.
+    emulate_ranks: int | None = None
+    emulate_micro_batch_size: int | None = None
     eval_every: int = 0  # steps; 0 = only at the end (when there is an eval split)
 
-    _ranges = {"global_batch_size": ">= 1", "eval_every": ">= 0"}
+    _ranges = {"global_batch_size": ">= 1", "eval_every": ">= 0", "emulate_ranks": ">= 1",
+               "emulate_micro_batch_size": ">= 1"}
 
 
 @dataclasses.dataclass(kw_only=True)

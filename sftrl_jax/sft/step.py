@@ -7,14 +7,22 @@ micro-step's gradient of ``sum(weights * nll)``. The sum is the gradient of the 
 (BRIEF §4) whatever the split into micro-steps or devices; jit's SPMD partitioning sums over the
 data-parallel shards.
 
-``emulate_bug`` reproduces the PyTorch stacks' arithmetic on purpose:
+``emulate_bug`` reproduces the PyTorch stacks' arithmetic on purpose, on a *virtual* DeepSpeed
+layout of ``ranks`` data-parallel ranks x ``N`` micro-steps x ``micro_batch_size`` sequences
+(``train.emulate_ranks`` / ``train.emulate_micro_batch_size``; by default our own mesh's). Example
+``k`` of the global batch sits where a real run with ``ranks`` shards puts it
+(:func:`sftrl_jax.data.batching.layout_step`): group ``g = k // micro_batch_size``, micro-step
+``g // ranks``, rank ``g % ranks``. :func:`bug_example_weights` turns that into one weight per
+example on the host; the batch carries them as per-token ``loss_weights`` and the step takes the
+exact gradient of ``sum(loss_weights * nll)``, so the emulated arithmetic does not depend on how
+our mesh splits the batch:
 
 * ``deepspeed_offload`` (BRIEF §2): only micro-steps 0 and N-1 reach the optimizer, i.e. the
   update is built from ``(g_0 + g_{N-1}) / N`` where ``g_i`` is micro-step i's gradient scaled so
-  that their mean is the correct gradient. Every rank drops the same micro-steps, so dropping
-  them on the micro-step axis is exactly the per-rank behaviour.
-* ``openrlhf_mean_of_means`` (BRIEF §3): each (micro-step, shard) loss is the mean over its own
-  tokens, averaged over micro-steps and shards.
+  that their mean is the correct gradient (weight ``1 / T`` for the kept examples, ``T`` the
+  global batch's supervised tokens, 0 for the others). Every rank drops the same micro-steps.
+* ``openrlhf_mean_of_means`` (BRIEF §3): each (micro-step, rank) loss is the mean over its own
+  tokens, averaged over micro-steps and ranks (weight ``1 / (T_group * N * ranks)``).
 * ``both``: the two together.
 """
 
@@ -24,9 +32,11 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from ..data.batching import WEIGHTS_KEY
 from ..losses import agg_weights, chunked_logprobs
 from ..optim import apply_update, sum_micro_step_grads
 
@@ -34,18 +44,38 @@ EmulateBug = Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "bot
 BUGS = ("none", "deepspeed_offload", "openrlhf_mean_of_means", "both")
 
 
-def micro_step_keep(micro_steps: int, emulate_bug: str) -> jax.Array:
-    """1.0 for micro-steps whose gradient reaches the optimizer, 0.0 for the dropped ones."""
-    keep = jnp.ones((micro_steps,), jnp.float32)
-    if emulate_bug in ("deepspeed_offload", "both") and micro_steps > 2:
-        index = jnp.arange(micro_steps)
-        keep = ((index == 0) | (index == micro_steps - 1)).astype(jnp.float32)
-    return keep
+def virtual_layout(size: int, ranks: int, micro_batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(micro_step, rank, N)`` of each of the ``size`` examples of a global batch on a virtual layout
+    of ``ranks`` x ``N`` micro-steps x ``micro_batch_size``, as :func:`~sftrl_jax.data.batching.layout_step`
+    assigns them for a real run with ``ranks`` shards."""
+    if size % (ranks * micro_batch_size):
+        raise ValueError(f"a global batch of {size} is not a whole number of micro-steps of {ranks} ranks x "
+                         f"{micro_batch_size} sequences")
+    group = np.arange(size) // micro_batch_size  # = micro_step * ranks + rank
+    return group // ranks, group % ranks, size // (ranks * micro_batch_size)
 
 
-def step_weights(label_mask: jax.Array, emulate_bug: str, shards: int) -> jax.Array:
-    mode = "micro-mean-of-means" if emulate_bug in ("openrlhf_mean_of_means", "both") else "token-mean"
-    return agg_weights(label_mask, mode, shards=shards)
+def bug_example_weights(token_counts, emulate_bug: str, *, ranks: int, micro_batch_size: int) -> np.ndarray:
+    """One loss weight per example (float64) of a global batch whose examples have ``token_counts``
+    supervised tokens, such that ``sum_k weight_k * (sum of example k's token nll)`` is the loss
+    whose gradient the emulated stack hands the optimizer (see the module docstring)."""
+    if emulate_bug not in BUGS:
+        raise ValueError(f"train.emulate_bug: unknown value {emulate_bug!r}; choose one of {BUGS}")
+    tokens = np.asarray(token_counts, np.float64)
+    micro_step, rank, n = virtual_layout(len(tokens), ranks, micro_batch_size)
+    keep = np.ones(len(tokens))
+    if emulate_bug in ("deepspeed_offload", "both") and n > 2:
+        keep = ((micro_step == 0) | (micro_step == n - 1)).astype(np.float64)
+    if emulate_bug in ("openrlhf_mean_of_means", "both"):
+        group = micro_step * ranks + rank
+        group_tokens = np.bincount(group, weights=tokens, minlength=n * ranks)[group]
+        return keep / np.maximum(group_tokens, 1.0) / (n * ranks)
+    return keep / max(tokens.sum(), 1.0)
+
+
+def supervised_token_counts(examples) -> np.ndarray:
+    """Tokens each example is supervised on (its response tokens after the first position)."""
+    return np.array([float(np.sum(e.loss_mask[1:])) for e in examples])
 
 
 def sequence_nll(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
@@ -57,37 +87,48 @@ def sequence_nll(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
     return -logp, batch["label_mask"]
 
 
-def accumulate_gradients(graphdef, params, batch, weights, keep):
-    """Over micro-steps: ``sum_i keep_i * grad(sum(weights_i * nll_i))`` in float32.
+def accumulate_gradients(graphdef, params, batch, weights):
+    """Over micro-steps: ``sum_i grad(sum(weights_i * nll_i))`` in float32.
 
     Also returns the true loss statistics (nll sum and token count over every micro-step).
     """
 
     def micro_step(params, xs):
-        micro_batch, micro_weights, micro_keep = xs
+        micro_batch, micro_weights = xs
 
         def loss_fn(p):
             nll, mask = sequence_nll(graphdef, p, micro_batch)
             return jnp.sum(micro_weights * nll), (jnp.sum(nll * mask), jnp.sum(mask))
 
         grads, stats = jax.grad(loss_fn, has_aux=True)(params)
-        return jax.tree.map(lambda g: micro_keep * g.astype(jnp.float32), grads), stats
+        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), stats
 
-    grads, (nll_sums, token_counts) = sum_micro_step_grads(micro_step, params, (batch, weights, keep))
+    grads, (nll_sums, token_counts) = sum_micro_step_grads(micro_step, params, (batch, weights))
     return grads, jnp.sum(nll_sums), jnp.sum(token_counts)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, *, emulate_bug: str,
-                    shards: int):
-    """``step(state, batch) -> (state, metrics)``; ``state = {"params", "opt_state", "step"}``."""
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, *, emulate_bug: str = "none",
+                    shards: int | None = None):
+    """``step(state, batch) -> (state, metrics)``; ``state = {"params", "opt_state", "step"}``.
+
+    Correct accumulation (``emulate_bug="none"``) weighs every supervised token by 1 / (tokens of
+    the global batch). With a bug emulated the batch must carry ``loss_weights``
+    (:func:`bug_example_weights` through the batcher's ``example_weights``). ``shards`` is not used
+    (the emulated layout comes with the weights); it is accepted for existing callers.
+    """
+    del shards
     if emulate_bug not in BUGS:
         raise ValueError(f"train.emulate_bug: unknown value {emulate_bug!r}; choose one of {BUGS}")
 
     def step(state, batch):
-        micro_steps = batch["input_ids"].shape[0]
-        weights = step_weights(batch["label_mask"], emulate_bug, shards)
-        keep = micro_step_keep(micro_steps, emulate_bug)
-        grads, nll_sum, tokens = accumulate_gradients(graphdef, state["params"], batch, weights, keep)
+        if emulate_bug == "none":
+            weights = agg_weights(batch["label_mask"], "token-mean")
+        elif WEIGHTS_KEY in batch:
+            weights = batch[WEIGHTS_KEY]
+        else:
+            raise ValueError(f"emulate_bug={emulate_bug!r}: the batch has no {WEIGHTS_KEY!r} (the emulated "
+                             "layout's per-token weights; see sftrl_jax.sft.step.bug_example_weights)")
+        grads, nll_sum, tokens = accumulate_gradients(graphdef, state["params"], batch, weights)
         params, opt_state = apply_update(optimizer, grads, state["opt_state"], state["params"])
         metrics = {
             "loss": nll_sum / jnp.maximum(tokens, 1),  # the true global-token mean, whatever the bug

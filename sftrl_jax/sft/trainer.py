@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -13,10 +14,13 @@ import numpy as np
 from ..data.batching import SFTBatcher, eval_batches
 from ..data.sft import tokenize_sft
 from ..data.sources import load_rows
+from ..flops import train_flops
+from ..models import read_config
+from ..models.config import require_positions
 from ..sharding import local_batch_shards, micro_batch_sharding, place, place_local, rows_sharding
 from ..training import Algorithm, Hook, LoopContext, TrainResult, probe_hook, run_loop
 from .config import SFTConfig
-from .step import make_eval_step, make_train_step
+from .step import bug_example_weights, make_eval_step, make_train_step, supervised_token_counts
 
 log = logging.getLogger("sftrl_jax.sft")
 
@@ -75,9 +79,36 @@ def _require_supervised_tokens(examples, key: str, files, model_path: str) -> No
                      f"(a run would train on nothing with loss 0); {hint}")
 
 
+def emulated_layout(train, shards: int) -> tuple[int, int, int] | None:
+    """``(ranks, micro_steps, micro_batch_size)`` of the virtual DeepSpeed layout a bug is emulated on
+    (``train.emulate_ranks`` / ``train.emulate_micro_batch_size``, by default our mesh's ``shards`` and
+    ``train.micro_batch_size``); None without ``train.emulate_bug`` (the two keys are then unused,
+    which is logged: a config may name LUFFY's layout and switch the bug off by an override)."""
+    if train.emulate_bug == "none":
+        unused = [key for key in ("emulate_ranks", "emulate_micro_batch_size") if getattr(train, key) is not None]
+        if unused:
+            log.info("%s set but unused: train.emulate_bug is none", " and ".join(f"train.{k}" for k in unused))
+        return None
+    ranks = train.emulate_ranks or shards
+    micro = train.emulate_micro_batch_size or train.micro_batch_size
+    if train.global_batch_size % (ranks * micro):
+        raise ValueError(
+            f"train.global_batch_size ({train.global_batch_size}) must be a multiple of train.emulate_ranks "
+            f"({ranks}{'' if train.emulate_ranks else ', the mesh default'}) x train.emulate_micro_batch_size "
+            f"({micro}{'' if train.emulate_micro_batch_size else ', from train.micro_batch_size'})")
+    return ranks, train.global_batch_size // (ranks * micro), micro
+
+
+def _example_weights(examples, **layout) -> np.ndarray:
+    """The emulated bug's loss weight of each example of a global batch (:func:`bug_example_weights`)."""
+    return bug_example_weights(supervised_token_counts(examples), **layout)
+
+
 class SFTAlgorithm(Algorithm):
     """Supervised fine-tuning for :func:`sftrl_jax.training.run_loop`: exact global-token-mean accumulation
-    over ``[micro_steps, shards * rows, length]`` batches, optionally with a PyTorch-stack bug emulated."""
+    over ``[micro_steps, shards * rows, length]`` batches, optionally with a PyTorch-stack bug emulated on
+    a virtual layout (:func:`emulated_layout`, :mod:`sftrl_jax.sft.step`). Its metrics include the
+    cumulative ``flops_train`` (:func:`sftrl_jax.flops.train_flops` of every real sequence trained on)."""
 
     name, plot_name, plot_title = "sft", "loss", "SFT"
     plot_keys = ("loss", "eval_loss", "grad_norm", "lr")
@@ -86,16 +117,26 @@ class SFTAlgorithm(Algorithm):
     def setup(self, ctx: LoopContext) -> int:
         config = self.config = ctx.config
         train = config.train
-        if train.emulate_bug != "none":
+        require_positions(read_config(config.model.path), config.data.max_length, "data.max_length")
+        layout = emulated_layout(train, ctx.shards)
+        weights = None
+        if layout is not None:
             self.name = f"sft [BUG: {train.emulate_bug}]"
             log.warning("=" * 72 + "\nBUG EMULATION ON: train.emulate_bug=%s -- the gradient is deliberately WRONG "
                         "(BRIEF §2/§3)\n" + "=" * 72, train.emulate_bug)
+            ranks, micro_steps, micro = layout
+            log.info("bug emulated on a virtual layout of %d ranks x %d micro-steps x %d sequences "
+                     "(train.emulate_ranks / train.emulate_micro_batch_size)", ranks, micro_steps, micro)
+            weights = functools.partial(_example_weights, emulate_bug=train.emulate_bug, ranks=ranks,
+                                        micro_batch_size=micro)
         self.train_examples, self.eval_examples = load_examples(config, ctx.tokenizer)
         self.batcher = SFTBatcher(self.train_examples, global_batch_size=train.global_batch_size,
                                   micro_batch_size=train.micro_batch_size, shards=ctx.shards,
                                   max_length=config.data.max_length, pack=config.data.pack, seed=train.seed,
-                                  shuffle=config.data.shuffle, shard_ids=local_batch_shards(ctx.mesh, ctx.shards))
+                                  shuffle=config.data.shuffle, shard_ids=local_batch_shards(ctx.mesh, ctx.shards),
+                                  example_weights=weights)
         self.total_steps = train.max_steps or train.num_epochs * self.batcher.steps_per_epoch
+        self.flops_train = 0.0
         log.info("%d steps: global batch %d = %d micro-steps x %d shards x %d sequences", self.total_steps,
                  train.global_batch_size, self.batcher.micro_steps, ctx.shards, train.micro_batch_size)
         return self.total_steps
@@ -118,9 +159,11 @@ class SFTAlgorithm(Algorithm):
         batch = {k: place_local(v, self.batch_sharding, self.batcher.global_shape(v)) for k, v in host_batch.items()}
         state, metrics = self.step_fn(state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        # every sequence of the global batch, at its real (unpadded) length, forward + backward
+        self.flops_train += sum(train_flops(self.ctx.model_config, int(n)) for n in self.batcher.last_lengths)
         seconds = time.perf_counter() - tick
         return state, {"epoch": self.batcher.epoch, **metrics, "tokens_per_s": metrics["tokens"] / seconds,
-                       "seconds": seconds}
+                       "seconds": seconds, "flops_train": self.flops_train}
 
     def evaluate(self, params) -> float:
         """The held-out loss (global token mean) of ``params``."""
@@ -136,10 +179,13 @@ class SFTAlgorithm(Algorithm):
                      if step < self.total_steps else None, every=self.config.train.eval_every)]
 
     def state_dict(self) -> dict:
-        return {"data": self.batcher.state_dict(), "seed": self.config.train.seed}
+        return {"data": self.batcher.state_dict(), "seed": self.config.train.seed, "flops_train": self.flops_train}
 
     def load_state_dict(self, meta: dict) -> None:
         self.batcher.load_state_dict(meta["data"])
+        if "flops_train" not in meta:
+            log.warning("the checkpoint has no flops_train (written before SFT counted FLOPs): counting from 0")
+        self.flops_train = float(meta.get("flops_train", 0.0))
 
     def finish(self, state: dict, step: int) -> dict | None:
         if not self.eval_examples:
