@@ -95,14 +95,13 @@ def cmd_repro(args: argparse.Namespace) -> int:
     out = args.out or f"runs/repro_{args.experiment}"
     if args.experiment == "bugs":
         _use_cpu_devices(8)  # LUFFY's 8 data-parallel ranks (on CPU: 8 simulated devices)
-        from .experiments.repro_bugs import run_repro_bugs
-
-        report = run_repro_bugs(out, quick=args.quick, seeds=args.seeds)
+        from .experiments.repro_bugs import run_repro_bugs as run
+    elif args.experiment == "coupling":
+        from .experiments.repro_coupling import run_repro_coupling as run
     else:
-        from .experiments.repro_coupling import run_repro_coupling
-
-        report = run_repro_coupling(out, quick=args.quick, seeds=args.seeds)
-    for line in report["findings"]:
+        from .experiments.repro_mixed import run_repro_mixed as run
+    report = run(out, quick=args.quick, seeds=args.seeds)
+    for line in report.get("findings", [report.get("finding")]):
         print(f"repro {args.experiment}: {line.removeprefix('- ')}")
     print(f"repro {args.experiment}: report {out}/report.md ({report['seconds']:.0f} s)")
     return 0
@@ -225,12 +224,13 @@ def _add_offline_commands(sub) -> None:
     p = sub.add_parser("repro", help="the two papers' findings at small scale, offline on a CPU",
                        description="bugs: SFT with the correct accumulation vs the emulated DeepSpeed-offload and "
                                    "OpenRLHF mean-of-means bugs (Paper A's staircase). coupling: SFT -> RL -> SFT "
-                                   "with the cross-stage probe (Paper B's non-decoupling). Both use the demo's "
-                                   "embedded task and write a report folder.")
-    p.add_argument("experiment", choices=["bugs", "coupling"])
+                                   "with the cross-stage probe (Paper B's non-decoupling). mixed: SFT->RL (correct "
+                                   "and buggy SFT) vs LUFFY and CHORD at equal compute (Paper A's head-to-head). "
+                                   "All use the demo's embedded task and write a report folder.")
+    p.add_argument("experiment", choices=["bugs", "coupling", "mixed"])
     p.add_argument("--out", help="report folder (default runs/repro_<experiment>)")
     p.add_argument("--quick", action="store_true", help="a tiny version (one seed, a few steps) to check the set-up")
-    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: bugs 3, coupling 2)")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: bugs 3, coupling 2, mixed 2)")
     p.set_defaults(func=cmd_repro)
 
 

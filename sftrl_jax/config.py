@@ -400,8 +400,12 @@ class TrainOptions:
     num_epochs: int = 1
     seed: int = 42
     micro_batch_size: int = 1  # sequences per data-parallel shard per micro-step
+    # stop early once the run's counted FLOPs (the cumulative flops_* metrics) reach this, for
+    # comparisons at equal compute; the lr schedule still spans max_steps / num_epochs
+    max_flops: float | None = None
 
-    _ranges = {"max_steps": ">= 1", "num_epochs": ">= 1", "seed": ">= 0", "micro_batch_size": ">= 1"}
+    _ranges = {"max_steps": ">= 1", "num_epochs": ">= 1", "seed": ">= 0", "micro_batch_size": ">= 1",
+               "max_flops": "> 0"}
 
 
 @dataclasses.dataclass

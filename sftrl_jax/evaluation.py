@@ -99,6 +99,10 @@ def problem_ids(items: Sequence[PromptItem]) -> list[int]:
     return [first.setdefault((item.benchmark, item.prompt_text, item.ground_truth), item.prompt_id) for item in items]
 
 
+def _mean(records: Sequence[dict], key: str) -> float:
+    return sum(r[key] for r in records) / len(records) if records else 0.0
+
+
 def summarize(records: Sequence[dict], math_benchmarks: Sequence[str]) -> dict:
     """Per-benchmark metrics and the unweighted math average from generation records.
 
@@ -116,7 +120,6 @@ def summarize(records: Sequence[dict], math_benchmarks: Sequence[str]) -> dict:
             per_problem[r.get("problem_id", r["prompt_id"])].append(r["score"])
         attempts = min(len(v) for v in per_problem.values())
         generated = [r for r in rows if not r.get("prompt_too_long", False)]
-        share = (lambda key: sum(r[key] for r in generated) / len(generated)) if generated else (lambda key: 0.0)
         metrics = {
             "prompts": len({r["prompt_id"] for r in rows}),
             "problems": len(per_problem),
@@ -124,9 +127,9 @@ def summarize(records: Sequence[dict], math_benchmarks: Sequence[str]) -> dict:
             "attempts": attempts,
             "accuracy": sum(r["score"] for r in rows) / len(rows),
             f"avg@{attempts}": sum(sum(s) / len(s) for s in per_problem.values()) / len(per_problem),
-            "mean_response_tokens": share("num_tokens"),
-            "truncated_share": share("truncated"),
-            "timed_out_share": share("timed_out"),
+            "mean_response_tokens": _mean(generated, "num_tokens"),
+            "truncated_share": _mean(generated, "truncated"),
+            "timed_out_share": _mean(generated, "timed_out"),
             "prompt_too_long": len({r["prompt_id"] for r in rows if r.get("prompt_too_long", False)}),
         }
         if attempts > 1:

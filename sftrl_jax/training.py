@@ -178,8 +178,8 @@ class Hook:
     at_start: bool = False
     at_end: bool = False
 
-    def due(self, step: int, total: int) -> bool:
-        return (self.every > 0 and step % self.every == 0) or (self.at_end and step == total)
+    def due(self, step: int, last: bool) -> bool:
+        return (self.every > 0 and step % self.every == 0) or (self.at_end and last)
 
 
 @dataclasses.dataclass
@@ -276,22 +276,32 @@ def _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step):
                                   checkpointer)
             record = {"step": step, **metrics}
             record.setdefault("seconds", time.perf_counter() - tick)
-            due = [hook for hook in hooks if hook.due(step, total)]
+            budget_spent = step < total and _budget_spent(ctx.config.train.max_flops, metrics)
+            last = step == total or budget_spent
+            due = [hook for hook in hooks if hook.due(step, last)]
             for hook in due:
                 record.update(hook.fn(ctx.graphdef, state["params"], step) or {})
-            if step % logging_options.log_every == 0 or due:
+            if step % logging_options.log_every == 0 or due or last:
                 sinks.write(record)
-            checkpointer.save(step, state, {"step": step, **algorithm.state_dict()}, force=step == total)
+            checkpointer.save(step, state, {"step": step, **algorithm.state_dict()}, force=last)
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.4g}" for k in algorithm.postfix_keys if k in metrics})
             if on_step is not None:
                 on_step(step, record)
+            if budget_spent:
+                log.info("train.max_flops=%.3g reached at step %d; stopping", ctx.config.train.max_flops, step)
+                break
         final = algorithm.finish(state, step)
         if final:
             sinks.write({"step": step, **final})
     finally:
         bar.close()
     return state, step
+
+
+def _budget_spent(max_flops: float | None, metrics: dict) -> bool:
+    """Whether the run's cumulative counted FLOPs (its ``flops_*`` metrics) reached ``max_flops``."""
+    return max_flops is not None and sum(v for k, v in metrics.items() if k.startswith("flops_")) >= max_flops
 
 
 def _log_layout(ctx: LoopContext) -> None:

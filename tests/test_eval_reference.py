@@ -299,9 +299,11 @@ def test_avg_at_k_weighs_problems_equally_when_attempts_differ():
 
 def test_repeated_rows_are_one_problem_end_to_end(model_dir, tmp_path):
     """LUFFY-style: a row repeated four times with n = 2 is one problem of eight attempts."""
-    rows = [{"data_source": "aime", "prompt": [{"role": "user", "content": "1+1?"}],
-             "reward_model": {"ground_truth": "2"}}] * 4 + \
-        [{"data_source": "aime", "prompt": [{"role": "user", "content": "2+2?"}], "reward_model": {"ground_truth": "4"}}]
+    def row(question, truth):
+        return {"data_source": "aime", "prompt": [{"role": "user", "content": question}],
+                "reward_model": {"ground_truth": truth}}
+
+    rows = [row("1+1?", "2")] * 4 + [row("2+2?", "4")]
     data = tmp_path / "aime.parquet"
     pd.DataFrame(rows).to_parquet(data)
 

@@ -362,7 +362,10 @@ def test_local_files_load_with_names_and_row_indices(tmp_path, monkeypatch):
         assert [(name, index) for name, index, _ in got] == [(path, i) for i in range(len(expected))]
         assert [row for _, _, row in got] == expected
         builder = "parquet" if path.endswith(".parquet") else "json"
-        assert calls == [((builder,), dict(data_files=path, split="train"))]
+        assert len(calls) == 1 and calls[0][0] == (builder,)
+        kwargs = calls[0][1]
+        assert (kwargs["data_files"], kwargs["split"]) == (path, "train")
+        assert "sftrl_jax-by-content" in kwargs["cache_dir"]  # the Arrow cache is keyed on the file's bytes
 
 
 def test_glob_and_list_of_sources(tmp_path, tokenizer):

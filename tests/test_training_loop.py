@@ -53,7 +53,8 @@ class Countdown(Algorithm):
     def train_step(self, state, step):
         self.position += 1
         loss = float("nan") if step + 1 == self.nan_at else float(self.total_steps - step - 1)
-        return self.update(state), {"loss": loss, "grad_norm": 1.0, "position": self.position}
+        return self.update(state), {"loss": loss, "grad_norm": 1.0, "position": self.position,
+                                    "flops_train": 10.0 * self.position, "flops_generate": 1.0}
 
     def state_dict(self):
         return {"position": self.position}
@@ -96,6 +97,19 @@ def test_nan_stops_naming_the_last_checkpoint_and_resume_continues(workdir):
     assert resumed.position == 6 and result.steps == 6
     assert [r["step"] for r in result.metrics if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["position"] for r in result.metrics if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_max_flops_stops_at_the_budget_with_the_end_of_run_work_done(workdir):
+    config = _config(workdir, "budget", "train.max_flops=35", "logging.log_every=100", "checkpoint.save_every=0")
+    calls = []
+    result = run_loop(config, Countdown(10), progress=False,
+                      hooks=[Hook(lambda g, p, step: calls.append(step) or {"probe": 1.0}, at_end=True)])
+    # 10 x position + 1 >= 35 first at position 4: stopped there, probed, recorded, checkpointed, exported
+    assert result.steps == 4 and calls == [4]
+    assert [(r["step"], "probe" in r) for r in result.metrics if "loss" in r] == [(4, True)]
+    out = Path(config.output_dir)
+    assert (out / "final" / "config.json").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
 
 
 def _tfrecords(path: str) -> list[bytes]:

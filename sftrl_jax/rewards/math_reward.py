@@ -12,7 +12,7 @@ mathematically equivalent to the reference answer and 0.0 otherwise:
   the same way).
 - ``require_think=True`` is the reference recipe's format rule: only the text after the last
   ``</think>`` is graded, and a response without ``</think>`` scores 0.
-- A reference answer that is a single letter A-J (GPQA, ARC-c) is graded as multiple choice: the
+- A reference answer that is a single letter A-J (GPQA, ARC-c, MMLU-Pro) is graded as multiple choice: the
   chosen letter comes from the boxed answer or, failing that, from "the answer is (C)" /
   "ANSWER: C" in the text.
 
