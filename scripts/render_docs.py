@@ -5,14 +5,15 @@
     python scripts/render_docs.py --import-demo runs/demo/report.json
     python scripts/render_docs.py --import-repro-bugs runs/repro_bugs/report.json
     python scripts/render_docs.py --import-repro-coupling runs/repro_coupling/report.json
+    python scripts/render_docs.py --import-repro-mixed runs/repro_mixed/report.json
 
 A generated block sits between two marker comments, ``<!-- results:NAME:start -->`` and
 ``<!-- results:NAME:end -->`` (docs/scaling.md's compile table keeps its older
 ``<!-- compile-table:start/end -->`` pair, the same as ``results:compile``). Everything between a
 pair is overwritten, so edit this script or re-import a run, never the block. Blocks:
 
-- ``demo``, ``repro-bugs``, ``repro-coupling``: one command's ``report.json`` (``sftrl-jax demo``,
-  ``sftrl-jax repro bugs|coupling``), imported with ``--import-*`` into ``docs/results/<name>.json``
+- ``demo``, ``repro-bugs``, ``repro-coupling``, ``repro-mixed``: one command's ``report.json`` (``sftrl-jax demo``,
+  ``sftrl-jax repro bugs|coupling|mixed``), imported with ``--import-*`` into ``docs/results/<name>.json``
   together with the command, the run's date (the report's modification time) and the machine and
   commit it was imported on (run the import on the machine that ran the command, or describe it with
   ``--machine``). Until a report is imported the block says so and names the commands.
@@ -232,15 +233,33 @@ are about.) What this run found:
 """
 
 
+def render_repro_mixed(result: dict) -> str:
+    report = result["report"]
+    rows = "\n".join(f"| {row['label']} | {_pct(row['accuracy'])} | {', '.join(_pct(a) for a in row['per_seed'])} | "
+                     f"{100 * row['spread']:.1f} | {row['flops']:.3g} |" for row in report["methods"].values())
+    return f"""{_provenance(result, "repro_mixed")}
+
+{len(report['seeds'])} seed(s) ({', '.join(map(str, report['seeds']))}); {report['num_test_problems']} held-out problems, greedy.
+
+| method | held-out accuracy (mean) | per seed | seed spread (std, points) | counted FLOPs (mean) |
+|---|---|---|---|---|
+{rows}
+
+{report['finding']}.
+"""
+
+
 # name in the markers -> (result file under docs/results, renderer, command that produces the report)
 REPORTS: dict[str, tuple[str, Callable[[dict], str], str]] = {
     "demo": ("demo.json", render_demo, "sftrl-jax demo"),
     "repro-bugs": ("repro_bugs.json", render_repro_bugs, "sftrl-jax repro bugs"),
     "repro-coupling": ("repro_coupling.json", render_repro_coupling, "sftrl-jax repro coupling"),
+    "repro-mixed": ("repro_mixed.json", render_repro_mixed, "sftrl-jax repro mixed"),
 }
 REQUIRED = {"demo": ("base_accuracy", "runs", "accepted"), "repro-bugs": ("summary", "findings", "settings"),
-            "repro-coupling": ("boundaries", "findings", "settings")}
-DEFAULT_OUT = {"demo": "runs/demo", "repro-bugs": "runs/repro_bugs", "repro-coupling": "runs/repro_coupling"}
+            "repro-coupling": ("boundaries", "findings", "settings"), "repro-mixed": ("methods", "finding", "settings")}
+DEFAULT_OUT = {"demo": "runs/demo", "repro-bugs": "runs/repro_bugs", "repro-coupling": "runs/repro_coupling",
+               "repro-mixed": "runs/repro_mixed"}
 
 
 def render_block(name: str, results: Path) -> str:

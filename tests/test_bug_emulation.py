@@ -17,7 +17,9 @@ from sftrl_jax.sft import SFTConfig, run_sft
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny_sft.yaml"
 GLOBAL = 32  # 4 ranks x 2 sequences -> N = 4 micro-steps: DeepSpeed keeps 0 and 3 of each rank
-TOLERANCE = 1e-5  # float32 rounding (another reduction order), relative to the update
+# float32 rounding of another reduction order, relative to the update: correct runs of this set-up on 1, 4
+# and 8 devices differ from each other by up to 6e-6; an emulated bug or another layout moves it by > 1e-2
+TOLERANCE = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,7 @@ def relative_error(a, b, base):
     return max(jax.tree.leaves(errors))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", ["deepspeed_offload", "openrlhf_mean_of_means", "both"])
 def test_one_device_emulating_4_ranks_equals_a_real_4_shard_run(workdir, monkeypatch, bug):
     before = workdir[3]
@@ -76,6 +79,7 @@ def test_one_device_emulating_4_ranks_equals_a_real_4_shard_run(workdir, monkeyp
     assert relative_error(emulated, correct, before) > 1e-2  # the emulation really changes the update
 
 
+@pytest.mark.slow
 def test_eight_devices_emulating_2_ranks_equals_a_real_2_shard_run(workdir, monkeypatch):
     before = workdir[3]
     # 8 shards x 4 micro-steps x 1 sequence; emulated: 2 ranks x 8 micro-steps x 2 sequences

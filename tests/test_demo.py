@@ -136,3 +136,27 @@ def test_repro_coupling_quick_writes_the_boundary_table(tmp_path):
     assert "| 2 | RL |" in (out / "report.md").read_text()
     page = _import_and_render(tmp_path, "repro-coupling", out / "report.json")
     assert "| 2 | RL |" in page and report["findings"][1] in page
+
+
+@pytest.mark.slow
+def test_repro_mixed_quick_compares_the_methods_at_matched_flops(tmp_path, capsys):
+    out = tmp_path / "mixed"
+    assert main(["repro", "mixed", "--quick", "--out", str(out)]) == 0
+    assert "repro mixed: Paper A's ordering" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    methods = report["methods"]
+    assert {"sft_then_rl", "sft_buggy_then_rl", "luffy", "chord"} <= set(methods)
+    for name, row in methods.items():
+        assert len(row["per_seed"]) == 1 and 0.0 <= row["accuracy"] <= 1.0 and row["flops"] > 0, name
+    # LUFFY and CHORD stop once they reach the correct SFT->RL run's FLOPs: within one step's worth of it
+    budget = methods["sft_then_rl"]["flops"]
+    for name in ("luffy", "chord"):
+        steps = methods[name]["steps_per_seed"][0]["rl"]
+        assert budget <= methods[name]["flops"] <= budget * (1 + 1.5 / steps), name
+    # the buggy SFT ran on the emulated layout (a quarter of each batch reaches the optimizer)
+    assert report["settings"]["buggy_sft"] == {"emulate_bug": "deepspeed_offload", "emulate_ranks": 4,
+                                               "emulate_micro_batch_size": 1}
+    assert (out / "accuracy_vs_flops.png").stat().st_size > 0
+    assert report["finding"] in (out / "report.md").read_text()
+    page = _import_and_render(tmp_path, "repro-mixed", out / "report.json")
+    assert "LUFFY (from base)" in page and report["finding"] in page

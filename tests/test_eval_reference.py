@@ -71,6 +71,7 @@ def _jsonl(path, rows):
 
 
 # ------------------------------------------------------------------------------ 1. template, system prompt, stops
+@pytest.mark.slow
 def test_eval_uses_the_models_own_template_and_drops_both_system_prompts(hf_checkpoint, tmp_path):
     model = make_model_dir(hf_checkpoint("qwen2_tied"), tmp_path / "model")
     make_tokenizer(model, chat_template=QWEN25_TEMPLATE)  # this model's own tokenizer_config.json
@@ -132,6 +133,7 @@ def test_stop_ids_include_the_generation_config_eos_ids(hf_checkpoint, tokenizer
         stop_token_ids(tokenizer, read_config(bad))
 
 
+@pytest.mark.slow
 def test_the_sampler_stops_at_a_generation_config_eos_id(hf_checkpoint, tmp_path):
     """Greedy decoding of a random model: the first token it picks, once listed in generation_config.json,
     ends every response right there (rollouts, evaluation and the probe all sample through TextSampler)."""

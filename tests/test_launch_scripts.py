@@ -226,6 +226,7 @@ def _kind_configs(tmp_path) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.slow
 def test_launchers_take_the_command_from_the_configs_kind(fakes, tmp_path):
     env, log = fakes
     files = _kind_configs(tmp_path)

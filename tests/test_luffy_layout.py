@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import transformers
 
+from hf_checkpoints import CHAT_TEMPLATE, make_tokenizer
+from sft_fixtures import luffy_rows, write_parquet
 from sftrl_jax.config import load_config
 from sftrl_jax.data.prompts import PromptDataOptions, load_prompt_items
 from sftrl_jax.data.sft import SFTDataOptions, tokenize_sft
@@ -16,12 +18,10 @@ from sftrl_jax.pipeline import PipelineConfig, stage_config
 from sftrl_jax.sft import SFTConfig
 from sftrl_jax.sft.trainer import load_examples
 
-from hf_checkpoints import CHAT_TEMPLATE, make_tokenizer
-from sft_fixtures import luffy_rows, write_parquet
-
 ROOT = Path(__file__).resolve().parents[1]
 # the test template with the generation prompt opening the think block, as LUFFY's 16k-think model's does
-THINK_TEMPLATE = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
+THINK_TEMPLATE = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}",
+                                        "<|im_start|>assistant\n<think>\n{% endif %}")
 
 
 def _decode(tokenizer, ids) -> str:

@@ -11,8 +11,7 @@ import pytest
 
 from sft_fixtures import make_model_dir, write_parquet
 from sftrl_jax.config import load_config
-from sftrl_jax.rl import (RLConfig, chord_mu, chord_sft_token_losses, luffy_token_losses, mixed_policy_loss,
-                          run_rl)
+from sftrl_jax.rl import RLConfig, chord_mu, chord_sft_token_losses, luffy_token_losses, mixed_policy_loss, run_rl
 from sftrl_jax.rl.config import RLSection
 
 GAMMA = 0.1
@@ -110,6 +109,7 @@ def test_method_defaults_follow_the_recipes():
     assert RLSection(method="luffy", entropy_coef=0.0).entropy_coef == 0.0  # a set value wins
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["luffy", "chord"])
 def test_mixed_policy_methods_train_with_one_demonstration_per_group(workdir, method):
     graded = []
@@ -138,3 +138,10 @@ def test_a_prompt_without_a_demonstration_is_refused(workdir, tmp_path):
     with pytest.raises(ValueError, match=r"8 of 8 prompts have no demonstration"):
         run_rl(_config(workdir, "nodemo", "rl.method=luffy", f"data.files=[{path}]"),
                reward_fn=lambda t, g, i: [0.0] * len(t))
+
+
+def test_rl_past_the_models_positions_is_refused_before_training(workdir):
+    # the tiny checkpoint has 512 positions; a 600-token response budget cannot fit after any prompt
+    with pytest.raises(ValueError, match=r"the longest prompt \(\d+ tokens\) \+ sampling.max_new_tokens \(\d+\) "
+                                         r"exceeds the model's max_position_embeddings \(512\)"):
+        run_rl(_config(workdir, "too_long", "sampling.max_new_tokens=600"), reward_fn=lambda t, g, i: [0.0] * len(t))

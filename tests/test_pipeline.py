@@ -83,6 +83,7 @@ def test_sft_rl_sft_pipeline_resumes_inside_the_rl_stage(workdir):
     assert (out / "stage3_sft" / "final" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_stage_config_errors_name_the_stage(workdir):
     config = _config(workdir, "bad")
     config.stages[1].settings = {"rl": {"group_sise": 4}}

@@ -98,7 +98,9 @@ SIZED = [p for p in SHIPPED if "base" in yaml.safe_load(p.read_text())]
 
 
 def test_sized_recipes_have_a_base():
-    assert {p.relative_to(ROOT / "configs").parts[0] for p in SIZED} == {"tpu", "gpu"}
+    # every sized recipe states only its differences from a general config; a general config may also be a
+    # variant of another (LUFFY's on the SFT->RL baseline's verl settings)
+    assert {p.relative_to(ROOT / "configs").parts[0] for p in SIZED} >= {"tpu", "gpu"}
     assert all(p in SIZED for p in SHIPPED if p.parent.name in ("tpu", "gpu"))
 
 

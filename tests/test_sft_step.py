@@ -11,8 +11,13 @@ from sft_fixtures import luffy_rows, make_model_dir
 from sftrl_jax.data import SFTDataOptions, tokenize_sft
 from sftrl_jax.data.batching import layout_step, pack_groups
 from sftrl_jax.models import load_pretrained, load_tokenizer
-from sftrl_jax.sft.step import (bug_example_weights, make_train_step, sequence_nll, supervised_token_counts,
-                                virtual_layout)
+from sftrl_jax.sft.step import (
+    bug_example_weights,
+    make_train_step,
+    sequence_nll,
+    supervised_token_counts,
+    virtual_layout,
+)
 from sftrl_jax.sharding import make_mesh, named_sharding, place
 
 LR = 1.0  # plain SGD: the update is the gradient itself, so it is compared directly
@@ -148,6 +153,7 @@ def test_openrlhf_mean_of_means_per_micro_batch_and_shard(setup):
     assert relative_error(params, correct, before) > 0.02
 
 
+@pytest.mark.slow
 def test_mean_of_means_on_a_virtual_layout_not_the_mesh(setup):
     """The reference of the test above (4 ranks x 2 micro-steps x 2 sequences), emulated on 1 device with
     micro-batches of 8 (2 micro-steps) and, packed, on 2 devices: only the virtual layout matters."""

@@ -12,9 +12,13 @@ from hf_checkpoints import hf_logits, load_hf
 from sft_fixtures import luffy_rows, make_model_dir, write_parquet
 from sftrl_jax.cli import main
 from sftrl_jax.config import ConfigError, load_config
-from sftrl_jax.models import load_pretrained
+from sftrl_jax.data.batching import EpochSampler
+from sftrl_jax.flops import train_flops
+from sftrl_jax.models import ModelConfig, load_pretrained, load_tokenizer, read_config
+from sftrl_jax.models.config import require_positions
 from sftrl_jax.optim import OptimizerOptions, apply_update, init_opt_state, make_optimizer, make_schedule
 from sftrl_jax.sft import NonFiniteLossError, SFTConfig, run_sft
+from sftrl_jax.sft.trainer import load_examples
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny_sft.yaml"
 
@@ -79,6 +83,16 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(workdir):
     for a, b in zip(jax.tree.leaves(uninterrupted.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [r["loss"] for r in resumed.metrics] == [r["loss"] for r in uninterrupted.metrics]
+    # the FLOPs count continues exactly across the resume (step 5 was recomputed from the step-4 checkpoint)
+    flops = [r["flops_train"] for r in uninterrupted.metrics]
+    assert [r["flops_train"] for r in resumed.metrics] == flops
+    assert all(b > a for a, b in zip(flops, flops[1:]))
+    # step 1: forward + backward over each of its 8 sequences at its own (unpadded) length
+    examples, _ = load_examples(config, load_tokenizer(config.model.path))
+    first = EpochSampler(len(examples), 8, seed=config.train.seed).next()
+    model_config = read_config(config.model.path)
+    assert flops[0] == pytest.approx(sum(train_flops(model_config, len(examples[i].input_ids)) for i in first),
+                                     rel=1e-12)
 
 
 @pytest.mark.slow
@@ -106,6 +120,23 @@ def test_config_errors_name_the_key(workdir, capsys):
     assert "unknown config key 'bogus'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"global_batch_size \(6\) must be a multiple of .* shards \(8\)"):
         run_sft(_config(workdir, "bad_batch", "train.global_batch_size=6"), progress=False)
+
+
+def test_training_past_the_model_positions_is_refused(workdir):
+    config = ModelConfig(model_type="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=4, max_position_embeddings=4096)
+    require_positions(config, 4096, "data.max_length")  # every position exists
+    with pytest.raises(ValueError, match=r"data.max_length \(16384\) exceeds the model's max_position_embeddings "
+                                         r"\(4096\)"):
+        require_positions(config, 16384, "data.max_length")
+    hf = config.to_hf_dict()
+    del hf["max_position_embeddings"]
+    undeclared = ModelConfig.from_hf_dict(hf)
+    require_positions(undeclared, 16384, "rl.max_length")  # a config.json without the key: no known limit
+    # the tiny test model has 512 positions: SFT refuses a longer data.max_length before loading any data
+    with pytest.raises(ValueError, match=r"data.max_length \(1024\) exceeds the model's max_position_embeddings "
+                                         r"\(512\)"):
+        run_sft(_config(workdir, "too_long", "data.max_length=1024"), progress=False)
 
 
 def test_schedules_and_fp32_optimizer_state_for_bf16_parameters():

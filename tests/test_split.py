@@ -6,11 +6,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from sft_fixtures import luffy_rows, write_parquet
 from sftrl_jax.cli import main
 from sftrl_jax.data.sources import load_rows
 from sftrl_jax.data.split import heldout_rows, split_file
-
-from sft_fixtures import luffy_rows, write_parquet
 
 
 def _ids(path):

@@ -3,8 +3,10 @@
 SFT of the demo's random base model on the embedded task with the correct accumulation and with
 each PyTorch-stack bug emulated (``train.emulate_bug``): DeepSpeed's CPU-offload accumulation
 (only micro-steps 0 and N-1 reach the optimizer) and OpenRLHF's mean of per-micro-batch means, and
-both. The layout is LUFFY's: every data-parallel rank runs N = 8 micro-steps of one sequence each,
-so the optimizer step covers ``8 x ranks`` sequences and the DeepSpeed bug keeps a quarter of them.
+both. The emulated layout is LUFFY's whatever the hardware: 8 data-parallel ranks x N = 8 micro-steps
+x 1 sequence = global batch 64 (``train.emulate_ranks`` / ``train.emulate_micro_batch_size``), so
+the DeepSpeed bug keeps a quarter of each step's sequences. Our own mesh (all devices) only splits
+the work; with the bugs' arithmetic on that virtual layout the results do not depend on it.
 Problems have 1 to 6 operations, so the micro-batches' response lengths differ by about 4x and the
 mean of means over-weights the short ones. Same data, same steps, same seeds for every setting;
 then greedy held-out accuracy and held-out SFT loss.
@@ -30,14 +32,16 @@ log = logging.getLogger("sftrl_jax.demo")
 BUGS = ["none", "openrlhf_mean_of_means", "deepspeed_offload", "both"]
 LABELS = {"none": "correct", "openrlhf_mean_of_means": "OpenRLHF mean of means",
           "deepspeed_offload": "DeepSpeed offload", "both": "both bugs"}
-MICRO_STEPS = 8  # LUFFY: global batch 64 = 8 ranks x 8 micro-steps x 1 sequence
+# LUFFY: global batch 64 = 8 ranks x 8 micro-steps x 1 sequence (emulated on any hardware)
+RANKS, MICRO_STEPS, SEQUENCES = 8, 8, 1
 FULL = {
     "splits": {"sft": 4000, "heldout": 256, "test": 300},
     "ops": [1, 6],
     "model": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 384},
     "seeds": [0, 1, 2],
     "max_new_tokens": 64,
-    "sft": {"train": {"micro_batch_size": 1, "max_steps": 120},
+    "sft": {"train": {"max_steps": 120, "global_batch_size": RANKS * MICRO_STEPS * SEQUENCES,
+                      "emulate_ranks": RANKS, "emulate_micro_batch_size": SEQUENCES},
             "optimizer": {"learning_rate": 3e-3, "warmup_ratio": 0.1, "lr_schedule": "cosine", "weight_decay": 0.0},
             "data": {"max_length": 128}},
 }
@@ -47,11 +51,16 @@ QUICK["sft"]["train"].update(max_steps=4)
 
 
 def _settings(quick: bool) -> dict:
+    """The settings; the real micro-batch splits the global batch of 64 over this host's devices in 8
+    micro-steps where it can (the emulated layout is fixed; the real split only changes speed)."""
     import jax
 
     settings = copy.deepcopy(QUICK if quick else FULL)
-    settings["ranks"] = jax.device_count()
-    settings["sft"]["train"]["global_batch_size"] = MICRO_STEPS * settings["ranks"]
+    settings["ranks"] = RANKS  # the emulated data-parallel ranks (LUFFY's), not this host's devices
+    settings["devices"] = devices = jax.device_count()
+    train = settings["sft"]["train"]
+    per_device = train["global_batch_size"] // devices if train["global_batch_size"] % devices == 0 else 1
+    train["micro_batch_size"] = per_device // MICRO_STEPS if per_device % MICRO_STEPS == 0 else 1
     return settings
 
 
@@ -167,7 +176,7 @@ def _report(out: Path, settings: dict, seeds: list[int], runs: list[dict], secon
 
     table = "\n".join(f"| {LABELS[b]} | {cell(b, 'accuracy', 100, 1)} | {cell(b, 'heldout_loss')} | "
                       f"{cell(b, 'final_train_loss')} | {cell(b, 'mean_grad_norm', 1, 3)} |" for b in BUGS)
-    train = settings["sft"]["train"]
+    train, optimizer = settings["sft"]["train"], settings["sft"]["optimizer"]
     text = f"""# sftrl-jax repro bugs
 
 Paper A's staircase at small scale: the same SFT run (same data, steps and seeds) with the correct
@@ -176,10 +185,12 @@ gradient accumulation and with each PyTorch-stack bug emulated. {len(seeds)} see
 held-out SFT loss on {settings['splits']['heldout']} held-out teacher traces. Total time {seconds:.0f} s{' (quick mode)' if quick else ''}.
 
 Task: arithmetic word problems with {settings['ops'][0]}-{settings['ops'][1]} operations (task seed {TASK_SEED},
-perfect teacher), so responses range from {response_tokens[0]} to {response_tokens[1]} tokens. Layout:
-{settings['ranks']} data-parallel ranks × {MICRO_STEPS} micro-steps × {train['micro_batch_size']} sequence
-= global batch {train['global_batch_size']}; {train['max_steps']} steps, AdamW lr {train['learning_rate']}
-({train['lr_schedule']}, warm-up {train['warmup_ratio']}), gradient clipping at 1.0.
+perfect teacher), so responses range from {response_tokens[0]} to {response_tokens[1]} tokens. Emulated
+layout (LUFFY's, whatever the hardware): {train['emulate_ranks']} data-parallel ranks × {MICRO_STEPS} micro-steps
+× {train['emulate_micro_batch_size']} sequence = global batch {train['global_batch_size']} (`train.emulate_ranks`,
+`train.emulate_micro_batch_size`), computed on {settings['devices']} device(s); {train['max_steps']} steps, AdamW
+lr {optimizer['learning_rate']} ({optimizer['lr_schedule']}, warm-up {optimizer['warmup_ratio']}), gradient
+clipping at 1.0.
 
 | setting | held-out accuracy % | held-out SFT loss | final train loss | mean grad norm |
 |---|---|---|---|---|

@@ -24,6 +24,8 @@ from flax import nnx
 from ..data.batching import EpochSampler, micro_step_layout
 from ..data.prompts import load_prompt_items
 from ..flops import generation_flops, train_flops
+from ..models import read_config
+from ..models.config import require_positions
 from ..sampling import TextSampler, pad_token_id
 from ..sharding import micro_batch_sharding, place, to_host
 from ..training import Algorithm, LoopContext, TrainResult, probe_hook, run_loop
@@ -73,6 +75,9 @@ class GRPOAlgorithm(Algorithm):
         check_batch_sizes(config, ctx.shards)
         self.pad_id = pad_token_id(ctx.tokenizer)
         self.items = load_prompts(config, ctx.tokenizer)
+        longest = max(len(item.prompt_ids) for item in self.items)
+        require_positions(read_config(config.model.path), longest + config.sampling.max_new_tokens,
+                          f"the longest prompt ({longest} tokens) + sampling.max_new_tokens")
         self.demonstrations = None
         if config.rl.method != "grpo":
             if ctx.tokenizer.eos_token_id is None:
