@@ -685,6 +685,8 @@ def _refused_temp_bytes(err: Exception) -> int | None:
 def compile_sft(compiler: Compiler, config, mesh, *, prefix: str = "sft/") -> AbstractRun:
     import jax
 
+    import numpy as np
+
     from .data.batching import pad_rows
     from .flops import forward_flops, train_flops
     from .sft.step import make_eval_step, make_train_step
@@ -701,6 +703,8 @@ def compile_sft(compiler: Compiler, config, mesh, *, prefix: str = "sft/") -> Ab
     length = config.data.max_length
     dtypes = {k: v.dtype for k, v in pad_rows([], 1, 1).items()}  # the batcher's own arrays
     batch_sharding = micro_batch_sharding(mesh, 3)
+    if train.emulate_bug != "none":  # the emulated bug's per-token weights (sft/step.py), computed on the host
+        dtypes["loss_weights"] = np.dtype("float32")
     batch = {k: _sds((micro_steps, per_micro, length), dtype, batch_sharding) for k, dtype in dtypes.items()}
     step = jax.jit(make_train_step(run.graphdef, run.optimizer, run.schedule, emulate_bug=train.emulate_bug,
                                    shards=shards),

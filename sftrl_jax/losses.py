@@ -8,9 +8,9 @@ so gradient accumulation is a plain sum and the result cannot depend on the spli
 ``seq-mean-token-mean``      mask / (tokens in the row * rows with tokens)
 ``seq-mean-token-sum``       mask / (rows with tokens)
 ``seq-mean-token-sum-norm``  mask / loss_scale_factor (default: the padded length; Dr.GRPO)
-``micro-mean-of-means``      mask / (tokens in its micro-step's shard * micro-steps * shards):
-                             OpenRLHF's per-micro-batch mean averaged over accumulation steps and
-                             ranks (BRIEF §3) -- only for reproducing that bug.
+
+(The PyTorch-stack bugs' arithmetic is not a mode here: it follows a virtual DeepSpeed layout, so
+its per-token weights are computed on the host, ``sftrl_jax.sft.step``.)
 
 ``mask`` is ``[..., rows, length]``; leading axes (micro-steps) are part of the global batch.
 """
@@ -22,8 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
-             "micro-mean-of-means")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -77,8 +76,7 @@ def _safe_div(x, y):
     return x / jnp.maximum(y, 1)
 
 
-def agg_weights(mask: jax.Array, mode: str = "token-mean", *, shards: int = 1,
-                loss_scale_factor: float | None = None) -> jax.Array:
+def agg_weights(mask: jax.Array, mode: str = "token-mean", *, loss_scale_factor: float | None = None) -> jax.Array:
     """Per-token weights (same shape as ``mask``) that implement aggregation ``mode``."""
     mask = mask.astype(jnp.float32)
     if mode == "token-mean":
@@ -91,15 +89,5 @@ def agg_weights(mask: jax.Array, mode: str = "token-mean", *, shards: int = 1,
         return _safe_div(mask, rows_with_tokens)
     if mode == "seq-mean-token-sum-norm":
         return mask / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
-    if mode == "micro-mean-of-means":
-        if mask.ndim != 3:
-            raise ValueError("micro-mean-of-means needs a [micro_steps, rows, length] mask")
-        micro_steps, rows, length = mask.shape
-        if rows % shards:
-            raise ValueError(f"rows ({rows}) not divisible by shards ({shards})")
-        per_shard = mask.reshape(micro_steps, shards, rows // shards, length)
-        shard_tokens = jnp.sum(per_shard, axis=(2, 3), keepdims=True)
-        weights = _safe_div(per_shard, shard_tokens) / (micro_steps * shards)
-        return weights.reshape(mask.shape)
     raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {AGG_MODES}")
 

@@ -185,12 +185,12 @@ gradient accumulation and with each PyTorch-stack bug emulated. {len(seeds)} see
 held-out SFT loss on {settings['splits']['heldout']} held-out teacher traces. Total time {seconds:.0f} s{' (quick mode)' if quick else ''}.
 
 Task: arithmetic word problems with {settings['ops'][0]}-{settings['ops'][1]} operations (task seed {TASK_SEED},
-perfect teacher), so responses range from {response_tokens[0]} to {response_tokens[1]} tokens. Emulated
-layout (LUFFY's, whatever the hardware): {train['emulate_ranks']} data-parallel ranks × {MICRO_STEPS} micro-steps
-× {train['emulate_micro_batch_size']} sequence = global batch {train['global_batch_size']} (`train.emulate_ranks`,
-`train.emulate_micro_batch_size`), computed on {settings['devices']} device(s); {train['max_steps']} steps, AdamW
-lr {optimizer['learning_rate']} ({optimizer['lr_schedule']}, warm-up {optimizer['warmup_ratio']}), gradient
-clipping at 1.0.
+perfect teacher), so responses range from {response_tokens[0]} to {response_tokens[1]} tokens.
+Emulated layout (LUFFY's, whatever the hardware): {train['emulate_ranks']} data-parallel ranks ×
+{MICRO_STEPS} micro-steps × {train['emulate_micro_batch_size']} sequence = global batch {train['global_batch_size']}
+(`train.emulate_ranks`, `train.emulate_micro_batch_size`), computed on {settings['devices']} device(s);
+{train['max_steps']} steps, AdamW lr {optimizer['learning_rate']} ({optimizer['lr_schedule']}, warm-up
+{optimizer['warmup_ratio']}), gradient clipping at 1.0.
 
 | setting | held-out accuracy % | held-out SFT loss | final train loss | mean grad norm |
 |---|---|---|---|---|
