@@ -3,7 +3,7 @@
     sftrl-jax compile --config configs/tpu/sft_qwen2.5-math-7b_v5p-64.yaml --topology v5p-64 \\
         model.path=configs/models/Qwen2.5-Math-7B [--json OUT.json]
 
-The config (SFT, RL or pipeline; detected from its sections, or ``--kind``) is read as the trainers
+The config (SFT, RL or pipeline; its ``kind:``, or ``--kind``) is read as the trainers
 read it, the model is built abstractly from ``model.path``'s ``config.json`` (no weights are read:
 a directory holding only ``config.json`` is enough), the mesh is the config's ``mesh`` laid over the
 topology's compile-only devices, and every jitted function the run uses is lowered with

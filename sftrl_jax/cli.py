@@ -246,7 +246,7 @@ def _add_compile_command(sub) -> None:
     p.add_argument("--config", required=True, help="YAML config file (SFT, RL or pipeline)")
     p.add_argument("--topology", required=True, help="e.g. v5p-64, v6e-8, v5e-4, 8xh100, 16xh100, 8xh200")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
-    p.add_argument("--kind", choices=["sft", "rl", "pipeline"], help="config kind (default: from its sections)")
+    p.add_argument("--kind", choices=["sft", "rl", "pipeline"], help="config kind (default: the file's kind:)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. model.path=configs/models/Qwen2.5-Math-7B")

@@ -37,6 +37,7 @@ def test_export_loads_in_transformers_with_identical_logits(hf_checkpoint, tmp_p
     np.testing.assert_array_equal(hf_logits(load_hf(tmp_path), ids), hf_logits(load_hf(source), ids))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_import_export_import_is_bit_exact(tmp_path, dtype):
     source = tmp_path / "source"

@@ -252,6 +252,7 @@ def test_launchers_take_the_command_from_the_configs_kind(fakes, tmp_path):
     assert words[words.index("sftrl_jax.cli") + 1] == "eval"
 
 
+@pytest.mark.slow
 def test_launchers_refuse_a_config_without_a_kind(fakes, tmp_path):
     env, log = fakes
     files = _kind_configs(tmp_path)

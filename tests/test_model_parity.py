@@ -106,6 +106,7 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(hf_checkpoint):
     assert int(cache.index) == ids.shape[1]
 
 
+@pytest.mark.slow
 def test_packed_segments_equal_separate_sequences(hf_checkpoint):
     model, _ = load_pretrained(hf_checkpoint("llama3_rope"))
     rng = np.random.default_rng(1)

@@ -19,7 +19,7 @@ from ..metrics import plot_curves, read_metrics
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
 from .task import teacher_accuracy
-from .workspace import (MODEL_OPTIONS, TASK_SEED, answer_stats, build_workspace, evaluate, mean,
+from .workspace import (MODEL_OPTIONS, TASK_SEED, answer_stats, begin, evaluate, mean,
                         spread, with_compilation_cache)
 
 log = logging.getLogger("sftrl_jax.demo")
@@ -64,11 +64,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: list[
              progress: bool = True) -> dict:
     start = time.time()
     settings = demo_settings(quick)
-    seeds = seeds if seeds is not None else settings["seeds"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    work = build_workspace(out, settings["splits"], settings["model"])
+    out, seeds, work = begin(out, settings, seeds)
     splits, sft_file, base = work.splits, work.sft_file, work.base
     rl_file, test_file = work.prompt_files["rl"], work.prompt_files["test"]
 

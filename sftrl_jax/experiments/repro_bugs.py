@@ -24,7 +24,7 @@ from ..config import deep_merge, from_dict
 from ..metrics import plot_curves, read_metrics
 from ..models import load_tokenizer
 from ..sft import SFTConfig, run_sft
-from .workspace import (MODEL_OPTIONS, TASK_SEED, build_workspace, evaluate, mean, spread,
+from .workspace import (MODEL_OPTIONS, TASK_SEED, begin, evaluate, mean, spread,
                         with_compilation_cache)
 
 log = logging.getLogger("sftrl_jax.demo")
@@ -69,10 +69,7 @@ def run_repro_bugs(out: str | Path = "runs/repro_bugs", *, quick: bool = False, 
                    progress: bool = True) -> dict:
     start = time.time()
     settings = _settings(quick)
-    seeds = seeds if seeds is not None else settings["seeds"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = build_workspace(out, settings["splits"], settings["model"], ops=tuple(settings["ops"]), skip_rate=0.0)
+    out, seeds, work = begin(out, settings, seeds, ops=tuple(settings["ops"]), skip_rate=0.0)
     heldout_sft = work.sft_rows_file("heldout", out / "data")
     tokenizer = load_tokenizer(work.base)
     lengths = [len(ids) for ids in tokenizer([p.solution for p in work.splits["sft"]])["input_ids"]]

@@ -26,7 +26,7 @@ from ..config import from_dict
 from ..metrics import plot_curves
 from ..pipeline import PipelineConfig, run_pipeline
 from .demo import demo_settings
-from .workspace import MODEL_OPTIONS, TASK_SEED, build_workspace, mean, spread, with_compilation_cache
+from .workspace import MODEL_OPTIONS, TASK_SEED, begin, mean, spread, with_compilation_cache
 
 log = logging.getLogger("sftrl_jax.demo")
 
@@ -50,10 +50,7 @@ def run_repro_coupling(out: str | Path = "runs/repro_coupling", *, quick: bool =
                        seeds: list[int] | None = None, progress: bool = True, reward_fn=None) -> dict:
     start = time.time()
     settings = _settings(quick)
-    seeds = seeds if seeds is not None else settings["seeds"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = build_workspace(out, settings["splits"], settings["model"])
+    out, seeds, work = begin(out, settings, seeds)
     heldout_sft = work.sft_rows_file("heldout", out / "data")
 
     sft = copy.deepcopy(settings["sft"])

@@ -22,7 +22,7 @@ from ..metrics import read_metrics
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
 from .demo import demo_settings
-from .workspace import MODEL_OPTIONS, build_workspace, evaluate, mean, spread, with_compilation_cache
+from .workspace import MODEL_OPTIONS, begin, evaluate, mean, spread, with_compilation_cache
 
 log = logging.getLogger("sftrl_jax.demo")
 
@@ -60,10 +60,7 @@ def run_repro_mixed(out: str | Path = "runs/repro_mixed", *, quick: bool = False
                     progress: bool = True) -> dict:
     start = time.time()
     settings = _settings(quick)
-    seeds = seeds if seeds is not None else settings["seeds"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = build_workspace(out, settings["splits"], settings["model"])
+    out, seeds, work = begin(out, settings, seeds)
     test_file = work.prompt_files["test"]
     runs = []
     for seed in seeds:

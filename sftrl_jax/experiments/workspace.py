@@ -57,6 +57,16 @@ def build_workspace(out: Path, sizes: dict[str, int], model: dict, *, ops: tuple
     return Workspace(splits, sft_file, prompt_files, base)
 
 
+def begin(out: str | Path, settings: dict, seeds: list[int] | None, **workspace_options) -> tuple[Path, list[int],
+                                                                                             Workspace]:
+    """An experiment's start: its folder (created), its seeds (default: the settings'), and the task's
+    workspace in the folder (:func:`build_workspace` with ``workspace_options``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = build_workspace(out, settings["splits"], settings["model"], **workspace_options)
+    return out, list(seeds if seeds is not None else settings["seeds"]), work
+
+
 def evaluate(model_path: Path, test_file: Path, out: Path, *, max_new_tokens: int = 40) -> float:
     """Greedy held-out accuracy of ``model_path`` on ``test_file`` (math-verify grading)."""
     config = from_dict(EvalConfig, {
