@@ -83,8 +83,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 GIB = 1 << 30
 INSTALL_HINT = "pip install -e '.[aot]'"
 
@@ -453,7 +451,7 @@ def _parse_hlo(text: str) -> tuple[dict, str | None]:
         name = left.replace("ROOT", "").strip().lstrip("%")
         if right.startswith("("):  # tuple shape
             depth = 0
-            for i, char in enumerate(right):
+            for i, char in enumerate(right):  # noqa: B007 - i is read after the loop
                 depth += char == "("
                 depth -= char == ")"
                 if depth == 0:
@@ -684,7 +682,6 @@ def _refused_temp_bytes(err: Exception) -> int | None:
 # ------------------------------------------------------------------------------------------ SFT
 def compile_sft(compiler: Compiler, config, mesh, *, prefix: str = "sft/") -> AbstractRun:
     import jax
-
     import numpy as np
 
     from .data.batching import pad_rows
@@ -878,7 +875,8 @@ def rl_batch_shapes(config, prompt_length: int) -> tuple[dict, int, int]:
 
     dummy = Rollouts(prompts=[[1]], responses=[[1]], sampler_logprobs=[[0.0]], truncated=[False], correctness=[0.0],
                      rewards=[0.0])
-    arrays = rollout_arrays(dummy, max_new_tokens=max(config.sampling.max_new_tokens, 16), mask_truncated=False, pad_id=0)
+    arrays = rollout_arrays(dummy, max_new_tokens=max(config.sampling.max_new_tokens, 16), mask_truncated=False,
+                            pad_id=0)
     sampler_logp = arrays.pop("sampler_logp")
     arrays["advantages"] = np.asarray(compute_advantages([0.0], 1, norm_by_std=config.rl.norm_adv_by_std))
     dtypes = {k: (v.dtype, v.ndim) for k, v in arrays.items()}
@@ -910,8 +908,8 @@ def compile_rl(compiler: Compiler, config, mesh, *, prefix: str = "rl/") -> Abst
     import jax
 
     from .flops import forward_flops, train_flops
-    from .rl.step import make_grpo_step, make_logprob_fn
     from .rl.rollouts import check_batch_sizes
+    from .rl.step import make_grpo_step, make_logprob_fn
     from .sharding import micro_batch_sharding
 
     cfg, sampling = config.rl, config.sampling

@@ -75,7 +75,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .experiments.demo import run_demo
 
     report = run_demo(args.out, quick=args.quick, seeds=args.seeds)
-    print(f"demo: held-out accuracy base {100 * report['base_accuracy']:.1f}% -> SFT {100 * report['sft_accuracy']:.1f}% "
+    print(f"demo: held-out accuracy base {100 * report['base_accuracy']:.1f}% "
+          f"-> SFT {100 * report['sft_accuracy']:.1f}% "
           f"-> SFT+RL {100 * report['rl_accuracy']:.1f}% on {report['num_test_problems']} problems "
           f"(seed spread {100 * report['seed_spread_std']:.1f} points; {report['seconds']:.0f} s)")
     print(f"demo: report {args.out}/report.md")

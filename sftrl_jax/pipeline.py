@@ -22,8 +22,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .config import (ConfigError, LoggingOptions, RewardOptions, RunConfig, SamplingOptions, deep_merge, from_dict,
-                     save_config)
+from .config import (
+    ConfigError,
+    LoggingOptions,
+    RewardOptions,
+    RunConfig,
+    SamplingOptions,
+    deep_merge,
+    from_dict,
+    save_config,
+)
 from .data.prompts import PromptDataOptions, load_prompt_items
 from .data.sft import SFTDataOptions, tokenize_sft
 from .data.sources import load_rows
@@ -176,6 +184,8 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool
 
 
 def _run_stages(config: PipelineConfig, out: Path, *, resume, progress, reward_fn, on_step, force) -> dict:
+    for index in range(len(config.stages)):  # every stage valid before any runs (also a config built in code)
+        stage_config(config, index, config.model.path)
     state_file = out / "pipeline_state.json"
     if not resume and state_file.exists():
         raise FileExistsError(f"{out} holds an earlier pipeline run; pass --resume or choose a new output_dir")

@@ -156,14 +156,14 @@ class Algorithm(abc.ABC):
         """What besides the train state a checkpoint needs to resume exactly (data position, counters)."""
         return {}
 
-    def load_state_dict(self, meta: dict) -> None:
+    def load_state_dict(self, meta: dict) -> None:  # noqa: B027 - optional: an algorithm without state
         """Restore from a checkpoint's meta (what :meth:`state_dict` returned)."""
 
     def finish(self, state: dict, step: int) -> dict | None:
         """Measurements after the last step (e.g. the final held-out loss), recorded at ``step``."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: an algorithm that opens nothing
         """Release what the algorithm opened (grading workers, ...)."""
 
 

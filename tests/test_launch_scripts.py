@@ -46,7 +46,8 @@ def fakes(tmp_path):
                                               'SLURM_PROCID=3 SLURM_LOCALID=1 "$@"\n')
     env_dump = ('printf "%s\\n" "python $*" "NUM=${SFTRL_JAX_NUM_PROCESSES:-} ID=${SFTRL_JAX_PROCESS_ID:-} '
                 'COORD=${SFTRL_JAX_COORDINATOR_ADDRESS:-} LOCAL=${JAX_LOCAL_DEVICE_IDS:-} '
-                'CUDA=${CUDA_VISIBLE_DEVICES:-} MEM=${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" >> ' + shlex.quote(str(log)) + "\n")
+                'CUDA=${CUDA_VISIBLE_DEVICES:-} MEM=${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" >> '
+                + shlex.quote(str(log)) + "\n")
     # python -c (the launchers reading a config's kind) runs for real; a run is only recorded
     passthrough = f'if [[ "${{1:-}}" == -c ]]; then exec {shlex.quote(sys.executable)} "$@"; fi\n'
     _write_program(bin_dir / "fake-python", passthrough + env_dump)
@@ -164,9 +165,10 @@ def test_install_for_real_packs_tracked_and_untracked_files(fakes, tmp_path):
     assert {"pyproject.toml", "sftrl_jax/cli.py", "tpu/launch.sh", TPU_CONFIG} <= names
     assert not any(name.startswith((".git/", "runs/")) or "__pycache__" in name for name in names)
     calls = log.read_text().splitlines()
-    assert shlex.split(calls[0]) == ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(archive), "t1:sftrl_jax-src.tar.gz",
-                                     "--zone=z1", "--worker=all"]
-    assert shlex.split(calls[1])[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t1", "--zone=z1", "--worker=all"]
+    assert shlex.split(calls[0]) == ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(archive),
+                                     "t1:sftrl_jax-src.tar.gz", "--zone=z1", "--worker=all"]
+    assert shlex.split(calls[1])[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t1", "--zone=z1",
+                                         "--worker=all"]
 
 
 def test_launch_runs_the_same_command_on_every_worker(fakes):

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTION = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "math_verify": "math-verify",
                 "tensorflow_datasets": "tensorflow-datasets", "jaxlib": "jax"}
 # imported lazily inside a function, from the named extra only
-LAZY_FROM_EXTRA = {"tensorflow-datasets": "tfds", "libtpu": "aot", "jax-cuda12-plugin": "aot"}
+LAZY_FROM_EXTRA = {"tensorflow-datasets": "tfds", "libtpu": "aot", "jax-cuda12-plugin": "aot",
+                   "tensorboardx": "tensorboard", "wandb": "wandb"}  # metric sinks named in logging.sinks
 
 
 def _name(requirement: str) -> str:

@@ -83,7 +83,6 @@ def test_sft_rl_sft_pipeline_resumes_inside_the_rl_stage(workdir):
     assert (out / "stage3_sft" / "final" / "config.json").exists()
 
 
-@pytest.mark.slow
 def test_stage_config_errors_name_the_stage(workdir):
     config = _config(workdir, "bad")
     config.stages[1].settings = {"rl": {"group_sise": 4}}
@@ -93,10 +92,9 @@ def test_stage_config_errors_name_the_stage(workdir):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
-    kind = path.name.split("_")[0]
-    cls = {"sft": SFTConfig, "tiny": None, "rl": RLConfig, "eval": EvalConfig, "pipeline": PipelineConfig}[kind]
-    if cls is None:
-        cls = SFTConfig if "sft" in path.name else RLConfig
+    from sftrl_jax.config import config_kind
+
+    cls = {"sft": SFTConfig, "rl": RLConfig, "eval": EvalConfig, "pipeline": PipelineConfig}[config_kind(path)]
     config = load_config(cls, path, ["model.path=/models/any"])
     if cls is PipelineConfig:
         from sftrl_jax.pipeline import stage_config

@@ -10,8 +10,8 @@ import yaml
 
 from sftrl_jax.config import ConfigError
 from sftrl_jax.models import ModelConfig, abstract_model, count_params, param_items
-from sftrl_jax.sharding import make_mesh
 from sftrl_jax.models.hf_io import param_sharding
+from sftrl_jax.sharding import make_mesh
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPECTED = {
@@ -270,7 +270,8 @@ def test_luffys_settings(model):
     opt = sft.optimizer
     assert (opt.learning_rate, opt.warmup_ratio, opt.lr_schedule, opt.min_lr_ratio) == (5e-5, 0.1, "cosine", 0.1)
     assert (opt.adam_b1, opt.adam_b2, opt.weight_decay, opt.max_grad_norm) == (0.9, 0.95, 0.0, 1.0)  # OpenRLHF's
-    assert (sft.train.global_batch_size, sft.train.num_epochs, sft.data.max_length, sft.data.pack) == (64, 3, 16384, True)
+    assert (sft.train.global_batch_size, sft.train.num_epochs, sft.data.max_length, sft.data.pack) == \
+        (64, 3, 16384, True)
     assert (sft.train.emulate_bug, sft.train.emulate_ranks, sft.train.emulate_micro_batch_size) == ("none", 8, 1)
     assert sft.data.think_prefix == ("prompt" if model.startswith("qwen") else "keep")  # Llama's: ours
     rl = _loaded(ROOT / f"configs/rl_{model}.yaml")

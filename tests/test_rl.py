@@ -11,13 +11,12 @@ from flax import nnx
 
 from sft_fixtures import make_model_dir
 from sftrl_jax.config import load_config
+from sftrl_jax.data.batching import micro_step_layout as _layout
 from sftrl_jax.models import load_pretrained
-
 from sftrl_jax.rl import DynamicSamplingError, RLConfig, run_rl
 from sftrl_jax.rl.config import RLSection
-from sftrl_jax.rl.step import make_grpo_step, make_logprob_fn
-from sftrl_jax.data.batching import micro_step_layout as _layout
 from sftrl_jax.rl.rollouts import Rollouts, rollout_arrays
+from sftrl_jax.rl.step import make_grpo_step, make_logprob_fn
 from sftrl_jax.sharding import make_mesh, micro_batch_sharding, place
 
 pytestmark = pytest.mark.slow  # every test trains GRPO end to end (40-140 s each on 2 cores)
@@ -113,7 +112,8 @@ def test_mixed_policy_update_does_not_depend_on_the_micro_batch_split(workdir, m
 
 
 def test_grpo_raises_a_controlled_reward_and_logs_everything(workdir):
-    config = _config(workdir, "learn", "train.max_steps=24", "optimizer.learning_rate=3e-2", "sampling.max_new_tokens=6",
+    config = _config(workdir, "learn", "train.max_steps=24", "optimizer.learning_rate=3e-2",
+                     "sampling.max_new_tokens=6",
                      "checkpoint.save_every=12")
     result = run_rl(config, reward_fn=contains_target, progress=False)
     rewards = [r["reward_mean"] for r in result.metrics]
@@ -131,7 +131,8 @@ def test_grpo_raises_a_controlled_reward_and_logs_everything(workdir):
 
 def test_kl_penalty_keeps_the_policy_near_the_reference(workdir):
     def final_kls(kl_coef, out):
-        config = _config(workdir, out, "train.max_steps=10", "optimizer.learning_rate=1e-2", "sampling.max_new_tokens=6",
+        config = _config(workdir, out, "train.max_steps=10", "optimizer.learning_rate=1e-2",
+                         "sampling.max_new_tokens=6",
                          "rl.mini_batches_per_step=1", f"rl.kl_coef={kl_coef}", "rl.kl_estimator=k3")
         return [r["kl_ref"] for r in run_rl(config, reward_fn=contains_target, progress=False).metrics]
 

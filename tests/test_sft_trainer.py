@@ -98,7 +98,8 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(workdir):
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(workdir):
     # Adam's first step moves every weight by ~lr: with lr=1e30 the second forward pass overflows.
-    config = _config(workdir, "nan", "optimizer.learning_rate=1e30", "optimizer.warmup_ratio=0.0", "optimizer.max_grad_norm=0.0",
+    config = _config(workdir, "nan", "optimizer.learning_rate=1e30", "optimizer.warmup_ratio=0.0",
+                     "optimizer.max_grad_norm=0.0",
                      "checkpoint.save_every=1", "train.max_steps=5", "data.eval_fraction=0.0")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss/grad norm at step 2 .*Last good checkpoint: step 1"):
         run_sft(config, progress=False)

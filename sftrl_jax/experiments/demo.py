@@ -19,8 +19,7 @@ from ..metrics import plot_curves, read_metrics
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
 from .task import teacher_accuracy
-from .workspace import (MODEL_OPTIONS, TASK_SEED, answer_stats, begin, evaluate, mean,
-                        spread, with_compilation_cache)
+from .workspace import MODEL_OPTIONS, TASK_SEED, answer_stats, begin, evaluate, mean, spread, with_compilation_cache
 
 log = logging.getLogger("sftrl_jax.demo")
 

@@ -24,8 +24,7 @@ from ..config import deep_merge, from_dict
 from ..metrics import plot_curves, read_metrics
 from ..models import load_tokenizer
 from ..sft import SFTConfig, run_sft
-from .workspace import (MODEL_OPTIONS, TASK_SEED, begin, evaluate, mean, spread,
-                        with_compilation_cache)
+from .workspace import MODEL_OPTIONS, TASK_SEED, begin, evaluate, mean, spread, with_compilation_cache
 
 log = logging.getLogger("sftrl_jax.demo")
 

@@ -146,7 +146,7 @@ def _plot(methods: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, row in methods.items():
+    for row in methods.values():
         ax.scatter(row["flops_per_seed"], [100 * a for a in row["per_seed"]], label=row["label"], s=40)
     ax.set_xlabel("counted training FLOPs (SFT + RL: updates, log-probs, generation)")
     ax.set_ylabel("held-out accuracy (%)")

@@ -14,8 +14,17 @@ from pathlib import Path
 from ..config import from_dict
 from ..evaluation import EvalConfig, read_generations, run_eval
 from .assets import build_base_model, build_tokenizer
-from .task import (BENCHMARK, TEACHER_SKIP_RATE, Problem, corpus, make_splits, prompt_row, sft_row, trace_stats,
-                   write_jsonl)
+from .task import (
+    BENCHMARK,
+    TEACHER_SKIP_RATE,
+    Problem,
+    corpus,
+    make_splits,
+    prompt_row,
+    sft_row,
+    trace_stats,
+    write_jsonl,
+)
 
 log = logging.getLogger("sftrl_jax.demo")
 

@@ -1,7 +1,6 @@
 """Flax decoder for Qwen2/2.5, Llama-3.x and Qwen3, and Hugging Face import/export."""
 
-from .attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from .attention import resolve_attention
+from .attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS, resolve_attention
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
 from .decoder import Decoder, KVCache, init_cache
 from .hf_io import (
@@ -17,7 +16,8 @@ from .hf_io import (
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "ModelConfig", "Decoder", "KVCache", "init_cache", "abstract_model", "init_model",
-    "load_pretrained", "load_tokenizer", "param_items", "param_shardings", "read_config", "save_pretrained", "count_params",
+    "load_pretrained", "load_tokenizer", "param_items", "param_shardings", "read_config", "save_pretrained",
+    "count_params",
     "ATTENTION_IMPLEMENTATIONS", "resolve_attention",
 ]
 

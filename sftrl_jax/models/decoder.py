@@ -35,8 +35,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ..sharding import DEFAULT_RULES, Rules, named_sharding
-from .config import ModelConfig
 from .attention import attention, resolve_attention
+from .config import ModelConfig
 from .layers import apply_rope, default_positions, dense, rms_norm, rope_inv_freq, rope_tables
 
 REMAT_POLICIES = {
@@ -81,7 +81,7 @@ class KVCache(NamedTuple):
     def max_len(self) -> int:
         return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
 
-    def split(self) -> "KVCache":
+    def split(self) -> KVCache:
         return self._replace(k=tuple(self.k), v=tuple(self.v))
 
 

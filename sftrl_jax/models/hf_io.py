@@ -303,7 +303,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype="float32", compute_dtype=N
             var.set_value(place(spec.to_ours(reader.get(spec.hf_name)).astype(param_dtype), sharding))
             continue
         layer_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
-        stacked = jax.jit(lambda: jnp.zeros(var.shape, param_dtype), out_shardings=sharding)()
+        stacked = jax.jit(lambda shape=var.shape: jnp.zeros(shape, param_dtype), out_shardings=sharding)()
         for i, name in enumerate(spec.hf_names(config.num_layers)):
             value = place(spec.to_ours(reader.get(name)).astype(param_dtype), layer_sharding)
             stacked = _write_layer(stacked, value, i)

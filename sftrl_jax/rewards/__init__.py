@@ -9,8 +9,7 @@
 Importing this package is cheap: math-verify/sympy are imported on first use.
 """
 
-from sftrl_jax.rewards.math_reward import (compute_score, extract_answer, extract_boxed, extract_choice,
-                                           is_choice_answer)
+from sftrl_jax.rewards.math_reward import compute_score, extract_answer, extract_boxed, extract_choice, is_choice_answer
 from sftrl_jax.rewards.pool import RewardPool, ScoreResult
 
 __all__ = ["RewardPool", "ScoreResult", "compute_score", "extract_answer", "extract_boxed", "extract_choice",

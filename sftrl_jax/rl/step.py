@@ -24,6 +24,7 @@ from ..optim import apply_update, sum_micro_step_grads
 from .algorithms import mixed_policy_loss, policy_loss
 from .config import RLSection
 
+
 def response_logprobs(graphdef, params, batch, temperature: float, *, with_entropy: bool = False):
     """log p of each response token ``[S, R]`` (and its entropy when asked)."""
     model = nnx.merge(graphdef, params)

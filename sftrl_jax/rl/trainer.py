@@ -157,7 +157,8 @@ class GRPOAlgorithm(Algorithm):
         recomputed = to_host(self.logprobs_of(state["params"], laid)).reshape(sampler_logp.shape)
         mask = (arrays["response_mask"] > 0) & (arrays["response_off_policy"] == 0)  # sampled tokens only
         kl = np.asarray(kl_penalty(jnp.asarray(recomputed), jnp.asarray(sampler_logp)))
-        mismatch = {"logprob_mismatch_abs": float(np.abs(recomputed - sampler_logp)[mask].mean()) if mask.any() else 0.0,
+        gap = np.abs(recomputed - sampler_logp)
+        mismatch = {"logprob_mismatch_abs": float(gap[mask].mean()) if mask.any() else 0.0,
                     "logprob_mismatch_kl": float(kl[mask].mean()) if mask.any() else 0.0}
         arrays["old_logp"] = recomputed if cfg.old_logprobs == "recompute" else sampler_logp
         if self.ref_params is not None:
