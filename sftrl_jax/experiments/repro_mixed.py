@@ -105,16 +105,22 @@ def _mixed(work, settings, run_dir: Path, seed: int, method: str, budget: float,
 
 
 def _verdict(methods: dict) -> tuple[bool, bool, str]:
-    """Whether Paper A's ordering (correct SFT→RL ≥ each mixed method > buggy SFT→RL) holds, and beyond the spread."""
+    """Whether Paper A's ordering (correct SFT→RL ≥ each mixed method > buggy SFT→RL) holds, whether beyond the
+    seed spread, and the finding in words with each margin."""
     acc = {name: methods[name]["accuracy"] for name in METHODS}
     noise = max(methods[name]["spread"] for name in METHODS)
     mixed = ("luffy", "chord")
     holds = all(acc["sft_then_rl"] >= acc[m] > acc["sft_buggy_then_rl"] for m in mixed)
     clear = holds and all(acc["sft_then_rl"] - acc[m] > noise and acc[m] - acc["sft_buggy_then_rl"] > noise
                           for m in mixed if acc["sft_then_rl"] != acc[m])
-    text = ("holds, beyond the seed spread" if clear else "holds, but not beyond the seed spread" if holds
-            else "does not hold here")
-    return holds, clear, text
+    state = ("holds, beyond the seed spread" if clear else "holds, but not beyond the seed spread" if holds
+             else "does not hold here")
+
+    ahead = ", ".join(f"{m.upper()} {100 * (acc['sft_then_rl'] - acc[m]):+.1f}" for m in mixed)
+    above = ", ".join(f"{m.upper()} {100 * (acc[m] - acc['sft_buggy_then_rl']):+.1f}" for m in mixed)
+    detail = (f"correct SFT→RL minus each mixed method: {ahead} points; each mixed method minus the buggy "
+              f"SFT→RL: {above} points; largest seed spread {100 * noise:.1f} points")
+    return holds, clear, f"{state} ({detail})"
 
 
 def _report(out: Path, settings: dict, seeds: list[int], runs: list[dict], seconds: float, quick: bool, *,
