@@ -76,7 +76,7 @@ RL_BAD = [
     ("rl.clip_c=1.0", "float > 1, got 1.0"),
     ("rl.loss_scale_factor=0", "float > 0 or null, got 0.0"),
     ("rl.kl_coef=-0.001", "float >= 0, got -0.001"),
-    ("rl.entropy_coef=-0.001", "float >= 0, got -0.001"),
+    ("rl.entropy_coef=-0.001", "float >= 0 or null, got -0.001"),
     ("rl.max_generation_rounds=0", "int >= 1, got 0"),
     ("rl.overlong_buffer_len=-1", "int >= 0, got -1"),
     ("rl.overlong_penalty_factor=-1", "float >= 0, got -1.0"),
