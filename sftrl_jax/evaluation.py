@@ -39,7 +39,7 @@ from .config import RewardOptions, RunConfig, SamplingOptions, save_config
 from .data.prompts import PromptDataOptions, PromptItem, load_prompt_items
 from .distributed import barrier, initialize, map_rows_across_processes
 from .metrics import is_writer, read_jsonl
-from .run_folder import RunLock, writable_folder
+from .run_folder import owned_folder
 
 log = logging.getLogger("sftrl_jax.eval")
 
@@ -159,13 +159,10 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
     share of each chunk; process 0 alone writes the files.
     """
     initialize(config.distributed)
-    out = Path(config.output_dir)
-    if not is_writer():
-        return _evaluate(config, out, generator=generator, progress=progress)
-    writable_folder(out)
-    with RunLock(out, command="sftrl-jax eval"):
-        check_generation_settings(out, config)
-        save_config(config, out / "config.yaml")
+    with owned_folder(config.output_dir, command="sftrl-jax eval", writer=is_writer()) as out:
+        if is_writer():
+            check_generation_settings(out, config)
+            save_config(config, out / "config.yaml")
         return _evaluate(config, out, generator=generator, progress=progress)
 
 
@@ -190,7 +187,8 @@ def check_generation_settings(out: Path, config: EvalConfig) -> None:
     from .run_folder import RunFolderError, changed_settings
 
     key_file, current = out / "generation_settings.json", generation_settings(config)
-    if read_generations(out / "generations.jsonl") and key_file.exists():
+    generations = out / "generations.jsonl"
+    if generations.exists() and generations.stat().st_size and key_file.exists():
         changes = changed_settings(json.loads(key_file.read_text()), json.loads(json.dumps(current)),
                                    ignore=_EVAL_LAYOUT_KEYS)
         if changes:

@@ -39,7 +39,7 @@ from .distributed import initialize
 from .metrics import is_writer, plot_curves, read_metrics
 from .models import load_tokenizer
 from .rl import RLConfig, run_rl
-from .run_folder import RunLock, check_continuity, writable_folder
+from .run_folder import check_continuity, owned_folder
 from .sampling import TextSampler
 from .sft import SFTConfig, heldout_loss, run_sft
 from .sft.step import make_eval_step
@@ -173,12 +173,7 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool
     """Run the stages in order; with ``resume``, skip finished stages and continue inside the unfinished one
     (refusing changed settings unless ``force``, as :func:`sftrl_jax.training.run_loop` does)."""
     initialize(config.distributed)
-    out = Path(config.output_dir)
-    if not is_writer():
-        return _run_stages(config, out, resume=resume, progress=progress, reward_fn=reward_fn, on_step=on_step,
-                           force=force)
-    writable_folder(out)
-    with RunLock(out, command="sftrl-jax pipeline"):
+    with owned_folder(config.output_dir, command="sftrl-jax pipeline", writer=is_writer()) as out:
         return _run_stages(config, out, resume=resume, progress=progress, reward_fn=reward_fn, on_step=on_step,
                            force=force)
 

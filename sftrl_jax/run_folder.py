@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -101,6 +102,18 @@ class RunLock:
             return
         if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def owned_folder(folder: str | os.PathLike, *, command: str, writer: bool = True):
+    """``with owned_folder(output_dir, command=...) as out:`` -- the run's folder, created, checked writable
+    and locked for the block on the writing process (``writer``); other processes only get the path."""
+    if not writer:
+        yield Path(folder)
+        return
+    out = writable_folder(folder)
+    with RunLock(out, command=command):
+        yield out
 
 
 # Keys whose change does not alter what a resumed run computes: where it writes, how it logs and

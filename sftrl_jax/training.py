@@ -30,7 +30,7 @@ from .distributed import initialize
 from .metrics import MetricSinks, is_writer
 from .models import load_pretrained, load_tokenizer, save_pretrained
 from .optim import init_opt_state, make_optimizer
-from .run_folder import RunLock, check_continuity, writable_folder
+from .run_folder import check_continuity, owned_folder
 from .sharding import data_parallel_size, make_mesh, shardings_on
 
 log = logging.getLogger("sftrl_jax.training")
@@ -211,11 +211,7 @@ def run_loop(config, algorithm: Algorithm, *, resume: bool = False, hooks: Seque
     if progress is not None:
         config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, progress=progress))
     initialize(config.distributed)
-    out = Path(config.output_dir)
-    if not is_writer():
-        return _run(config, algorithm, out, resume=resume, hooks=hooks, on_step=on_step, force=force)
-    writable_folder(out)
-    with RunLock(out, command=f"sftrl-jax {config.kind}"):
+    with owned_folder(config.output_dir, command=f"sftrl-jax {config.kind}", writer=is_writer()) as out:
         return _run(config, algorithm, out, resume=resume, hooks=hooks, on_step=on_step, force=force)
 
 
@@ -270,8 +266,7 @@ def _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step):
             tick = time.perf_counter()
             state, metrics = algorithm.train_step(state, step)
             step += 1
-            bad = {k: metrics[k] for k in algorithm.finite_keys if k in metrics and not math.isfinite(metrics[k])}
-            if bad:
+            if any(k in metrics and not math.isfinite(metrics[k]) for k in algorithm.finite_keys):
                 stop_on_nonfinite(step, ", ".join(f"{k}={metrics[k]}" for k in algorithm.finite_keys if k in metrics),
                                   checkpointer)
             record = {"step": step, **metrics}

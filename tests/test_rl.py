@@ -69,14 +69,26 @@ def _update(directory, rollouts, cfg, *, devices, micro_batch_size):
     return jax.device_get(new_state["params"]), jax.device_get(metrics), jax.device_get(params)
 
 
+def _random_rollouts(seed: int, lengths, off_policy=()) -> Rollouts:
+    """8 random prompts (3-11 tokens) and responses of the given lengths, rewards and log-probs 0."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 60, int(rng.integers(3, 12))).tolist() for _ in range(len(lengths))]
+    responses = [rng.integers(1, 60, int(n)).tolist() for n in lengths]
+    count = len(lengths)
+    return Rollouts(prompts, responses, [[0.0] * len(r) for r in responses], [False] * count, [0.0] * count,
+                    [0.0] * count, off_policy=list(off_policy))
+
+
+def _update_error(params, reference, before) -> float:
+    """The largest relative difference between two updates (``params - before`` vs ``reference - before``)."""
+    return max(jax.tree.leaves(jax.tree.map(lambda a, b, c: np.linalg.norm(a - b) / np.linalg.norm(b - c),
+                                            params, reference, before)))
+
+
 @pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
 def test_grpo_update_does_not_depend_on_the_micro_batch_split(workdir, agg_mode):
     _, model_dir = workdir
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(1, 60, int(rng.integers(3, 12))).tolist() for _ in range(8)]
-    responses = [rng.integers(1, 60, int(n)).tolist() for n in (1, 16, 3, 9, 2, 14, 5, 7)]
-    rollouts = Rollouts(prompts, responses, [[0.0] * len(r) for r in responses], [False] * 8, [0.0] * 8,
-                        [0.0] * 8)
+    rollouts = _random_rollouts(0, (1, 16, 3, 9, 2, 14, 5, 7))
     cfg = RLSection(agg_mode=agg_mode, clip_high=0.28, entropy_coef=0.01)
     reference, _, before = _update(model_dir, rollouts, cfg, devices=1, micro_batch_size=8)
     splits = [(1, 2), (1, 1), (8, 1), (2, 2)] if agg_mode == "token-mean" else [(2, 2)]
@@ -84,8 +96,7 @@ def test_grpo_update_does_not_depend_on_the_micro_batch_split(workdir, agg_mode)
         params, metrics, _ = _update(model_dir, rollouts, cfg, devices=devices, micro_batch_size=micro)
         error = max(jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max() / np.abs(b).max(), params,
                                                  reference)))
-        update_error = max(jax.tree.leaves(jax.tree.map(
-            lambda a, b, c: np.linalg.norm(a - b) / np.linalg.norm(b - c), params, reference, before)))
+        update_error = _update_error(params, reference, before)
         # float32 sums in a different order: parameters agree to a few ulps of the largest entry
         # (1.1e-6 measured), the update itself to 1e-4 of its size
         assert error <= 3e-6 and update_error <= 1e-4, (devices, micro, error, update_error)
@@ -95,17 +106,13 @@ def test_grpo_update_does_not_depend_on_the_micro_batch_split(workdir, agg_mode)
 @pytest.mark.parametrize("method", ["luffy", "chord"])
 def test_mixed_policy_update_does_not_depend_on_the_micro_batch_split(workdir, method):
     _, model_dir = workdir
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(1, 60, int(rng.integers(3, 12))).tolist() for _ in range(8)]
-    responses = [rng.integers(1, 60, int(n)).tolist() for n in (4, 16, 3, 9, 2, 14, 5, 7)]
-    rollouts = Rollouts(prompts, responses, [[0.0] * len(r) for r in responses], [False] * 8, [0.0] * 8,
-                        [0.0] * 8, off_policy=[False, False, False, True] * 2)
+    rollouts = _random_rollouts(1, (4, 16, 3, 9, 2, 14, 5, 7), off_policy=[False, False, False, True] * 2)
+    responses = rollouts.responses
     cfg = RLSection(method=method, clip_high=0.28, entropy_coef=0.01)
     reference, _, before = _update(model_dir, rollouts, cfg, devices=1, micro_batch_size=8)
     for devices, micro in [(2, 2), (8, 1)]:
         params, metrics, _ = _update(model_dir, rollouts, cfg, devices=devices, micro_batch_size=micro)
-        update_error = max(jax.tree.leaves(jax.tree.map(
-            lambda a, b, c: np.linalg.norm(a - b) / np.linalg.norm(b - c), params, reference, before)))
+        update_error = _update_error(params, reference, before)
         assert update_error <= 1e-4, (method, devices, micro, update_error)
         assert metrics["off_policy_share"] == pytest.approx(
             sum(len(r) for r, o in zip(responses, rollouts.off_policy) if o) / sum(map(len, responses)), rel=1e-5)
