@@ -148,37 +148,47 @@ def sft_batch(config, rows: int, length: int, seed: int = 0):
     return ids, layout_step(examples, micro_steps=1, shards=1, micro_batch_size=rows, max_length=length, pack=False)
 
 
+def sft_step_spec(model, shape, *, mesh, learning_rate=1e-5):
+    """The SFT trainer's own ``train_step`` declaration (:func:`sftrl_jax.sft.step.sft_functions`) for ``model``
+    on ``mesh`` and batches of ``shape`` = (micro-steps, rows, length), AdamW with clipping; and its context."""
+    from sftrl_jax.models import ModelOptions
+    from sftrl_jax.optim import OptimizerOptions
+    from sftrl_jax.sft import SFTConfig
+    from sftrl_jax.sft.config import SFTDataSection, SFTTrainSection
+    from sftrl_jax.sft.step import sft_functions
+    from sftrl_jax.sharding import data_parallel_size
+    from sftrl_jax.training import abstract_context
+
+    micro_steps, rows, length = shape
+    shards = data_parallel_size(mesh)
+    config = SFTConfig(model=ModelOptions(path=""), data=SFTDataSection(max_length=length),
+                       train=SFTTrainSection(global_batch_size=micro_steps * rows, micro_batch_size=rows // shards),
+                       optimizer=OptimizerOptions(learning_rate=learning_rate, lr_schedule="constant",
+                                                  weight_decay=0.0, max_grad_norm=1.0))
+    ctx, _ = abstract_context(config, mesh, 1000, model=model)
+    return sft_functions(ctx)["train_step"], ctx
+
+
 def jax_train_step(model, batch_host, *, learning_rate=1e-5, mesh=None, donate=True):
-    """(jitted step, state, device batch) for the real SFT step with AdamW + clipping."""
+    """(jitted step, state, device batch) for the real SFT step (the trainer's declaration) with AdamW +
+    clipping; ``mesh`` default: one device."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from sftrl_jax.optim import OptimizerOptions, init_opt_state, make_optimizer
-    from sftrl_jax.sft.step import make_train_step
+    from sftrl_jax.sharding import make_mesh, place
+    from sftrl_jax.training import train_state
 
-    options = OptimizerOptions(learning_rate=learning_rate, lr_schedule="constant", weight_decay=0.0,
-                               max_grad_norm=1.0)
-    optimizer, schedule = make_optimizer(options, total_steps=1000)
-    graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
-    params = jax.tree.map(jnp.copy, params)  # the step donates its state; keep the model's own arrays
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    step_fn = make_train_step(graphdef, optimizer, schedule, emulate_bug="none", shards=shards)
-    if mesh is None:
-        state = {"params": params, "opt_state": jax.jit(lambda p: init_opt_state(optimizer, p))(params),
-                 "step": jnp.zeros((), jnp.int32)}
-        step = jax.jit(step_fn, donate_argnums=0 if donate else ())
-        batch = {k: jnp.asarray(v) for k, v in batch_host.items()}
-    else:
-        from sftrl_jax.sharding import named_sharding, place
-        from sftrl_jax.training import train_state
-
-        state, shardings = train_state(params, optimizer, mesh)  # exactly the trainers' layout
-        batch_sharding = named_sharding((None, "batch", "length"), mesh)
-        step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                       donate_argnums=0 if donate else ())
-        batch = {k: place(v, batch_sharding) for k, v in batch_host.items()}
-    return step, state, batch
+    mesh = mesh if mesh is not None else make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+    spec, ctx = sft_step_spec(model, batch_host["input_ids"].shape, mesh=mesh, learning_rate=learning_rate)
+    if not donate:
+        spec = dataclasses.replace(spec, donate_argnums=())
+    params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model)))  # the step donates; keep the model's own
+    state, _ = train_state(params, ctx.optimizer, mesh)  # exactly the trainers' layout
+    batch = {k: place(v, spec.in_shardings[1]) for k, v in batch_host.items()}
+    return spec.jit(), state, batch
 
 
 def write_hf_model(hf: dict, directory: Path, seed: int = 0):
@@ -200,14 +210,14 @@ def cpu_compare(args, results: dict) -> None:
     import torch
 
     from sftrl_jax import flops
-    from sftrl_jax.models import load_pretrained
+    from sftrl_jax.models import ModelOptions, load_pretrained
     from sftrl_jax.sampling import generate
 
     hf_dict = TINY_MODEL if args.smoke else CPU_MODEL
     sections = args.sections
     workdir = Path(tempfile.mkdtemp(prefix="sftrl-bench-"))
     torch_model = write_hf_model(hf_dict, workdir)
-    model, config = load_pretrained(workdir, scan_layers=not args.unroll_layers)
+    model, config = load_pretrained(ModelOptions(path=str(workdir), scan_layers=not args.unroll_layers))
     results["cpu_model"] = {**hf_dict, "scan_layers": not args.unroll_layers,
                             "matmul_params": flops.matmul_params(config), "torch_threads": torch.get_num_threads()}
     mm_n = 256 if args.smoke else args.matmul_n
@@ -476,12 +486,12 @@ def accel_sft(hf: dict, *, seq: int, batch: int, remat: str, repeats: int, peak:
     import jax
 
     from sftrl_jax import flops
-    from sftrl_jax.models import init_model
+    from sftrl_jax.models import ModelOptions, init_model
 
     config = model_config(hf)
     while batch >= 1:
         try:
-            model = init_model(config, dtype="float32", compute_dtype="bfloat16", remat=remat)
+            model = init_model(config, ModelOptions(path="", dtype="float32", compute_dtype="bfloat16", remat=remat))
             _, host_batch = sft_batch(config, batch, seq)
             step, state, dev_batch = jax_train_step(model, host_batch)
             del model
@@ -521,11 +531,11 @@ def accel_decode(hf: dict, *, batches, prompt: int, new: int, bandwidth: float, 
     import jax
     import jax.numpy as jnp
 
-    from sftrl_jax.models import init_model
+    from sftrl_jax.models import ModelOptions, init_model
     from sftrl_jax.sampling import generate
 
     config = model_config(hf)
-    model = init_model(config, dtype="bfloat16")
+    model = init_model(config, ModelOptions(path="", dtype="bfloat16"))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx_state(model)))
     rng = np.random.default_rng(0)
     out = []
@@ -565,25 +575,19 @@ def accel_fit(hf: dict, *, seq: int, batch: int, remat: str, repeats: int, peak:
     """Does one SFT step fit on one device? Compile abstractly first (nothing allocated), compare the
     compiled ``memory_analysis()`` with the device's memory, then run it if it fits."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from sftrl_jax.models import abstract_model
-    from sftrl_jax.optim import OptimizerOptions, init_opt_state, make_optimizer
-    from sftrl_jax.sft.step import make_train_step
+    from sftrl_jax.models import ModelOptions, abstract_model
+    from sftrl_jax.sharding import make_mesh
 
     config = model_config(hf)
-    abstract = abstract_model(config, dtype="float32", compute_dtype="bfloat16", remat=remat)
-    optimizer, schedule = make_optimizer(OptimizerOptions(lr_schedule="constant"), 1000)
-    params = nnx.to_pure_dict(nnx.state(abstract))
-    state = {"params": params, "opt_state": jax.eval_shape(lambda p: init_opt_state(optimizer, p), params),
-             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    mesh = make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+    abstract = abstract_model(config, ModelOptions(path="", dtype="float32", compute_dtype="bfloat16", remat=remat),
+                              mesh)
     _, host_batch = sft_batch(config, batch, seq)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
-    step = jax.jit(make_train_step(nnx.graphdef(abstract), optimizer, schedule, emulate_bug="none", shards=1),
-                   donate_argnums=0)
+    spec, _ = sft_step_spec(abstract, host_batch["input_ids"].shape, mesh=mesh)
+    state = spec.args[0]
     start = time.perf_counter()
-    compiled = step.lower(state, abstract_batch).compile()
+    compiled = spec.lower().compile()
     compile_s = time.perf_counter() - start
     analysis = compiled.memory_analysis()
     rec = {"batch": batch, "seq": seq, "remat": remat, "compile_s": compile_s,

@@ -17,8 +17,8 @@ import torch
 import transformers
 from flax import nnx
 
-from sftrl_jax.cli import _mesh_arg
-from sftrl_jax.models import load_pretrained
+from sftrl_jax.cli import mesh_arg
+from sftrl_jax.models import ModelOptions, load_pretrained
 from sftrl_jax.sharding import make_mesh
 
 
@@ -26,12 +26,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--mesh", type=_mesh_arg, default={"fsdp": -1})
+    parser.add_argument("--mesh", type=mesh_arg, default={"fsdp": -1})
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=64)
     args = parser.parse_args()
 
-    model, config = load_pretrained(args.model_dir, dtype=args.dtype, mesh=make_mesh(args.mesh))
+    model, config = load_pretrained(ModelOptions(path=args.model_dir, dtype=args.dtype), make_mesh(args.mesh))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (args.batch, args.length)).astype(np.int32)
     mask = np.ones_like(ids)

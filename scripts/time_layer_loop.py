@@ -18,14 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sftrl_jax.models import ModelConfig, init_model
-from sftrl_jax.optim import make_optimizer
-from sftrl_jax.rl.config import RLSection
-from sftrl_jax.rl.step import make_grpo_step
-from sftrl_jax.sft.config import SFTTrainSection
-from sftrl_jax.sft.step import make_train_step
+from sftrl_jax.config import TrainOptions
+from sftrl_jax.models import ModelConfig, ModelOptions, init_model
+from sftrl_jax.rl import RLConfig, rl_functions
+from sftrl_jax.rl.config import RLDataSection, RLSection
+from sftrl_jax.sft import SFTConfig
+from sftrl_jax.sft.config import SFTDataSection, SFTTrainSection
+from sftrl_jax.sft.step import sft_functions
 from sftrl_jax.sharding import make_mesh
-from sftrl_jax.training import train_state
+from sftrl_jax.training import abstract_context, train_state
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=384, hidden_size=128, intermediate_size=384, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -41,6 +42,7 @@ def batches(rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
             "positions": np.maximum(np.cumsum(attention, -1) - 1, 0).astype(np.int32),
             "response_ids": ids[..., prompt:],
             "response_mask": (rng.random((1, rows, response)) < 0.7).astype(np.float32),
+            "response_off_policy": np.zeros((1, rows, response), np.float32),
             "advantages": rng.normal(size=(1, rows)).astype(np.float32),
             "old_logp": -rng.random((1, rows, response)).astype(np.float32)}
     sft_ids = rng.integers(0, CONFIG.vocab_size, (1, 32, 96)).astype(np.int32)
@@ -58,15 +60,22 @@ def main() -> None:
     data = batches(np.random.default_rng(0))
     steps = {}
     for scan_layers in (True, False):
-        model = init_model(CONFIG, scan_layers=scan_layers, mesh=mesh)
-        graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
-        rl_opt, rl_schedule = make_optimizer(RLSection(), 1000)
-        sft_opt, sft_schedule = make_optimizer(SFTTrainSection(), 1000)
-        makers = {"grpo update": (make_grpo_step(graphdef, rl_opt, rl_schedule, RLSection(max_new_tokens=40)), rl_opt),
-                  "sft step": (make_train_step(graphdef, sft_opt, sft_schedule, emulate_bug="none", shards=1), sft_opt)}
-        for name, (step, optimizer) in makers.items():
+        model = init_model(CONFIG, ModelOptions(path="", scan_layers=scan_layers), mesh)
+        params = nnx.to_pure_dict(nnx.state(model))
+        # the trainers' own declarations, for configs of the batches' shapes
+        rl_config = RLConfig(model=ModelOptions(path=""), data=RLDataSection(max_prompt_length=48),
+                             rl=RLSection(prompts_per_step=128, mini_batches_per_step=1),
+                             train=TrainOptions(micro_batch_size=128))
+        rl_config.sampling.n, rl_config.sampling.max_new_tokens = 1, 40
+        sft_config = SFTConfig(model=ModelOptions(path=""), data=SFTDataSection(max_length=96),
+                               train=SFTTrainSection(global_batch_size=32, micro_batch_size=32))
+        rl_ctx, _ = abstract_context(rl_config, mesh, 1000, model=model)
+        sft_ctx, _ = abstract_context(sft_config, mesh, 1000, model=model)
+        makers = {"grpo update": (rl_functions(rl_ctx)["policy_update"], rl_ctx.optimizer),
+                  "sft step": (sft_functions(sft_ctx)["train_step"], sft_ctx.optimizer)}
+        for name, (spec, optimizer) in makers.items():
             state, _ = train_state(jax.tree.map(jnp.copy, params), optimizer, mesh)  # each step donates its own
-            fn = jax.jit(step, donate_argnums=0)
+            fn = spec.jit()
             tick = time.perf_counter()
             state, metrics = fn(state, data[name])
             jax.block_until_ready(metrics)

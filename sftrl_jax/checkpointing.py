@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from .models.config import ModelConfig
 from .models.decoder import Decoder, as_dtype
 from .models.hf_io import abstract_model, copy_tokenizer_files, param_shardings, read_json
+from .models.options import ModelOptions
 from .sharding import DEFAULT_RULES, Rules, single_device_mesh
 
 PARAMS_DIR = "params"
@@ -44,13 +45,15 @@ def save_model(model: Decoder, path: str | os.PathLike, *, tokenizer_dir: str | 
     return directory
 
 
-def load_model(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh: Mesh | None = None,
-               rules: Rules = DEFAULT_RULES, remat: str = "none",
-               scan_layers: bool = True) -> tuple[Decoder, ModelConfig]:
-    """Restore a model written by :func:`save_model`, sharded on ``mesh``.
+def load_model(source: ModelOptions | str | os.PathLike, mesh: Mesh | None = None, *,
+               rules: Rules = DEFAULT_RULES) -> tuple[Decoder, ModelConfig]:
+    """Restore a model written by :func:`save_model`, sharded on ``mesh`` (default: one device).
 
-    ``dtype`` defaults to the dtype the checkpoint was saved in.
+    ``source`` is a :class:`ModelOptions` (the checkpoint directory is its ``path``; the parameters
+    are cast to its ``dtype``) or the directory itself, built with the default options except that
+    the parameters keep the dtype they were saved in.
     """
+    path = source.path if isinstance(source, ModelOptions) else source
     directory = Path(path).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
@@ -58,10 +61,13 @@ def load_model(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh:
         raise FileNotFoundError(f"{directory} is not a model checkpoint (needs config.json and {PARAMS_DIR}/)")
     hf = read_json(directory / "config.json")
     config = ModelConfig.from_hf_dict(hf, source_dir=str(directory))
-    param_dtype = as_dtype(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    if isinstance(source, ModelOptions):
+        options = source
+    else:
+        options = ModelOptions(path=os.fspath(path), dtype=hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    param_dtype = as_dtype(options.dtype)
     mesh = mesh or single_device_mesh()
-    model = abstract_model(config, dtype=param_dtype, compute_dtype=compute_dtype, remat=remat,
-                           scan_layers=scan_layers, mesh=mesh, rules=rules)
+    model = abstract_model(config, options, mesh, rules=rules)
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, param_dtype, sharding=s),
                           nnx.to_pure_dict(nnx.state(model)), param_shardings(model))
     with ocp.StandardCheckpointer() as checkpointer:

@@ -7,8 +7,8 @@ import sys
 import time
 
 
-def _mesh_arg(text: str) -> dict[str, int]:
-    """``"fsdp=-1,tensor=1"`` -> ``{"fsdp": -1, "tensor": 1}``."""
+def mesh_arg(text: str) -> dict[str, int]:
+    """``"fsdp=-1,tensor=1"`` -> ``{"fsdp": -1, "tensor": 1}``: the ``--mesh`` argument type (argparse errors)."""
     spec = {}
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
@@ -23,47 +23,53 @@ def _mesh_arg(text: str) -> dict[str, int]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpointing import is_orbax_model_dir, load_model, save_model
-    from .models import load_pretrained, save_pretrained
+    from .models import ModelOptions, load_pretrained, save_pretrained
     from .sharding import make_mesh
 
     mesh = make_mesh(args.mesh)
     target = args.to or ("hf" if is_orbax_model_dir(args.src) else "orbax")
     start = time.time()
     if target == "orbax":
-        model, _ = load_pretrained(args.src, dtype=args.dtype or "float32", mesh=mesh)
+        model, _ = load_pretrained(ModelOptions(path=args.src, dtype=args.dtype or "float32"), mesh)
         out = save_model(model, args.dst)
     else:
-        model, _ = load_model(args.src, dtype=args.dtype, mesh=mesh)
+        # without --dtype the parameters keep the dtype they were saved in
+        model, _ = load_model(args.src if args.dtype is None else ModelOptions(path=args.src, dtype=args.dtype), mesh)
         out = save_pretrained(model, args.dst, max_shard_size=args.max_shard_size)
     print(f"wrote {target} checkpoint {out} ({time.time() - start:.1f}s)")
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace):
+    """A config command's config: ``--config FILE`` plus overrides, built as the class of its kind."""
     from .config import load_config
-    from .sft import SFTConfig, run_sft
+    from .kinds import config_class
 
-    config = load_config(SFTConfig, args.config, args.overrides)
+    return load_config(config_class(args.command), args.config, args.overrides)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .sft import run_sft
+
+    config = _load_config(args)
     result = run_sft(config, resume=args.resume, force=args.force)
     print(f"sft: {result.steps} steps; metrics {result.output_dir / 'metrics.jsonl'}; model {result.final_dir}")
     return 0
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .rl import RLConfig, run_rl
+    from .rl import run_rl
 
-    config = load_config(RLConfig, args.config, args.overrides)
+    config = _load_config(args)
     result = run_rl(config, resume=args.resume, force=args.force)
     print(f"rl: {result.steps} steps; metrics {result.output_dir / 'metrics.jsonl'}; model {result.final_dir}")
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .pipeline import PipelineConfig, run_pipeline
+    from .pipeline import run_pipeline
 
-    config = load_config(PipelineConfig, args.config, args.overrides)
+    config = _load_config(args)
     summary = run_pipeline(config, resume=args.resume, force=args.force)
     for row in summary["stages"]:
         print(f"stage {row['stage']} {row['kind']}: {row['steps']} steps; probe {row['start']} -> {row['end']}")
@@ -109,10 +115,9 @@ def cmd_repro(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .evaluation import EvalConfig, run_eval
+    from .evaluation import run_eval
 
-    config = load_config(EvalConfig, args.config, args.overrides)
+    config = _load_config(args)
     results = run_eval(config)
     average = results["math_average"]
     print(f"eval: results {config.output_dir}/results.json"
@@ -190,7 +195,7 @@ def _add_convert_command(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (default: float32 from HF; the saved dtype from orbax)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size for --to hf (default 5GB)")
-    p.add_argument("--mesh", type=_mesh_arg, default={"fsdp": -1},
+    p.add_argument("--mesh", type=mesh_arg, default={"fsdp": -1},
                    help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default fsdp=-1: all devices)")
     p.set_defaults(func=cmd_convert)
 

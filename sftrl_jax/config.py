@@ -28,6 +28,8 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from .distributed import DistributedOptions
+from .layout import layout
+from .models.options import ModelOptions  # the model: section (defined with the builders)
 from .optim import OptimizerOptions
 
 T = TypeVar("T")
@@ -197,8 +199,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         if name in data:
             value = data[name]
             if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping) \
-                    and field.default_factory is not dataclasses.MISSING:
-                # a partial section starts from this config's defaults for it (e.g. RL's optimizer defaults)
+                    and field.default_factory not in (dataclasses.MISSING, hints[name]):
+                # a partial section starts from this config's defaults for it (e.g. RL's optimizer defaults);
+                # a section built by its own class has no others, and merging its values would turn the
+                # ones its __post_init__ resolves (rl.method's defaults) into settings
                 value = deep_merge(dataclasses.asdict(field.default_factory()), value)
             kwargs[name] = _convert(value, hints[name], dotted)
             if name in ranges:
@@ -324,24 +328,6 @@ def save_config(obj, path: str | os.PathLike) -> None:
 
 # ------------------------------------------------------------------ sections shared by every stage
 @dataclasses.dataclass
-class ModelOptions:
-    path: str  # local Hugging Face directory (config.json + safetensors + tokenizer)
-    dtype: Literal["float32", "bfloat16"] = "float32"  # parameters (optimizer state is always float32)
-    compute_dtype: Literal["float32", "bfloat16"] | None = None  # matmuls; default: dtype
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # False: unroll the layer loop (faster steps for shallow models; compile time grows with depth)
-    scan_layers: bool = True
-    # attention kernel; auto: splash on TPU, cudnn on GPU (blockwise where cuDNN can't), dense on CPU
-    attention: Literal["auto", "dense", "blockwise", "splash", "cudnn"] = "auto"
-    attention_block_size: int = 512  # query/key block of blockwise and splash attention
-    # losses turn hidden states into float32 log-probs this many positions at a time, so [T, vocab]
-    # logits never exist at once (0: all positions at once)
-    logits_chunk_size: int = 1024
-
-    _ranges = {"attention_block_size": ">= 1", "logits_chunk_size": ">= 0"}
-
-
-@dataclasses.dataclass
 class SamplingOptions:
     """How the one sampler generates: RL rollouts, evaluation and the pipeline's probe."""
 
@@ -351,7 +337,7 @@ class SamplingOptions:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None  # None: train.seed for RL rollouts, 0 for evaluation and the probe
-    batch_size: int = 64  # prompts per compiled generation batch
+    batch_size: int = layout(64)  # prompts per compiled generation batch
 
     _ranges = {"n": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0",
                "seed": ">= 0", "batch_size": ">= 1"}
@@ -359,17 +345,43 @@ class SamplingOptions:
 
 @dataclasses.dataclass
 class RewardOptions:
-    """The math-verify grader (``sftrl_jax.rewards``): RL rewards, evaluation scores and the probe."""
+    """The grader (``sftrl_jax.rewards``): RL rewards, evaluation scores and the probe."""
 
+    # the reward kind (sftrl_jax.rewards.REWARD_KINDS): math (math-verify equivalence), choice
+    # (multiple-choice letter), label (exact normalised label), python (reward.function)
+    kind: str = "math"
+    # kind python: "module:function", called as fn(answer, ground_truth) -> score in [0, 1] in the
+    # grading processes (imported there, not when the config is read)
+    function: str | None = None
     require_think: bool = False  # grade only after </think>; no </think> scores 0
-    timeout_s: float = 10.0  # hard per-response limit (the worker is killed)
-    num_workers: int | None = None  # grading processes (default: CPU count)
+    timeout_s: float = layout(10.0)  # hard per-response limit (the worker is killed)
+    num_workers: int | None = layout(None)  # grading processes (default: CPU count)
     # the reward of a correct and of a wrong answer in RL and the probe (Paper B's 0.385/0.343 suggest
     # correct 1 / wrong -1); evaluation always reports accuracy (0 / 1)
     correct: float = 1.0
     wrong: float = 0.0
 
     _ranges = {"timeout_s": "> 0", "num_workers": ">= 1"}
+
+    def __post_init__(self):
+        from .rewards.kinds import REWARD_KINDS, parse_function
+
+        if self.kind not in REWARD_KINDS:
+            raise ConfigError(f"config key 'reward.kind': expected one of "
+                              f"{' | '.join(map(repr, sorted(REWARD_KINDS)))}, got {self.kind!r}")
+        takes_function = REWARD_KINDS[self.kind].takes_function
+        if takes_function and self.function is None:
+            raise ConfigError(f"config key 'reward.function': reward.kind={self.kind} needs the scorer as "
+                              "'module:function'")
+        if not takes_function and self.function is not None:
+            users = ", ".join(k for k, v in sorted(REWARD_KINDS.items()) if v.takes_function)
+            raise ConfigError(f"config key 'reward.function': only read by reward.kind={users}, got "
+                              f"{self.function!r} with reward.kind={self.kind}")
+        if self.function is not None:
+            try:
+                parse_function(self.function)
+            except ValueError as err:
+                raise ConfigError(f"config key 'reward.function': {err}") from None
 
     def scale(self, correctness):
         """Rewards on this scale from 0/1 correctness (numpy arrays or floats)."""
@@ -399,7 +411,7 @@ class TrainOptions:
     max_steps: int | None = None  # default: num_epochs over the data
     num_epochs: int = 1
     seed: int = 42
-    micro_batch_size: int = 1  # sequences per data-parallel shard per micro-step
+    micro_batch_size: int = layout(1)  # sequences per data-parallel shard per micro-step
     # stop early once the run's counted FLOPs (the cumulative flops_* metrics) reach this, for
     # comparisons at equal compute; the lr schedule still spans max_steps / num_epochs
     max_flops: float | None = None
@@ -465,9 +477,9 @@ class RunConfig:
 
     kind: str = ""  # the command: a file with another kind is refused (each subclass fixes it)
     model: ModelOptions
-    mesh: dict[str, int] = dataclasses.field(default_factory=_default_mesh)
-    distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
-    output_dir: str = "runs/run"
+    mesh: dict[str, int] = layout(default_factory=_default_mesh)
+    distributed: DistributedOptions = layout(default_factory=DistributedOptions)
+    output_dir: str = layout("runs/run")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -476,8 +488,8 @@ class TrainingRunConfig(RunConfig):
 
     optimizer: OptimizerOptions = dataclasses.field(default_factory=OptimizerOptions)
     train: TrainOptions = dataclasses.field(default_factory=TrainOptions)
-    checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
-    logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)
+    checkpoint: CheckpointOptions = layout(default_factory=CheckpointOptions)
+    logging: LoggingOptions = layout(default_factory=LoggingOptions)
 
 
 # Settings that were renamed when the configs were composed from shared sections: the old dotted key

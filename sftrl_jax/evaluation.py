@@ -24,6 +24,7 @@ unweighted average accuracy over the math benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,6 +39,7 @@ import numpy as np
 from .config import RewardOptions, RunConfig, SamplingOptions, save_config
 from .data.prompts import PromptDataOptions, PromptItem, load_prompt_items
 from .distributed import barrier, initialize, map_rows_across_processes
+from .layout import layout, layout_keys, not_layout
 from .metrics import is_writer, read_jsonl
 from .run_folder import owned_folder
 
@@ -51,10 +53,13 @@ class EvalConfig(RunConfig):
     kind: Literal["eval"] = "eval"
     data: PromptDataOptions = dataclasses.field(default_factory=PromptDataOptions)
     sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
-    reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
-    math_benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(MATH_BENCHMARKS))
-    chunk_size: int = 256  # prompts generated and graded between two appends to generations.jsonl
-    output_dir: str = "runs/eval"
+    # reward.timeout_s is no layout setting here: a response that runs out of time scores 0, so it changes
+    # the scores already written
+    reward: RewardOptions = dataclasses.field(default_factory=RewardOptions, metadata=not_layout("timeout_s"))
+    # which benchmarks the math average is over (the generations do not depend on it)
+    math_benchmarks: list[str] = layout(default_factory=lambda: list(MATH_BENCHMARKS))
+    chunk_size: int = layout(256)  # prompts generated and graded between two appends to generations.jsonl
+    output_dir: str = layout("runs/eval")
 
     _ranges = {"chunk_size": ">= 1"}
 
@@ -166,12 +171,6 @@ def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress
         return _evaluate(config, out, generator=generator, progress=progress)
 
 
-# what does not change the generations already written: where, how fast, and which averages are shown
-_EVAL_LAYOUT_KEYS = ("output_dir", "mesh", "distributed", "chunk_size", "math_benchmarks", "sampling.batch_size",
-                     "reward.num_workers", "model.scan_layers", "model.attention", "model.attention_block_size",
-                     "model.logits_chunk_size", "model.remat")
-
-
 def generation_settings(config: EvalConfig) -> dict:
     """What the generations in ``generations.jsonl`` depend on: the config, and the model's files
     (name, size, modification time), so a re-exported model in the same directory counts as another."""
@@ -183,14 +182,16 @@ def generation_settings(config: EvalConfig) -> dict:
 
 
 def check_generation_settings(out: Path, config: EvalConfig) -> None:
-    """Refuse to reuse generations made with another model, sampling or data settings (naming them)."""
+    """Refuse to reuse generations made with another model, sampling or data settings (naming them). The
+    config's layout settings (:func:`~sftrl_jax.layout.layout_keys`: where, how fast, which averages are
+    shown) may differ."""
     from .run_folder import RunFolderError, changed_settings
 
     key_file, current = out / "generation_settings.json", generation_settings(config)
     generations = out / "generations.jsonl"
     if generations.exists() and generations.stat().st_size and key_file.exists():
         changes = changed_settings(json.loads(key_file.read_text()), json.loads(json.dumps(current)),
-                                   ignore=_EVAL_LAYOUT_KEYS)
+                                   ignore=layout_keys(type(config)))
         if changes:
             raise RunFolderError(f"{out}: generations.jsonl was made with other settings ({'; '.join(changes)}); "
                                  "use a new output_dir, or delete generations.jsonl to start over")
@@ -251,9 +252,7 @@ def _load_generator(config: EvalConfig, tokenizer) -> Generator:
     from .models import load_pretrained
     from .sharding import make_mesh
 
-    model, _ = load_pretrained(config.model.path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
-                               scan_layers=config.model.scan_layers, attention=config.model.attention,
-                               attention_block_size=config.model.attention_block_size, mesh=make_mesh(config.mesh))
+    model, _ = load_pretrained(config.model, make_mesh(config.mesh))
     return model_generator(model, tokenizer, config.sampling, progress=False)
 
 
@@ -264,14 +263,16 @@ def _generate_and_grade(config: EvalConfig, generator: Generator | None, todo: S
     its ``n`` records score 0 (``prompt_too_long``)."""
     from tqdm.auto import tqdm
 
-    from .rewards import RewardPool, extract_answer
+    from .rewards import open_reward
 
-    n, require_think = config.sampling.n, config.reward.require_think
+    n = config.sampling.n
     new: list[dict] = []
     bar = tqdm(total=total, initial=total - len(todo), desc="eval", disable=not progress, dynamic_ncols=True)
-    with RewardPool(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s) as pool:
+    with contextlib.ExitStack() as stack:
+        reward = open_reward(config.reward, stack)
+
         def grade(texts, truths):
-            result = pool.score_batch(texts, truths, require_think=require_think)
+            result = reward.score_batch(texts, truths)
             return np.stack([result.scores, result.timed_out], axis=1)
 
         for start in range(0, len(todo), config.chunk_size):
@@ -295,8 +296,7 @@ def _generate_and_grade(config: EvalConfig, generator: Generator | None, todo: S
                     else:
                         completion, grade_row = generated[item.prompt_id][s]
                         record.update(response=completion.text,
-                                      extracted_answer=extract_answer(completion.text, item.ground_truth,
-                                                                      require_think=require_think),
+                                      extracted_answer=reward.answer(completion.text, item.ground_truth),
                                       score=float(grade_row[0]), num_tokens=completion.num_tokens,
                                       truncated=completion.truncated, timed_out=bool(grade_row[1]),
                                       prompt_too_long=False)

@@ -10,6 +10,7 @@ the reward). The pipeline writes ``metrics.jsonl`` (all stages on one global ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -18,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -36,13 +36,16 @@ from .data.prompts import PromptDataOptions, load_prompt_items
 from .data.sft import SFTDataOptions, tokenize_sft
 from .data.sources import load_rows
 from .distributed import initialize
+from .jitted import JitSpec
+from .kinds import config_class
+from .layout import layout, not_layout
 from .metrics import is_writer, plot_curves, read_metrics
 from .models import load_tokenizer
-from .rl import RLConfig, run_rl
+from .rl import run_rl
 from .run_folder import check_continuity, owned_folder
 from .sampling import TextSampler
-from .sft import SFTConfig, heldout_loss, run_sft
-from .sft.step import make_eval_step
+from .sft import heldout_loss, run_sft
+from .sft.step import eval_spec
 from .sharding import data_parallel_size, make_mesh, rows_sharding
 
 log = logging.getLogger("sftrl_jax.pipeline")
@@ -57,8 +60,10 @@ class ProbeOptions:
     prompt_files: list[str] = dataclasses.field(default_factory=list)  # held-out prompts with ground truths
     prompt_limit: int = 128
     max_prompt_length: int = 1024
+    # every probe sampling setting, batch_size included, must match to resume a pipeline
     sampling: SamplingOptions = dataclasses.field(default_factory=lambda: SamplingOptions(temperature=0.0,
-                                                                                         max_new_tokens=1024))
+                                                                                         max_new_tokens=1024),
+                                                  metadata=not_layout("batch_size"))
 
     _ranges = {"every": ">= 1", "sft_limit": ">= 1", "max_length": ">= 2", "prompt_limit": ">= 1",
                "max_prompt_length": ">= 1"}
@@ -84,14 +89,24 @@ class PipelineConfig(RunConfig):
     rl: dict[str, Any] = dataclasses.field(default_factory=dict)  # base settings of every RL stage
     probe: ProbeOptions = dataclasses.field(default_factory=ProbeOptions)
     reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)  # RL stages and the probe
-    logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)  # every stage
-    output_dir: str = "runs/pipeline"
+    logging: LoggingOptions = layout(default_factory=LoggingOptions)  # every stage
+    output_dir: str = layout("runs/pipeline")
 
     def __post_init__(self):
         if not self.stages:
             raise ConfigError("stages: the pipeline has no stages")
         for index in range(len(self.stages)):  # each stage's settings are a valid SFT/RL config
             stage_config(self, index, self.model.path)
+
+
+PROBE_ROWS_PER_SHARD = 4  # held-out rows per data-parallel shard in one probe evaluation batch
+
+
+def probe_eval_spec(options: ProbeOptions, graphdef, mesh, params, *, model_config=None, resident=None) -> JitSpec:
+    """The probe's held-out loss function (:func:`sftrl_jax.sft.step.eval_spec`), declared once for the probe and
+    ``sftrl-jax compile``."""
+    return eval_spec(graphdef, mesh, params, rows=data_parallel_size(mesh) * PROBE_ROWS_PER_SHARD,
+                     length=options.max_length, model_config=model_config, resident=resident)
 
 
 class CrossStageProbe:
@@ -111,37 +126,36 @@ class CrossStageProbe:
                                                            max_prompt_length=options.max_prompt_length), tokenizer)
             self.items = items[:options.prompt_limit]
         self.reward, self.reward_fn = reward, reward_fn
-        self._pool = None  # one grading pool for every measurement (workers are slow to start)
+        # opened on the first measurement, then kept for all of them (grading workers are slow to start)
+        self._score = None
+        self._resources = contextlib.ExitStack()
         self._eval_steps: dict = {}
 
     def measure(self, graphdef, params) -> dict[str, float]:
         out = {}
         if self.examples:
             if graphdef not in self._eval_steps:
-                self._eval_steps[graphdef] = jax.jit(make_eval_step(graphdef))
+                self._eval_steps[graphdef] = probe_eval_spec(self.options, graphdef, self.mesh, params).jit()
             out["probe_sft_loss"] = heldout_loss(self._eval_steps[graphdef], params, self.examples,
-                                                 rows=self.shards * 4, max_length=self.options.max_length,
+                                                 rows=self.shards * PROBE_ROWS_PER_SHARD,
+                                                 max_length=self.options.max_length,
                                                  sharding=rows_sharding(self.mesh, 2))
         if self.items:
             sampler = TextSampler(nnx.merge(graphdef, params), self.tokenizer, self.options.sampling)
             seed = self.options.sampling.seed if self.options.sampling.seed is not None else 0
             samples, texts = sampler.sample([it.prompt_ids for it in self.items], seed=seed)
             truths = [it.ground_truth for it in self.items]
-            if self.reward_fn is not None:
-                scores = self.reward_fn(texts, truths, [s.tokens for s in samples])
-            else:
-                if self._pool is None:
-                    from .rewards import RewardPool
+            if self._score is None:
+                from .rewards import open_reward
 
-                    self._pool = RewardPool(num_workers=self.reward.num_workers, timeout_s=self.reward.timeout_s)
-                scores = self._pool.score_batch(texts, truths, require_think=self.reward.require_think).scores
+                self._score = open_reward(self.reward, self._resources, self.reward_fn)
+            scores = self._score(texts, truths, [s.tokens for s in samples])
             out["probe_reward"] = float(np.mean(self.reward.scale(np.asarray(scores, np.float64))))
         return out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        self._resources.close()
+        self._score = None
 
 
 def stage_config(config: PipelineConfig, index: int, model_path: str):
@@ -159,7 +173,7 @@ def stage_config(config: PipelineConfig, index: int, model_path: str):
     if stage.kind == "rl":
         merged["reward"] = dataclasses.asdict(config.reward)
     try:
-        return from_dict(SFTConfig if stage.kind == "sft" else RLConfig, merged)
+        return from_dict(config_class(stage.kind), merged)
     except ConfigError as err:
         raise ConfigError(f"{label}: {err}") from None
 
@@ -186,7 +200,7 @@ def _run_stages(config: PipelineConfig, out: Path, *, resume, progress, reward_f
         raise FileExistsError(f"{out} holds an earlier pipeline run; pass --resume or choose a new output_dir")
     done = json.loads(state_file.read_text())["completed"] if state_file.exists() else []
     if resume and is_writer():
-        check_continuity(out / "config.yaml", dataclasses.asdict(config), force=force)
+        check_continuity(out / "config.yaml", config, force=force)
     if is_writer():  # the record, written once the folder is known to be this pipeline's
         save_config(config, out / "config.yaml")
     tokenizer = load_tokenizer(config.model.path)

@@ -8,12 +8,15 @@
   checked and is refused with the file to delete if that run is known to be dead.
 - :func:`check_continuity` compares a resumed run's settings with the ones its folder was started
   with (``config.yaml``) and refuses changes that break continuity -- other data, batch size, seed,
-  optimizer or algorithm settings -- naming each, unless forced.
+  optimizer or algorithm settings -- naming each, unless forced. The config's layout settings
+  (:mod:`sftrl_jax.layout`: where it writes, how it logs, checkpoints and lays out devices and kernels)
+  may change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -21,6 +24,8 @@ import os
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from .layout import layout_keys
 
 log = logging.getLogger("sftrl_jax.run_folder")
 
@@ -116,14 +121,6 @@ def owned_folder(folder: str | os.PathLike, *, command: str, writer: bool = True
         yield out
 
 
-# Keys whose change does not alter what a resumed run computes: where it writes, how it logs and
-# checkpoints, how the work is laid out on devices (exact accumulation makes the micro-batch split
-# immaterial) and how the model's kernels are chosen. Everything else must match to resume.
-LAYOUT_KEYS = ("output_dir", "checkpoint", "logging", "distributed", "mesh", "train.micro_batch_size",
-               "model.remat", "model.scan_layers", "model.attention", "model.attention_block_size",
-               "model.logits_chunk_size", "reward.num_workers", "reward.timeout_s", "sampling.batch_size")
-
-
 def _flatten(data: Mapping, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in data.items():
@@ -135,7 +132,7 @@ def _flatten(data: Mapping, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def changed_settings(before: Mapping, after: Mapping, ignore: Iterable[str] = LAYOUT_KEYS) -> list[str]:
+def changed_settings(before: Mapping, after: Mapping, ignore: Iterable[str] = ()) -> list[str]:
     """``key: old -> new`` for every dotted key that differs, except ``ignore``d keys and sections."""
     ignore = tuple(ignore)
     old, new = _flatten(before), _flatten(after)
@@ -148,8 +145,9 @@ def changed_settings(before: Mapping, after: Mapping, ignore: Iterable[str] = LA
     return changes
 
 
-def check_continuity(record: Path, settings: Mapping, *, force: bool = False) -> None:
-    """Refuse to resume with settings that differ from the run's ``record`` (its ``config.yaml``)."""
+def check_continuity(record: Path, config, *, force: bool = False) -> None:
+    """Refuse to resume with a run config (dataclass) whose settings differ from the run's ``record`` (its
+    ``config.yaml``), except its layout settings (:func:`~sftrl_jax.layout.layout_keys` of its class)."""
     import yaml
 
     if not record.exists():
@@ -159,7 +157,7 @@ def check_continuity(record: Path, settings: Mapping, *, force: bool = False) ->
     except yaml.YAMLError as err:
         raise RunFolderError(f"{record}: the run's record is not valid YAML ({err}); cannot check continuity") \
             from None
-    changes = changed_settings(before, settings)
+    changes = changed_settings(before, dataclasses.asdict(config), ignore=layout_keys(type(config)))
     if not changes:
         return
     text = "; ".join(changes)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .checkpointing import TrainCheckpointer
 from .config import CheckpointOptions, ModelOptions, save_config, to_dict
 from .distributed import initialize
+from .jitted import abstract
 from .metrics import MetricSinks, is_writer
 from .models import load_pretrained, load_tokenizer, save_pretrained
 from .optim import init_opt_state, make_optimizer
@@ -45,26 +46,51 @@ def init_train_state(model_options: ModelOptions, mesh, optimizer):
 
     Returns ``(graphdef, model_config, state, state_shardings)``.
     """
-    model, model_config = load_pretrained(model_options.path, dtype=model_options.dtype,
-                                          compute_dtype=model_options.compute_dtype, mesh=mesh,
-                                          remat=model_options.remat, scan_layers=model_options.scan_layers,
-                                          attention=model_options.attention,
-                                          attention_block_size=model_options.attention_block_size,
-                                          logits_chunk_size=model_options.logits_chunk_size)
+    model, model_config = load_pretrained(model_options, mesh)
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
     state, shardings = train_state(params, optimizer, mesh)
     return graphdef, model_config, state, shardings
 
 
+def state_shardings(params, optimizer, mesh) -> dict:
+    """The shardings of ``{params, opt_state, step}`` for parameters (arrays or ShapeDtypeStructs) on ``mesh``."""
+    return {"params": shardings_on(params, mesh), "opt_state": opt_state_shardings(optimizer, params, mesh),
+            "step": NamedSharding(mesh, PartitionSpec())}
+
+
 def train_state(params, optimizer, mesh):
     """``({params, opt_state, step}, shardings)`` on ``mesh`` for parameters already placed on it."""
-    shardings = {"params": shardings_on(params, mesh),
-                 "opt_state": opt_state_shardings(optimizer, params, mesh),
-                 "step": NamedSharding(mesh, PartitionSpec())}
+    shardings = state_shardings(params, optimizer, mesh)
     state = {"params": params,
              "opt_state": jax.jit(lambda p: init_opt_state(optimizer, p), out_shardings=shardings["opt_state"])(params),
              "step": jnp.zeros((), jnp.int32)}
     return jax.device_put(state, shardings), shardings
+
+
+def abstract_context(config, mesh, updates: int, *, model=None):
+    """``(ctx, model)``: the loop's :class:`LoopContext` for ``config`` on ``mesh`` with shapes only (the model
+    built from ``model.path``'s ``config.json``, no weights read, unless a ``model`` already on ``mesh`` is
+    given; ``updates`` optimizer updates for the lr schedule), and the model. ``sftrl-jax compile`` and the
+    benchmarks declare the algorithms' functions against it."""
+    from .models import abstract_model, param_shardings, read_config
+
+    if model is None:
+        model = abstract_model(read_config(config.model.path), config.model, mesh)
+    model_config = model.config
+    optimizer, schedule = make_optimizer(config.optimizer, updates)
+
+    def placed(shapes, shardings):
+        return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes,
+                            shardings)
+
+    params = placed(nnx.to_pure_dict(nnx.state(model)), param_shardings(model))
+    shardings = state_shardings(params, optimizer, mesh)
+    state = placed({"params": params, "opt_state": jax.eval_shape(lambda p: init_opt_state(optimizer, p), params),
+                    "step": jax.ShapeDtypeStruct((), jnp.int32)}, shardings)
+    ctx = LoopContext(config=config, out=None, mesh=mesh, shards=data_parallel_size(mesh), tokenizer=None,
+                      optimizer=optimizer, schedule=schedule, graphdef=nnx.graphdef(model), model_config=model_config,
+                      state_shardings=shardings, abstract_state=state)
+    return ctx, model
 
 
 def opt_state_shardings(optimizer, params, mesh):
@@ -122,10 +148,11 @@ class LoopContext:
     graphdef: object = None
     model_config: object = None
     state_shardings: dict | None = None
+    abstract_state: dict | None = None  # {params, opt_state, step} as ShapeDtypeStructs with their shardings
 
 
 class Algorithm(abc.ABC):
-    """One training algorithm as the loop sees it. Subclasses: ``sft.SFTAlgorithm``, ``rl.GRPOAlgorithm``."""
+    """One training algorithm as the loop sees it. Subclasses: ``sft.SFTAlgorithm``, ``rl.RLAlgorithm``."""
 
     name: str = "train"  # progress bar label
     plot_name: str = "train"  # output_dir/<plot_name>.png
@@ -141,8 +168,9 @@ class Algorithm(abc.ABC):
 
     @abc.abstractmethod
     def build(self, ctx: LoopContext, state: dict) -> None:
-        """Build the jitted step(s) for ``ctx.graphdef`` / ``ctx.state_shardings`` (``state``: the
-        starting state, before any restore)."""
+        """Jit the step(s) the algorithm declares for ``ctx`` (``state``: the starting state, before any
+        restore). The declarations (``sftrl_jax.jitted.JitSpec``) come from a function of ``ctx`` alone,
+        which ``sftrl-jax compile`` calls too."""
 
     @abc.abstractmethod
     def train_step(self, state: dict, step: int) -> tuple[dict, dict]:
@@ -223,13 +251,14 @@ def _run(config, algorithm, out, *, resume, hooks, on_step, force) -> TrainResul
     updates = algorithm.setup(ctx)
     ctx.optimizer, ctx.schedule = make_optimizer(config.optimizer, updates)
     ctx.graphdef, ctx.model_config, state, ctx.state_shardings = init_train_state(config.model, mesh, ctx.optimizer)
+    ctx.abstract_state = abstract(state)
     algorithm.build(ctx, state)
     hooks = [*algorithm.hooks(), *hooks]
     checkpointer, state, meta = open_checkpoints(out, config.checkpoint, state, resume=resume)
     start = 0
     if meta is not None:
         if is_writer():
-            check_continuity(out / "config.yaml", to_dict(config), force=force)
+            check_continuity(out / "config.yaml", config, force=force)
         algorithm.load_state_dict(meta)
         start = int(meta["step"])
     if is_writer():  # the run's record, written once the folder is known to be this run's

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sftrl_jax.models import ModelConfig, abstract_model, init_model, resolve_attention
+from sftrl_jax.models import ModelConfig, ModelOptions, abstract_model, init_model, resolve_attention
 from sftrl_jax.models.attention import _cudnn_applies, attention
 from sftrl_jax.sharding import make_mesh
 
@@ -218,7 +218,7 @@ def _logits_and_grads(model, ids, mask, segments):
 @pytest.fixture(scope="module")
 def dense_decoder_results():
     ids, mask, segments = _decoder_batch()
-    reference = init_model(CONFIG, seed=3, attention="dense")
+    reference = init_model(CONFIG, ModelOptions(path="", attention="dense"), seed=3)
     return {packed: _logits_and_grads(reference, ids, mask, segments if packed else None) for packed in (True, False)}
 
 
@@ -227,7 +227,7 @@ def dense_decoder_results():
 def test_decoder_matches_dense(implementation, block, cases, dense_decoder_results):
     """Logits and the loss gradient of a tiny model, on packed + left-padded rows and left-padded rows."""
     ids, mask, segments = _decoder_batch()
-    model = init_model(CONFIG, seed=3, attention=implementation, attention_block_size=block)
+    model = init_model(CONFIG, ModelOptions(path="", attention=implementation, attention_block_size=block), seed=3)
     assert model.attention == implementation
     for packed in cases:
         want_logits, want_grads = dense_decoder_results[packed]
@@ -239,6 +239,7 @@ def test_decoder_matches_dense(implementation, block, cases, dense_decoder_resul
 
 def test_decoder_resolves_auto_from_its_mesh():
     assert abstract_model(CONFIG).attention == "dense"  # auto on a CPU mesh
-    assert abstract_model(CONFIG, attention="blockwise", attention_block_size=64).attention_block_size == 64
+    blockwise = ModelOptions(path="", attention="blockwise", attention_block_size=64)
+    assert abstract_model(CONFIG, blockwise).attention_block_size == 64
     with pytest.raises(ValueError, match="unknown attention"):
-        abstract_model(CONFIG, attention="flash")
+        abstract_model(CONFIG, ModelOptions(path="", attention="flash"))

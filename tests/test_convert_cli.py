@@ -8,7 +8,7 @@ from flax import nnx
 from hf_checkpoints import read_tensors as _tensors
 from sftrl_jax.checkpointing import load_model
 from sftrl_jax.cli import main
-from sftrl_jax.models import load_pretrained, param_items
+from sftrl_jax.models import ModelOptions, load_pretrained, param_items
 from sftrl_jax.sharding import make_mesh
 
 
@@ -30,7 +30,7 @@ def test_orbax_checkpoint_restores_onto_a_different_mesh(hf_checkpoint, tmp_path
     main(["convert", str(source), str(tmp_path / "orbax"), "--mesh", "fsdp=8", "--dtype", "bfloat16"])
     four = make_mesh({"fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
     restored, config = load_model(tmp_path / "orbax", mesh=four)
-    reference, _ = load_pretrained(source, dtype="bfloat16")
+    reference, _ = load_pretrained(ModelOptions(path=str(source), dtype="bfloat16"))
     assert restored.param_dtype == np.dtype("bfloat16") and config.rope_scaling[0] == "llama3"
     assert len(restored.layers.q_proj[...].sharding.device_set) == 4
     got, want = dict(param_items(restored)), dict(param_items(reference))

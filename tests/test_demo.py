@@ -5,12 +5,12 @@ import json
 import jax
 import numpy as np
 import pytest
-import render_docs  # scripts/ is on sys.path (conftest)
 
 from sftrl_jax.cli import main
 from sftrl_jax.experiments.task import make_problem, make_splits, trace_stats
 from sftrl_jax.models import load_pretrained
 from sftrl_jax.rewards import RewardPool
+from sftrl_jax.tools import render_docs
 
 
 def _import_and_render(tmp_path, name: str, report_json) -> str:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from hf_checkpoints import hf_logits, load_hf, make_hf_model, make_tokenizer, read_tensors as _tensors
-from sftrl_jax.models import load_pretrained, load_tokenizer, param_items, save_pretrained
+from sftrl_jax.models import ModelOptions, load_pretrained, load_tokenizer, param_items, save_pretrained
 from sftrl_jax.models.hf_io import SafetensorsReader
 from sftrl_jax.sharding import make_mesh
 
@@ -43,9 +43,9 @@ def test_import_export_import_is_bit_exact(tmp_path, dtype):
     source = tmp_path / "source"
     hf = make_hf_model("qwen2_untied", seed=3)
     hf.to(getattr(torch, dtype)).save_pretrained(source)
-    first, _ = load_pretrained(source, dtype=dtype)
+    first, _ = load_pretrained(ModelOptions(path=str(source), dtype=dtype))
     save_pretrained(first, tmp_path / "exported")
-    second, _ = load_pretrained(tmp_path / "exported", dtype=dtype)
+    second, _ = load_pretrained(ModelOptions(path=str(tmp_path / "exported"), dtype=dtype))
     _assert_same_params(first, second)
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["torch_dtype"] == dtype
     with safe_open(str(tmp_path / "exported" / "model.safetensors"), "numpy") as f:
@@ -150,8 +150,10 @@ def test_unsupported_rope_and_sliding_window_are_refused(hf_checkpoint, tmp_path
                                                                                      "factor": 4.0}}))
     with pytest.raises(ValueError, match="RoPE scaling type 'yarn' is not supported"):
         load_pretrained(directory)
-    (directory / "config.json").write_text(json.dumps({**config, "use_sliding_window": True}))
-    with pytest.raises(ValueError, match="sliding-window attention is not supported"):
+    (directory / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 16,
+                                                       "layer_types": ["full_attention", "sliding_attention"]}))
+    with pytest.raises(ValueError, match=r"config.json: sliding_window 16 applies to layer 1 of 2 .*"
+                                         r"sliding-window attention is not supported"):
         load_pretrained(directory)
 
 

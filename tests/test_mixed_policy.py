@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rl_helpers import update_loss
 
 from sft_fixtures import make_model_dir, write_parquet
 from sftrl_jax.config import load_config
-from sftrl_jax.rl import RLConfig, chord_mu, chord_sft_token_losses, luffy_token_losses, mixed_policy_loss, run_rl
+from sftrl_jax.rl import RLConfig, chord_mu, chord_sft_token_losses, luffy_token_losses, run_rl
 from sftrl_jax.rl.config import RLSection
 
 GAMMA = 0.1
@@ -70,12 +71,7 @@ def test_chord_loss_mixes_the_two_terms_by_hand():
     adv = jnp.asarray([1.0, 0.0])
     mask = jnp.ones((2, 2))
     off = jnp.asarray([[0.0, 0.0], [1.0, 1.0]])
-    from sftrl_jax.losses import agg_weights
-
-    weights = agg_weights(mask * (1 - off), "token-mean")
-    off_weights = agg_weights(mask * off, "token-mean")
-    loss, metrics = mixed_policy_loss("chord", logp, old, adv, mask, off, weights=weights, off_weights=off_weights,
-                                      token_mean=agg_weights(mask, "token-mean"), mu=0.25)
+    loss, metrics = update_loss("chord", logp, old, adv, mask, off, batch_extra={"chord_mu": jnp.full((2,), 0.25)})
     sft = np.mean([-0.5 * 0.5 * math.log(0.5), -0.25 * 0.75 * math.log(0.25)])
     assert float(loss) == pytest.approx(0.75 * -1.0 + 0.25 * sft, rel=1e-5)
     assert float(metrics["off_policy_share"]) == pytest.approx(0.5)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from hf_checkpoints import hf_logits, load_hf
-from sftrl_jax.models import init_cache, load_pretrained
+from sftrl_jax.models import ModelOptions, init_cache, load_pretrained
 from sftrl_jax.models.layers import rope_inv_freq
 from sftrl_jax.sharding import make_mesh
 
@@ -60,7 +60,8 @@ def test_float32_logits_match_transformers(family, hf_checkpoint):
 def test_bfloat16_within_documented_tolerance(hf_checkpoint, compute_only):
     directory = hf_checkpoint("qwen3_headdim")
     reference = hf_logits(load_hf(directory), *_batch())
-    model, _ = load_pretrained(directory, dtype="float32" if compute_only else "bfloat16", compute_dtype="bfloat16")
+    model, _ = load_pretrained(ModelOptions(path=str(directory), dtype="float32" if compute_only else "bfloat16",
+                                            compute_dtype="bfloat16"))
     ours = logits_of(model, *_batch())
     real = _batch()[1].astype(bool)
     error = np.abs(ours - reference)[real].max() / np.abs(reference).max()
@@ -142,7 +143,7 @@ def test_remat_and_unrolled_layers_give_same_gradients(hf_checkpoint):
     grads = {}
     variants = [("none", True), ("full", True), ("dots", True), ("none", False), ("full", False)]
     for remat, scan_layers in variants:
-        model, _ = load_pretrained(directory, remat=remat, scan_layers=scan_layers)
+        model, _ = load_pretrained(ModelOptions(path=str(directory), remat=remat, scan_layers=scan_layers))
         graphdef, state = nnx.split(model)
         if not scan_layers and remat == "none":
             assert np.abs(logits_of(model, ids, mask) - hf_logits(reference, ids, mask))[mask.astype(bool)].max() \

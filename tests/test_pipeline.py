@@ -7,10 +7,7 @@ import pytest
 
 from sft_fixtures import luffy_rows, make_model_dir, write_parquet
 from sftrl_jax.config import ConfigError, load_config
-from sftrl_jax.evaluation import EvalConfig
 from sftrl_jax.pipeline import PipelineConfig, run_pipeline
-from sftrl_jax.rl import RLConfig
-from sftrl_jax.sft import SFTConfig
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -93,8 +90,9 @@ def test_stage_config_errors_name_the_stage(workdir):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     from sftrl_jax.config import config_kind
+    from sftrl_jax.kinds import config_class
 
-    cls = {"sft": SFTConfig, "rl": RLConfig, "eval": EvalConfig, "pipeline": PipelineConfig}[config_kind(path)]
+    cls = config_class(config_kind(path))
     config = load_config(cls, path, ["model.path=/models/any"])
     if cls is PipelineConfig:
         from sftrl_jax.pipeline import stage_config

@@ -9,11 +9,12 @@ import pytest
 import yaml
 
 from sftrl_jax.config import ConfigError
-from sftrl_jax.models import ModelConfig, abstract_model, count_params, param_items
+from sftrl_jax.models import ModelConfig, ModelOptions, abstract_model, count_params, param_items
 from sftrl_jax.models.hf_io import param_sharding
 from sftrl_jax.sharding import make_mesh
 
 FIXTURES = Path(__file__).parent / "fixtures"
+BF16 = ModelOptions(path="", dtype="bfloat16")
 EXPECTED = {
     "qwen2.5-math-7b": 7_615_616_512,
     "llama-3.1-8b": 8_030_261_248,
@@ -27,7 +28,7 @@ def _config(name):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_real_config_parameter_count(name):
-    model = abstract_model(_config(name), dtype="bfloat16")
+    model = abstract_model(_config(name), BF16)
     assert count_params(model) == EXPECTED[name]
     assert all(isinstance(var.get_value(), jax.ShapeDtypeStruct) for _, var in param_items(model))  # nothing allocated
 
@@ -42,7 +43,7 @@ def test_family_differences_are_config_fields():
 
 def test_7b_parameters_shard_over_fsdp():
     mesh = make_mesh({"fsdp": 8})
-    model = abstract_model(_config("qwen2.5-math-7b"), dtype="bfloat16", mesh=mesh)
+    model = abstract_model(_config("qwen2.5-math-7b"), BF16, mesh)
     sharding = param_sharding(model.layers.gate_proj, mesh, model.rules)
     assert sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
     assert sharding.shard_shape(model.layers.gate_proj.shape) == (28, 3584 // 8, 18944)
@@ -54,12 +55,9 @@ SHIPPED = sorted(ROOT.glob("configs/**/*.yaml"))
 
 
 def _classes():
-    from sftrl_jax.evaluation import EvalConfig
-    from sftrl_jax.pipeline import PipelineConfig
-    from sftrl_jax.rl import RLConfig
-    from sftrl_jax.sft import SFTConfig
+    from sftrl_jax.kinds import KINDS, config_class
 
-    return {"sft": SFTConfig, "rl": RLConfig, "eval": EvalConfig, "pipeline": PipelineConfig}
+    return {kind: config_class(kind) for kind in KINDS}
 
 
 def _leaves(mapping, prefix=""):
@@ -81,7 +79,7 @@ def test_shipped_config_declares_its_kind_and_loads_with_that_class(path):
     from sftrl_jax.config import config_kind, load_config
 
     kind = config_kind(path)
-    assert kind in ("sft", "rl", "eval", "pipeline"), f"{path}: no kind: (directly or through its base:)"
+    assert kind in _classes(), f"{path}: no kind: (directly or through its base:)"
     assert yaml.safe_load(path.read_text()).get("kind") == kind  # stated in the file itself, first key
     first_key = next(line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
     assert first_key == f"kind: {kind}"
@@ -199,7 +197,7 @@ def test_16k_think_is_stock_qwen_with_longer_rope():
     assert {k for k in stock.keys() | think.keys() if stock.get(k) != think.get(k)} == {
         "max_position_embeddings", "rope_theta"}
     assert (think["max_position_embeddings"], think["rope_theta"]) == (16384, 40000)
-    model = abstract_model(ModelConfig.from_hf_dict(think), dtype="bfloat16")
+    model = abstract_model(ModelConfig.from_hf_dict(think), BF16)
     assert count_params(model) == EXPECTED["qwen2.5-math-7b"]
 
 

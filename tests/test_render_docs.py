@@ -1,11 +1,13 @@
-"""scripts/render_docs.py: the generated blocks of README.md and docs/*.md come from docs/results/."""
+"""sftrl_jax.tools.render_docs (scripts/render_docs.py): the generated blocks of README.md and docs/*.md come
+from docs/results/."""
 
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-import render_docs  # scripts/ is on sys.path (conftest)
+
+from sftrl_jax.tools import render_docs
 
 ROOT = Path(__file__).parents[1]
 

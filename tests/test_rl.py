@@ -15,8 +15,9 @@ from sftrl_jax.data.batching import micro_step_layout as _layout
 from sftrl_jax.models import load_pretrained
 from sftrl_jax.rl import DynamicSamplingError, RLConfig, run_rl
 from sftrl_jax.rl.config import RLSection
+from sftrl_jax.rl.methods import get_method
 from sftrl_jax.rl.rollouts import Rollouts, rollout_arrays
-from sftrl_jax.rl.step import make_grpo_step, make_logprob_fn
+from sftrl_jax.rl.step import make_logprob_fn, make_policy_update
 from sftrl_jax.sharding import make_mesh, micro_batch_sharding, place
 
 pytestmark = pytest.mark.slow  # every test trains GRPO end to end (40-140 s each on 2 cores)
@@ -53,8 +54,7 @@ def _update(directory, rollouts, cfg, *, devices, micro_batch_size):
     arrays = rollout_arrays(rollouts, max_new_tokens=16, mask_truncated=False, pad_id=0)
     arrays.pop("sampler_logp")
     arrays["advantages"] = np.linspace(-1.5, 1.5, len(rollouts.responses)).astype(np.float32)
-    if cfg.method == "chord":
-        arrays["chord_mu"] = np.full(len(rollouts.responses), 0.3, np.float32)
+    arrays.update(get_method(cfg.method).step_inputs(cfg, 3, 10, len(rollouts.responses)))
     rows = micro_batch_size * devices
     on_devices = lambda a: {k: place(v, micro_batch_sharding(mesh, v.ndim)) for k, v in a.items()}  # noqa
     old = jax.jit(make_logprob_fn(graphdef, 1.0))(params, on_devices(_layout(arrays, rows)))
@@ -64,7 +64,7 @@ def _update(directory, rollouts, cfg, *, devices, micro_batch_size):
     # plain SGD: the update is the gradient itself (Adam's first step is ~sign(g) and would hide errors)
     optimizer = optax.sgd(1.0)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-    step = jax.jit(make_grpo_step(graphdef, optimizer, lambda s: 1.0, cfg, temperature=1.0, max_new_tokens=16))
+    step = jax.jit(make_policy_update(graphdef, optimizer, lambda s: 1.0, cfg, temperature=1.0, max_new_tokens=16))
     new_state, metrics = step(state, on_devices(_layout(arrays, rows)))
     return jax.device_get(new_state["params"]), jax.device_get(metrics), jax.device_get(params)
 
@@ -100,6 +100,21 @@ def test_grpo_update_does_not_depend_on_the_micro_batch_split(workdir, agg_mode)
         # float32 sums in a different order: parameters agree to a few ulps of the largest entry
         # (1.1e-6 measured), the update itself to 1e-4 of its size
         assert error <= 3e-6 and update_error <= 1e-4, (devices, micro, error, update_error)
+        assert 0 < metrics["clipfrac"] < 1
+
+
+@pytest.mark.parametrize("method", ["gspo", "cispo"])
+def test_sequence_and_is_weight_methods_do_not_depend_on_the_micro_batch_split(workdir, method):
+    _, model_dir = workdir
+    rollouts = _random_rollouts(2, (1, 16, 3, 9, 2, 14, 5, 7))
+    # GSPO's published clip range is so narrow that the 0.3 perturbation clips every sequence: widen it so
+    # both branches are used
+    cfg = RLSection(method=method, entropy_coef=0.01, **({"clip_low": 0.05, "clip_high": 0.05} if method == "gspo"
+                                                         else {}))
+    reference, _, before = _update(model_dir, rollouts, cfg, devices=1, micro_batch_size=8)
+    for devices, micro in [(1, 2), (8, 1), (2, 2)]:
+        params, metrics, _ = _update(model_dir, rollouts, cfg, devices=devices, micro_batch_size=micro)
+        assert _update_error(params, reference, before) <= 1e-4, (method, devices, micro)
         assert 0 < metrics["clipfrac"] < 1
 
 

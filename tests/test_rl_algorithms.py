@@ -5,8 +5,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rl_helpers import update_loss
 
-from sftrl_jax.rl.algorithms import compute_advantages, kl_penalty, overlong_penalty, policy_loss
+from sftrl_jax.rl.algorithms import compute_advantages, kl_penalty, overlong_penalty
 
 EPS = 1e-6
 
@@ -40,20 +41,21 @@ def _tokens(cases):
     return logp, old, advantages
 
 
-def test_policy_loss_branches_by_hand():
+def test_grpo_loss_branches_by_hand():
     logp, old, advantages = _tokens(CASES)
     mask = jnp.ones((1, 4))
-    loss, metrics = policy_loss(logp, old, advantages, mask)
+    loss, metrics = update_loss("grpo", logp, old, advantages, mask)
     assert float(loss) == pytest.approx(np.mean([c[2] for c in CASES]), rel=1e-5)
     assert float(metrics["clipfrac"]) == pytest.approx(0.5)
     assert float(metrics["clipfrac_lower"]) == pytest.approx(0.25)
     assert float(metrics["ppo_kl"]) == pytest.approx(-np.mean(np.log([1.5, 0.5, 5.0, 0.5])), rel=1e-5)
     # clip-higher: the upper bound moves to 1.28, the first token's loss to -1.28
-    loss_high, _ = policy_loss(logp, old, advantages, mask, clip_high=0.28)
+    loss_high, _ = update_loss("grpo", logp, old, advantages, mask, clip_high=0.28)
     assert float(loss_high) == pytest.approx((-1.28 - 0.5 + 3.0 + 0.8) / 4, rel=1e-5)
     # per-sequence advantages broadcast over tokens
     row_adv = jnp.asarray([1.0])
-    loss_row, _ = policy_loss(jnp.log(jnp.asarray([[1.5, 0.5]])), jnp.zeros((1, 2)), row_adv, jnp.ones((1, 2)))
+    loss_row, _ = update_loss("grpo", jnp.log(jnp.asarray([[1.5, 0.5]])), jnp.zeros((1, 2)), row_adv,
+                              jnp.ones((1, 2)))
     assert float(loss_row) == pytest.approx((-1.2 - 0.5) / 2, rel=1e-5)
 
 
@@ -65,7 +67,7 @@ def test_aggregation_modes_by_hand():
     advantages = -jnp.asarray(per_token)  # loss = -A * ratio = per_token
 
     def loss(mode, **kw):
-        return float(policy_loss(logp, old, advantages, jnp.asarray(mask), agg_mode=mode, **kw)[0])
+        return float(update_loss("grpo", logp, old, advantages, mask, agg_mode=mode, **kw)[0])
 
     assert loss("token-mean") == pytest.approx((1 + 2 + 4) / 3)
     assert loss("seq-mean-token-mean") == pytest.approx(((1 + 2) / 2 + 4) / 2)  # masked row not counted
@@ -74,7 +76,7 @@ def test_aggregation_modes_by_hand():
     assert loss("seq-mean-token-sum-norm", loss_scale_factor=10.0) == pytest.approx(7 / 10)
     with pytest.raises(ValueError, match="unknown loss aggregation mode"):
         loss("sum")
-    empty, metrics = policy_loss(logp, old, advantages, jnp.zeros((3, 3)))
+    empty, metrics = update_loss("grpo", logp, old, advantages, jnp.zeros((3, 3)))
     assert float(empty) == 0.0 and all(math.isfinite(float(v)) for v in metrics.values())
 
 

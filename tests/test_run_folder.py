@@ -158,3 +158,58 @@ def test_sft_config_record_only_after_the_checks(workdir):
     with pytest.raises((FileNotFoundError, ValueError)):
         run_sft(config, progress=False)
     assert not (workdir[0] / "norecord" / "config.yaml").exists()
+
+
+# The layout keys a resume ignores, per config class (the rest must match). The SFT and RL classes are
+# also what each pipeline stage is built and resumed as.
+_MODEL_LAYOUT = {"model.remat", "model.scan_layers", "model.attention", "model.attention_block_size",
+                 "model.logits_chunk_size"}
+_TRAINING_LAYOUT = {"output_dir", "checkpoint", "logging", "distributed", "mesh", "train.micro_batch_size",
+                    *_MODEL_LAYOUT}
+LAYOUT = {
+    "sft": _TRAINING_LAYOUT,
+    "rl": _TRAINING_LAYOUT | {"reward.num_workers", "reward.timeout_s", "sampling.batch_size"},
+    "pipeline": {"output_dir", "logging", "distributed", "mesh", "reward.num_workers", "reward.timeout_s",
+                 *_MODEL_LAYOUT},
+    # reward.timeout_s decides which responses score 0, so it is not ignored by the evaluation's resume
+    "eval": {"output_dir", "mesh", "distributed", "chunk_size", "math_benchmarks", "sampling.batch_size",
+             "reward.num_workers", *_MODEL_LAYOUT},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUT))
+def test_layout_keys_come_from_the_config_fields(kind):
+    from sftrl_jax.kinds import config_class
+    from sftrl_jax.layout import layout_keys
+
+    keys = layout_keys(config_class(kind))
+    assert len(keys) == len(set(keys))
+    assert set(keys) == LAYOUT[kind]
+
+
+def test_pipeline_stages_resume_with_their_command_layout_keys():
+    from sftrl_jax.layout import layout_keys
+    from sftrl_jax.pipeline import PipelineConfig, stage_config
+
+    config = load_config(PipelineConfig, overrides=["model.path=/m", "stages=[{kind: sft}, {kind: rl}]"])
+    assert [set(layout_keys(type(stage_config(config, i, "/m")))) for i in range(2)] == [LAYOUT["sft"], LAYOUT["rl"]]
+
+
+def test_check_continuity_ignores_only_layout_keys(tmp_path):
+    import dataclasses
+
+    from sftrl_jax.config import save_config
+    from sftrl_jax.run_folder import check_continuity
+
+    record = tmp_path / "config.yaml"
+    config = load_config(SFTConfig, TINY, ["model.path=/m"])
+    save_config(config, record)
+    moved = dataclasses.replace(config, output_dir=str(tmp_path / "moved"), mesh={"data": 2, "fsdp": -1},
+                                train=dataclasses.replace(config.train, micro_batch_size=3),
+                                model=dataclasses.replace(config.model, attention="dense"))
+    check_continuity(record, moved)
+    other = dataclasses.replace(moved, train=dataclasses.replace(moved.train, seed=7))
+    with pytest.raises(RunFolderError, match=rf"train\.seed: {config.train.seed} -> 7") as err:
+        check_continuity(record, other)
+    assert "micro_batch_size" not in str(err.value) and "attention" not in str(err.value)
+    check_continuity(record, other, force=True)

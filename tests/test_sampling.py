@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from hf_checkpoints import load_hf
-from sftrl_jax.models import ModelConfig, init_model, load_pretrained
+from sftrl_jax.models import ModelConfig, ModelOptions, init_model, load_pretrained
 from sftrl_jax.sampling import filter_logits, generate, sampling_layout
 from sftrl_jax.sharding import make_mesh
 
@@ -40,7 +40,7 @@ def hf_logprobs(model, prompt, tokens):
 def test_greedy_matches_transformers(hf_checkpoint, family, scan_layers):
     directory = hf_checkpoint(family)
     reference = load_hf(directory)
-    model, _ = load_pretrained(directory, mesh=make_mesh({"fsdp": 8}), scan_layers=scan_layers)
+    model, _ = load_pretrained(ModelOptions(path=str(directory), scan_layers=scan_layers), make_mesh({"fsdp": 8}))
     first = generate(model, PROMPTS, max_new_tokens=10, temperature=0, eos_token_id=[])
     eos = first[0].tokens[4]  # a token the first prompt emits: now it must stop there
     samples = generate(model, PROMPTS, max_new_tokens=10, temperature=0, eos_token_id=eos)
@@ -111,7 +111,8 @@ def test_same_seed_same_output_and_n_samples_per_prompt(hf_checkpoint):
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 def test_split_layer_weights_decode_like_the_layer_stack(hf_checkpoint, scan_layers):
     """The CPU default (per-layer weights and cache in the decode loop) samples what the stacked path does."""
-    model, _ = load_pretrained(hf_checkpoint("qwen2_untied"), mesh=make_mesh({"fsdp": 8}), scan_layers=scan_layers)
+    model, _ = load_pretrained(ModelOptions(path=str(hf_checkpoint("qwen2_untied")), scan_layers=scan_layers),
+                               make_mesh({"fsdp": 8}))
     kwargs = dict(max_new_tokens=8, temperature=1.0, eos_token_id=[], n=3, seed=3)
     split = generate(model, PROMPTS, split_layer_weights=True, **kwargs)
     stacked = generate(model, PROMPTS, split_layer_weights=False, **kwargs)
@@ -125,8 +126,8 @@ def test_split_layer_weights_decode_like_the_layer_stack(hf_checkpoint, scan_lay
 def test_sampling_layout_drops_fsdp_and_samples_what_the_training_layout_samples(hf_checkpoint, compute_dtype):
     """Weights whole on every data-parallel shard (tensor split kept), matmul weights in the compute
     dtype, norms untouched; the same tokens and log-probs as decoding from the FSDP training layout."""
-    model, _ = load_pretrained(hf_checkpoint("qwen2_untied"), mesh=make_mesh({"fsdp": 4, "tensor": 2}),
-                               compute_dtype=compute_dtype)
+    model, _ = load_pretrained(ModelOptions(path=str(hf_checkpoint("qwen2_untied")), compute_dtype=compute_dtype),
+                               make_mesh({"fsdp": 4, "tensor": 2}))
     decoding = sampling_layout(model)
 
     def specs(m):

@@ -13,11 +13,12 @@ from .hf_io import (
     read_config,
     save_pretrained,
 )
+from .options import ModelOptions
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "ModelConfig", "Decoder", "KVCache", "init_cache", "abstract_model", "init_model",
-    "load_pretrained", "load_tokenizer", "param_items", "param_shardings", "read_config", "save_pretrained",
-    "count_params",
+    "SUPPORTED_MODEL_TYPES", "ModelConfig", "ModelOptions", "Decoder", "KVCache", "init_cache", "abstract_model",
+    "init_model", "load_pretrained", "load_tokenizer", "param_items", "param_shardings", "read_config",
+    "save_pretrained", "count_params",
     "ATTENTION_IMPLEMENTATIONS", "resolve_attention",
 ]
 

@@ -9,12 +9,16 @@ model_type     qkv bias    q/k RMSNorm per head   tied      RoPE scaling
 ``llama``      config      no                     either    none/linear/llama3
 ``qwen3``      config      yes                    either    none/linear/llama3
 =============  ==========  =====================  ========  =====================
+
+Every layer attends over all earlier positions: a checkpoint whose config declares a sliding window
+that its family's transformers model would apply (:func:`check_sliding_window`) is refused.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen2", "llama", "qwen3")
@@ -81,8 +85,7 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{where}: hidden_act {act!r} is not supported (only 'silu')")
-        if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or ()):
-            raise ValueError(f"{where}: sliding-window attention is not supported")
+        check_sliding_window(hf, model_type, int(need("num_hidden_layers")), where)
 
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
@@ -184,6 +187,67 @@ def require_positions(model_config: ModelConfig, needed: int, key: str) -> None:
         raise ValueError(f"{key} ({needed}) exceeds the model's max_position_embeddings ({limit}){where}: "
                          f"it was not built for positions past {limit}; lower {key} or use a model with "
                          f"longer positions (e.g. RoPE extended, as LUFFY's Qwen2.5-Math-7B-16k-think)")
+
+
+def _qwen_sliding_layers(hf: dict[str, Any], num_layers: int, where: str) -> tuple[Any, list[int], str]:
+    """Qwen2/Qwen2.5/Qwen3, as transformers' Qwen2Config/Qwen3Config read them: ``sliding_window``
+    counts only when ``use_sliding_window`` is true (else it is dropped, whatever its value); the layers
+    it applies to are those ``layer_types`` marks ``"sliding_attention"``, or without ``layer_types``
+    those from ``max_window_layers`` (default 28) on."""
+    use = bool(hf.get("use_sliding_window", False))
+    window = hf.get("sliding_window") if use else None
+    types = hf.get("layer_types")
+    if types is not None:
+        other = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if other:
+            raise ValueError(f"{where}: layer_types has {other[0]!r} layers; only 'full_attention' is supported")
+        because = f"layer_types, use_sliding_window {str(use).lower()}"
+        return window, [i for i, kind in enumerate(types) if kind == "sliding_attention"], because
+    if window is None:
+        return None, [], ""
+    first = 28 if hf.get("max_window_layers") is None else int(hf["max_window_layers"])
+    return window, list(range(first, num_layers)), f"use_sliding_window true, max_window_layers {first}"
+
+
+def _no_sliding_layers(hf: dict[str, Any], num_layers: int, where: str) -> tuple[Any, list[int], str]:
+    """Llama: transformers' LlamaConfig has no window keys (a ``sliding_window`` or ``layer_types`` in
+    its config.json is ignored), so every layer attends globally, as here."""
+    return None, [], ""
+
+
+# model_type -> (config.json, num_layers, where) -> (the window in effect or None, the layers that
+# attend through it, the keys that say so): how that family's transformers model decides where a
+# sliding window applies. Every supported model_type has an entry.
+SLIDING_LAYERS: dict[str, Callable[[dict[str, Any], int, str], tuple[Any, list[int], str]]] = {
+    "qwen2": _qwen_sliding_layers,
+    "qwen3": _qwen_sliding_layers,
+    "llama": _no_sliding_layers,
+}
+
+
+def check_sliding_window(hf: dict[str, Any], model_type: str, num_layers: int, where: str = "config.json") -> None:
+    """Refuse a ``config.json`` (the dict ``hf``) with layers that attend through a sliding window.
+
+    The decoder attends globally on every layer. A window counts as its family reads it
+    (:data:`SLIDING_LAYERS`); one of at least ``max_position_embeddings`` positions covers every
+    position the model has, so it is global attention and passes. Sliding layers without a window in
+    effect (which transformers cannot run either) are refused too.
+    """
+    window, layers, because = SLIDING_LAYERS[model_type](hf, num_layers, where)
+    if not layers:
+        return
+    span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+    if window is None:
+        raise ValueError(f"{where}: {span} of {num_layers} slide ({because}) but no window is in effect "
+                         f"(sliding_window {hf.get('sliding_window')!r}); sliding-window attention is not supported")
+    positions = hf.get("max_position_embeddings")
+    if positions is not None and int(window) >= int(positions):
+        return
+    cover = (f"a window of at least max_position_embeddings ({positions}) is global attention and passes"
+             if positions is not None else "max_position_embeddings is not declared, so no window is known to "
+                                          "cover every position")
+    raise ValueError(f"{where}: sliding_window {window} applies to {span} of {num_layers} ({because}): "
+                     f"sliding-window attention is not supported ({cover})")
 
 
 def _parse_rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:

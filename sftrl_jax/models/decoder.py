@@ -2,7 +2,8 @@
 
 Layer weights are stacked along a leading ``layers`` axis and applied with ``jax.lax.scan``, so a
 28-layer model compiles one layer body, and rematerialisation is one ``jax.checkpoint`` around it.
-``scan_layers=False`` unrolls that loop instead (same weights, same math): no per-layer slicing
+``scan_layers=False`` (a :class:`~sftrl_jax.models.options.ModelOptions` field, like every build
+choice) unrolls that loop instead (same weights, same math): no per-layer slicing
 of the stacked weights and no stacked buffers for the backward pass, which makes steps of shallow
 models markedly faster, at a compile time that grows with depth.
 Weights are stored in "x @ W" layout with heads split out (``q_proj: [layers, embed, heads,
@@ -19,8 +20,8 @@ Calling conventions (all integer arrays int32):
   same layers against a :class:`KVCache` for sampling.
 
 Attention (:mod:`sftrl_jax.models.attention`) masks by segment ids: padding is segment 0, real
-tokens their segment (1 when unpacked). ``attention=`` picks the implementation for the forward
-pass without a cache ("auto" resolves from the mesh's platform, once, in ``__init__``); the
+tokens their segment (1 when unpacked). ``options.attention`` picks the implementation for the
+forward pass without a cache ("auto" resolves from the mesh's platform, once, in ``__init__``); the
 KV-cache path (prefill/decode) always uses ``dense``.
 """
 
@@ -38,6 +39,7 @@ from ..sharding import DEFAULT_RULES, Rules, named_sharding
 from .attention import attention, resolve_attention
 from .config import ModelConfig
 from .layers import apply_rope, default_positions, dense, rms_norm, rope_inv_freq, rope_tables
+from .options import ModelOptions, options_or_defaults
 
 REMAT_POLICIES = {
     "none": None,
@@ -203,38 +205,31 @@ def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, attend, cache_
 
 
 class Decoder(nnx.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        rngs: nnx.Rngs,
-        param_dtype="float32",
-        dtype=None,
-        remat: str = "none",
-        scan_layers: bool = True,
-        mesh: Mesh | None = None,
-        rules: Rules = DEFAULT_RULES,
-        attention: str = "auto",
-        attention_block_size: int = 512,
-        logits_chunk_size: int = 1024,
-    ):
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+    """The model of ``config`` built as ``options`` say (None: the defaults; ``options.path`` is not
+    read), its parameters laid out for ``mesh`` under ``rules``."""
+
+    def __init__(self, config: ModelConfig, options: ModelOptions | None = None, *, rngs: nnx.Rngs,
+                 mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
+        o = options_or_defaults(options)
+        if o.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {o.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         self.config = config
-        self.param_dtype = as_dtype(param_dtype)
-        self.dtype = as_dtype(dtype if dtype is not None else param_dtype)
-        self.remat = remat
-        self.scan_layers = bool(scan_layers)
+        # the options are kept as plain attributes: they are static (part of the graphdef), which
+        # must hash, and a ModelOptions does not
+        self.param_dtype = as_dtype(o.dtype)
+        self.dtype = as_dtype(o.compute_dtype if o.compute_dtype is not None else o.dtype)
+        self.remat = o.remat
+        self.scan_layers = bool(o.scan_layers)
         self.mesh = mesh
         self.rules = tuple(rules)
-        # static config (part of the graphdef): the platform comes from the mesh, so model math never
-        # asks jax.default_backend(); "auto" is resolved here, once
+        # the platform comes from the mesh, so model math never asks jax.default_backend(); "auto"
+        # is resolved here, once
         self.platform = _mesh_platform(mesh)
-        self.attention = resolve_attention(attention, self.platform)
-        self.attention_block_size = int(attention_block_size)
+        self.attention = resolve_attention(o.attention, self.platform)
+        self.attention_block_size = int(o.attention_block_size)
         # positions per chunk where a loss turns hidden states into log-probs (losses.chunked_logprobs);
         # 0: all at once
-        self.logits_chunk_size = int(logits_chunk_size)
+        self.logits_chunk_size = int(o.logits_chunk_size)
         c = config
         self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.param_dtype)
         self.layers = DecoderLayers(c, rngs=rngs, param_dtype=self.param_dtype)

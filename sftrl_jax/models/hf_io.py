@@ -30,6 +30,7 @@ from ..distributed import barrier
 from ..sharding import DEFAULT_RULES, Rules, named_sharding, place, single_device_mesh, to_host
 from .config import ModelConfig
 from .decoder import Decoder, as_dtype
+from .options import ModelOptions
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -201,16 +202,12 @@ def read_json(file: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- models
-def abstract_model(config: ModelConfig, *, dtype="float32", compute_dtype=None, remat="none",
-                   scan_layers: bool = True, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                   attention: str = "auto", attention_block_size: int = 512,
-                   logits_chunk_size: int = 1024) -> Decoder:
-    """A :class:`Decoder` whose parameters are shapes only (nothing allocated)."""
-    return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype,
-                                          remat=remat, scan_layers=scan_layers, mesh=mesh or single_device_mesh(),
-                                          rules=rules, attention=attention,
-                                          attention_block_size=attention_block_size,
-                                          logits_chunk_size=logits_chunk_size))
+def abstract_model(config: ModelConfig, options: ModelOptions | None = None, mesh: Mesh | None = None, *,
+                   rules: Rules = DEFAULT_RULES) -> Decoder:
+    """A :class:`Decoder` whose parameters are shapes only (nothing allocated); ``options`` as for
+    :class:`Decoder`, ``mesh`` default: one device."""
+    mesh = mesh or single_device_mesh()
+    return nnx.eval_shape(lambda: Decoder(config, options, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
 
 
 def param_items(model: nnx.Module) -> Iterator[tuple[tuple[str, ...], nnx.Param]]:
@@ -232,20 +229,16 @@ def param_shardings(model: Decoder, rules: Rules | None = None) -> dict:
                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def init_model(config: ModelConfig, *, seed: int = 0, dtype="float32", compute_dtype=None, remat="none",
-               scan_layers: bool = True, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-               attention: str = "auto", attention_block_size: int = 512,
-               logits_chunk_size: int = 1024) -> Decoder:
-    """A randomly initialised model, created directly in its sharded layout."""
+def init_model(config: ModelConfig, options: ModelOptions | None = None, mesh: Mesh | None = None, *,
+               seed: int = 0, rules: Rules = DEFAULT_RULES) -> Decoder:
+    """A randomly initialised model, created directly in its sharded layout; ``options`` as for
+    :class:`Decoder`, ``mesh`` default: one device."""
     mesh = mesh or single_device_mesh()
-    kwargs = dict(param_dtype=dtype, dtype=compute_dtype, remat=remat, scan_layers=scan_layers, mesh=mesh, rules=rules,
-                  attention=attention, attention_block_size=attention_block_size,
-                  logits_chunk_size=logits_chunk_size)
-    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed), **kwargs))
+    abstract = nnx.eval_shape(lambda: Decoder(config, options, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules))
 
     @functools.partial(jax.jit, out_shardings=param_shardings(abstract))
     def create():
-        return nnx.to_pure_dict(nnx.state(Decoder(config, rngs=nnx.Rngs(seed), **kwargs)))
+        return nnx.to_pure_dict(nnx.state(Decoder(config, options, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)))
 
     return nnx.merge(nnx.graphdef(abstract), create())
 
@@ -255,23 +248,22 @@ def _write_layer(stacked: jax.Array, layer_value: jax.Array, layer: int) -> jax.
     return stacked.at[layer].set(layer_value)
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype="float32", compute_dtype=None, mesh: Mesh | None = None,
-                    rules: Rules = DEFAULT_RULES, remat: str = "none", scan_layers: bool = True,
-                    attention: str = "auto", attention_block_size: int = 512,
-                    logits_chunk_size: int = 1024) -> tuple[Decoder, ModelConfig]:
-    """Load a local Hugging Face directory into a sharded :class:`Decoder`.
+def load_pretrained(source: ModelOptions | str | os.PathLike, mesh: Mesh | None = None, *,
+                    rules: Rules = DEFAULT_RULES) -> tuple[Decoder, ModelConfig]:
+    """Load a local Hugging Face directory into a :class:`Decoder` sharded on ``mesh`` (default: one device).
 
-    ``dtype`` is the parameter dtype; ``compute_dtype`` defaults to it. ``attention`` /
-    ``attention_block_size``: see :func:`sftrl_jax.models.attention.attention`; ``logits_chunk_size``:
-    see :class:`Decoder`. Raises with the offending
-    path / tensor name on a missing directory or file, a missing or unexpected tensor, or a
-    shape mismatch.
+    ``source`` is a :class:`ModelOptions` (the directory is its ``path``; every other field as for
+    :class:`Decoder`) or the directory itself, built with the default options. Raises with the
+    offending path / tensor name on a missing directory or file, a missing or unexpected tensor, or
+    a shape mismatch, and (:meth:`ModelConfig.from_hf_dict`) on a ``config.json`` whose model this
+    decoder cannot compute exactly.
     """
-    directory = Path(path)
+    options = source if isinstance(source, ModelOptions) else ModelOptions(path=os.fspath(source))
+    directory = Path(options.path)
     config = read_config(directory)
     reader = SafetensorsReader(directory)
     mesh = mesh or single_device_mesh()
-    param_dtype = as_dtype(dtype)
+    param_dtype = as_dtype(options.dtype)
     specs = weight_specs(config)
 
     expected = {name for spec in specs for name in spec.hf_names(config.num_layers)}
@@ -292,9 +284,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype="float32", compute_dtype=N
                 raise ValueError(f"{directory}: tensor {name!r} has shape {shape}, expected {spec.hf_shape} "
                                  f"from config.json")
 
-    model = abstract_model(config, dtype=param_dtype, compute_dtype=compute_dtype, remat=remat,
-                           scan_layers=scan_layers, mesh=mesh, rules=rules, attention=attention,
-                           attention_block_size=attention_block_size, logits_chunk_size=logits_chunk_size)
+    model = abstract_model(config, options, mesh, rules=rules)
     params = dict(param_items(model))
     for spec in specs:
         var = params[spec.path]

@@ -1,5 +1,8 @@
 """Parallel grading in worker processes with a hard per-item timeout.
 
+Every reward kind (``reward.kind``, :mod:`sftrl_jax.rewards.kinds`) grades here: a pool grades with
+one kind, whose scorer each worker looks up by name (and, for ``python``, imports) when it starts.
+
 sympy can take practically forever on some expressions a model may write (``9^{9^{9^{9}}}``,
 ``(10^8)!``), and math-verify's own SIGALRM guard neither interrupts long C-level work nor works off
 the main thread. :class:`RewardPool` therefore grades each item in a worker process and kills the
@@ -18,9 +21,9 @@ started with "spawn" (or "forkserver"), never "fork": the parent runs JAX, whose
 forking unsafe. Like any spawn-based pool, a script that creates one needs an
 ``if __name__ == "__main__":`` guard.
 
-    with RewardPool(num_workers=8, timeout_s=10) as pool:
+    with RewardPool(num_workers=8, timeout_s=10, kind="math") as pool:
         result = pool.score_batch(responses, ground_truths, require_think=True)
-    result.scores, result.timed_out, result.num_timeouts
+    result.scores, result.timed_out, result.num_timeouts, result.num_errors
 """
 
 from __future__ import annotations
@@ -41,11 +44,14 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 
+from sftrl_jax.rewards.kinds import REWARD_KINDS, RewardLoadError, grade, load_scorer
+
 logger = logging.getLogger("sftrl_jax.rewards")
 
 __all__ = ["RewardPool", "ScoreResult"]
 
 _READY = "ready"
+_LOAD_ERROR = "load-error"  # a worker's first message when its kind's scorer cannot be loaded
 # A worker that dies before it is ready this many times in a row means the pool cannot start.
 _MAX_START_FAILURES = 3
 _START_TIMEOUT_S = 300.0
@@ -62,6 +68,7 @@ class ScoreResult:
     timed_out: list[bool]  # graded 0.0 because grading exceeded the per-item timeout
     num_timeouts: int
     num_crashed: int = 0  # items whose worker died (e.g. out of memory); also graded 0.0
+    num_errors: int = 0  # items whose scorer raised or returned no score in [0, 1]; also graded 0.0
 
     @property
     def mean(self) -> float:
@@ -116,8 +123,12 @@ def _exit_with_parent(pool_pid: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid, pool_pid), name="parent-watcher", daemon=True).start()
 
 
-def _worker_main(conn, memory_limit_mb: int | None, pool_pid: int) -> None:
-    """Worker loop: receive ``(response, ground_truth, require_think)``, send back the score."""
+def _worker_main(conn, memory_limit_mb: int | None, pool_pid: int, kind: str, function: str | None) -> None:
+    """Worker loop: load reward kind ``kind``'s scorer, then receive ``(response, ground_truth, require_think)``
+    and send back ``(score, error)`` (see :func:`sftrl_jax.rewards.kinds.grade`).
+
+    A scorer that cannot be loaded is reported as ``(_LOAD_ERROR, message)`` instead of ready.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _exit_with_parent(pool_pid)
     if memory_limit_mb:
@@ -129,9 +140,14 @@ def _worker_main(conn, memory_limit_mb: int | None, pool_pid: int) -> None:
     # Timeouts are this pool's job, so math-verify's are off; silence its "timeout is disabled"
     # and per-expression parse warnings.
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
-    from sftrl_jax.rewards.math_reward import _score
-
-    _score("\\boxed{1}", "1", False, None)  # import and warm up math-verify before saying ready
+    try:
+        scorer = load_scorer(kind, function)
+        warmup = REWARD_KINDS[kind].warmup
+        if warmup is not None:  # e.g. import math-verify before saying ready
+            scorer(*warmup)
+    except BaseException as err:  # noqa: BLE001 - reported to the pool, which raises it
+        conn.send((_LOAD_ERROR, f"{type(err).__name__}: {err}"[:1000]))
+        return
     conn.send(_READY)
     while True:
         try:
@@ -141,7 +157,7 @@ def _worker_main(conn, memory_limit_mb: int | None, pool_pid: int) -> None:
         if task is None:
             return
         response, ground_truth, require_think = task
-        conn.send(_score(response, ground_truth, require_think, None))
+        conn.send(grade(scorer, response, ground_truth, require_think))
 
 
 _spawner_lock = threading.Lock()
@@ -250,6 +266,10 @@ class RewardPool:
       num_workers: worker processes (default: the available CPUs, at most 32).
       timeout_s: per-item limit in seconds, from when a worker receives the item. An item over
         the limit scores 0.0 and its worker is killed and replaced.
+      kind: the reward kind graded (a name in :data:`sftrl_jax.rewards.REWARD_KINDS`).
+      function: ``"module:function"``, the scorer of kind ``python``. A scorer that cannot be loaded
+        (a module that does not import) raises :class:`~sftrl_jax.rewards.RewardLoadError` from the
+        first ``score_batch`` / ``wait_ready``.
       memory_limit_mb: address-space limit of each worker (``RLIMIT_AS``; None: unlimited), so a
         runaway expression fails with MemoryError (score 0) instead of exhausting host memory.
       start_method: "spawn" (default) or "forkserver"; "fork" is refused (JAX threads).
@@ -264,7 +284,11 @@ class RewardPool:
         *,
         memory_limit_mb: int | None = 4096,
         start_method: str = "spawn",
+        kind: str = "math",
+        function: str | None = None,
     ):
+        if kind not in REWARD_KINDS:
+            raise ValueError(f"unknown reward kind {kind!r}; choices: {', '.join(sorted(REWARD_KINDS))}")
         if start_method not in ("spawn", "forkserver"):
             raise ValueError(f"start_method must be 'spawn' or 'forkserver', got {start_method!r}")
         if timeout_s <= 0:
@@ -274,6 +298,7 @@ class RewardPool:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.timeout_s = float(timeout_s)
         self.memory_limit_mb = memory_limit_mb
+        self.kind, self.function = kind, function
         self._ctx = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
         self._start_failures = 0
@@ -289,7 +314,7 @@ class RewardPool:
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(
             target=_worker_main,
-            args=(child_conn, self.memory_limit_mb, os.getpid()),
+            args=(child_conn, self.memory_limit_mb, os.getpid(), self.kind, self.function),
             name="sftrl-jax-reward-worker",
             daemon=True,
         )
@@ -317,7 +342,7 @@ class RewardPool:
         self.close()
 
     def wait_ready(self, timeout: float = _START_TIMEOUT_S) -> None:
-        """Block until every worker has started (imported math-verify); optional before a batch."""
+        """Block until every worker has started (loaded its scorer); optional before a batch."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("RewardPool is closed")
@@ -330,19 +355,31 @@ class RewardPool:
                 for conn in multiprocessing.connection.wait(starting, timeout=wait_s):
                     i = next(i for i, w in enumerate(self._workers) if w.conn is conn)
                     try:
-                        self._workers[i].ready = conn.recv() == _READY
-                        self._start_failures = 0
+                        message = conn.recv()
                     except (EOFError, OSError):
                         self._workers[i].process.join(timeout=5.0)
                         self._start_failed(self._workers[i])
                         self._replace(i)
+                        continue
+                    self._started(self._workers[i], message)
+
+    def _started(self, worker: _Worker, message) -> None:
+        """Take a starting worker's first message: ready, or its scorer's load error (raised)."""
+        if isinstance(message, tuple) and message[:1] == (_LOAD_ERROR,):
+            worker.process.join(timeout=5.0)
+            raise RewardLoadError(f"reward.kind={self.kind!r}: the scorer cannot be loaded: {message[1]}")
+        worker.ready = message == _READY
+        self._start_failures = 0
 
     # -- grading ---------------------------------------------------------------------------------
 
     def score_batch(
         self, responses: Sequence[str], ground_truths: Sequence[str], *, require_think: bool = False
     ) -> ScoreResult:
-        """Grade ``responses[i]`` against ``ground_truths[i]`` (see ``compute_score``) in parallel."""
+        """Grade ``responses[i]`` against ``ground_truths[i]`` with the pool's reward kind, in parallel.
+
+        ``require_think``: grade only the text after the last ``</think>``; a response without one scores 0.
+        """
         responses, ground_truths = list(responses), list(ground_truths)
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
@@ -364,6 +401,7 @@ class RewardPool:
         worker) an item whose worker dies or runs over time, until every item is settled."""
         n = len(responses)
         scores, timed_out = [0.0] * n, [False] * n
+        errors: dict[int, str] = {}
         num_crashed = 0
         todo = deque(range(n))
         remaining = n
@@ -372,12 +410,16 @@ class RewardPool:
                 raise RuntimeError("RewardPool was closed during score_batch")
             self._dispatch(todo, responses, ground_truths, require_think)
             ready = self._wait_for_workers()
-            scored, crashed = self._collect(ready, scores, responses)
+            scored, crashed = self._collect(ready, scores, errors, responses)
             num_crashed += crashed
             remaining -= scored + crashed
             remaining -= self._kill_overdue(timed_out, responses, ground_truths)
 
-        return ScoreResult(scores, timed_out, sum(timed_out), num_crashed)
+        if errors:  # one line per batch: a scorer that fails on every item must not flood the log
+            first = min(errors)
+            logger.warning("reward.kind=%s: the scorer failed on %d of %d items (scored 0); first, item %d: %s",
+                           self.kind, len(errors), n, first, errors[first])
+        return ScoreResult(scores, timed_out, sum(timed_out), num_crashed, len(errors))
 
     def _dispatch(self, todo: deque, responses: list, ground_truths: list, require_think: bool) -> None:
         """Hand one item from ``todo`` to each idle, ready worker (an item whose send fails goes back)."""
@@ -407,9 +449,9 @@ class RewardPool:
                 raise RuntimeError(f"no reward worker became ready within {_START_TIMEOUT_S:.0f} s")
         return set(multiprocessing.connection.wait([w.conn for w in waiting], timeout=wait_s))
 
-    def _collect(self, ready: set, scores: list, responses: list) -> tuple[int, int]:
-        """Read the ``ready`` workers' messages into ``scores`` or their ready flags, replacing workers that
-        died; ``(items scored, items lost to a crash)``."""
+    def _collect(self, ready: set, scores: list, errors: dict, responses: list) -> tuple[int, int]:
+        """Read the ``ready`` workers' messages into ``scores`` (a scorer's failure into ``errors``) or their
+        ready flags, replacing workers that died; ``(items scored, items lost to a crash)``."""
         scored = crashed = 0
         for i, worker in enumerate(self._workers):
             if worker.conn not in ready:
@@ -429,10 +471,12 @@ class RewardPool:
                 self._replace(i)
                 continue
             if not worker.ready:
-                worker.ready = message == _READY
-                self._start_failures = 0
+                self._started(worker, message)
             else:
-                scores[worker.task] = float(message)
+                score, error = message
+                scores[worker.task] = float(score)
+                if error is not None:
+                    errors[worker.task] = error
                 worker.task = None
                 scored += 1
         return scored, crashed

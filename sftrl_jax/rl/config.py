@@ -12,6 +12,7 @@ from typing import Literal
 
 from ..config import RewardOptions, SamplingOptions, TrainingRunConfig
 from ..data.prompts import PromptDataOptions
+from ..layout import layout
 from ..optim import OptimizerOptions
 
 
@@ -21,37 +22,33 @@ class RLDataSection(PromptDataOptions):
     shuffle: bool = True
 
 
-# Each method's defaults for the settings left unset (null): verl's GRPO; LUFFY's released recipe
-# (grpo_use_std=False, loss_remove_token_mean=True, loss_remove_clip=True, entropy 0.001); CHORD with GRPO's.
-METHOD_DEFAULTS = {
-    "grpo": {"norm_adv_by_std": True, "agg_mode": "token-mean", "entropy_coef": 0.0, "clip_on_policy": True},
-    "luffy": {"norm_adv_by_std": False, "agg_mode": "seq-mean-token-sum-norm", "entropy_coef": 0.001,
-              "clip_on_policy": False},
-    "chord": {"norm_adv_by_std": True, "agg_mode": "token-mean", "entropy_coef": 0.0, "clip_on_policy": True},
-}
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 @dataclasses.dataclass
 class RLSection:
-    # grpo: on-policy groups; luffy / chord: each group is sampling.n - 1 on-policy samples and the
-    # prompt's demonstration (the data's target/response), see sftrl_jax/rl/algorithms.py
-    method: Literal["grpo", "luffy", "chord"] = "grpo"
+    # a registered method (sftrl_jax/rl/methods): grpo, gspo, cispo (on-policy groups); luffy, chord (each
+    # group is sampling.n - 1 samples and the prompt's demonstration, the data's target/response)
+    method: str = "grpo"
     # what one step samples and how it updates
     prompts_per_step: int = 128
     mini_batches_per_step: int = 2  # optimizer updates per epoch over the step's responses
     ppo_epochs: int = 1
-    # advantage and loss (verl semantics, BRIEF §5); null: the method's default (METHOD_DEFAULTS)
+    # advantage and loss (verl semantics); null: the method's default (grpo: std-normalised, clip 0.2/0.2,
+    # dual clip 3, token-mean, no entropy bonus; each method's file in sftrl_jax/rl/methods says its own)
     norm_adv_by_std: bool | None = None  # False = Dr.GRPO (A = r - mean)
-    clip_low: float = 0.2
-    clip_high: float = 0.2  # DAPO clip-higher: 0.28
-    clip_c: float = 3.0  # dual clip for A < 0
+    clip_low: float | None = None
+    clip_high: float | None = None  # DAPO clip-higher: 0.28
+    clip_c: float | None = None  # dual clip for A < 0
     agg_mode: AggMode | None = None
     loss_scale_factor: float | None = None  # seq-mean-token-sum-norm constant (default: sampling.max_new_tokens)
     kl_coef: float = 0.0  # 0: no reference model is kept
     kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
     entropy_coef: float | None = None
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
+    # truncated importance sampling (recompute only): weight each sampled token's policy loss by
+    # min(exp(old_logp - sampler_logp), tis_cap), correcting for the sampler/trainer mismatch; null: off
+    tis_cap: float | None = None
     # DAPO options
     dynamic_sampling: bool = False  # drop groups whose accuracy is all equal (verl's metric=acc) and sample more
     max_generation_rounds: int = 4  # cap on generation rounds per step with dynamic sampling
@@ -69,14 +66,25 @@ class RLSection:
     _ranges = {
         "prompts_per_step": ">= 1", "mini_batches_per_step": ">= 1", "ppo_epochs": ">= 1", "clip_low": ">= 0",
         "clip_high": ">= 0", "clip_c": "> 1", "loss_scale_factor": "> 0", "kl_coef": ">= 0", "entropy_coef": ">= 0",
-        "max_generation_rounds": ">= 1", "overlong_buffer_len": ">= 0", "overlong_penalty_factor": ">= 0",
+        "tis_cap": "> 0", "max_generation_rounds": ">= 1", "overlong_buffer_len": ">= 0",
+        "overlong_penalty_factor": ">= 0",
         "shaping_gamma": "> 0", "chord_mu_peak": "[0, 1]", "chord_mu_valley": "[0, 1]", "chord_mu_warmup_steps": ">= 0",
     }
 
     def __post_init__(self):
-        for key, value in METHOD_DEFAULTS[self.method].items():
+        from ..config import ConfigError
+        from .methods import get_method
+
+        try:
+            method = get_method(self.method)
+        except ValueError as err:
+            raise ConfigError(f"config key 'rl.method': {err}") from None
+        for key, value in method.resolved_defaults().items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.tis_cap is not None and self.old_logprobs != "recompute":
+            raise ConfigError("config key 'rl.tis_cap': truncated importance sampling weighs the recomputed old "
+                              "log-probs against the sampler's; it needs rl.old_logprobs: recompute")
 
 
 def _rl_optimizer() -> OptimizerOptions:
@@ -95,7 +103,7 @@ class RLConfig(TrainingRunConfig):
     sampling: SamplingOptions = dataclasses.field(default_factory=_rl_sampling)
     reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
     rl: RLSection = dataclasses.field(default_factory=RLSection)
-    output_dir: str = "runs/rl"
+    output_dir: str = layout("runs/rl")
 
     @property
     def rollout_seed(self) -> int:

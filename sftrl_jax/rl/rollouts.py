@@ -15,18 +15,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..data.batching import bucket_length
 from ..distributed import map_rows_across_processes
+from ..rewards.scoring import RewardFn  # a run's comes from sftrl_jax.rewards.open_reward
 from .algorithms import overlong_penalty
+from .methods import get_method
 
 log = logging.getLogger("sftrl_jax.rl")
-
-# reward_fn(responses, ground_truths, response_token_ids) -> scores in [0, 1]
-RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], Sequence[float]]
 
 
 class DynamicSamplingError(RuntimeError):
@@ -50,7 +48,7 @@ class Rollouts:
 def check_batch_sizes(config, shards: int) -> int:
     """Micro-steps per mini-batch of an RL config; raises naming the keys when the sizes do not divide."""
     cfg = config.rl
-    if cfg.method != "grpo" and config.sampling.n < 2:
+    if get_method(cfg.method).demonstrations is not None and config.sampling.n < 2:
         raise ValueError(f"rl.method={cfg.method}: sampling.n ({config.sampling.n}) must be at least 2 (a group is "
                          "n - 1 samples and the demonstration)")
     sequences = cfg.prompts_per_step * config.sampling.n
@@ -62,18 +60,6 @@ def check_batch_sizes(config, shards: int) -> int:
         raise ValueError(f"a mini-batch of {mini} sequences must be a multiple of train.micro_batch_size "
                          f"({config.train.micro_batch_size}) x data-parallel shards ({shards})")
     return mini // (config.train.micro_batch_size * shards)
-
-
-def default_reward_fn(pool, require_think: bool) -> RewardFn:
-    """The math-verify grader of a :class:`sftrl_jax.rewards.RewardPool` as a reward function."""
-
-    def score(responses, ground_truths, _token_ids):
-        result = pool.score_batch(list(responses), list(ground_truths), require_think=require_think)
-        if result.num_timeouts:
-            log.warning("%d responses timed out in grading (scored 0)", result.num_timeouts)
-        return result.scores
-
-    return score
 
 
 def collect_rollouts(sampler, items, prompt_sampler, score: RewardFn, config, step: int,

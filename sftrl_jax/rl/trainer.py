@@ -1,9 +1,11 @@
-"""GRPO as an algorithm of the one training loop (:mod:`sftrl_jax.training`).
+"""RL as an algorithm of the one training loop (:mod:`sftrl_jax.training`), for any ``rl.method``.
 
 Each step samples ``rl.prompts_per_step`` prompts x ``sampling.n`` responses from the current
-policy (:mod:`sftrl_jax.rl.rollouts`), scores them with the shared reward (or a ``reward_fn`` given
-by the caller), and updates the policy in ``rl.mini_batches_per_step`` mini-batches for
-``rl.ppo_epochs`` epochs, each mini-batch with exact accumulation over micro-batches.
+policy (:mod:`sftrl_jax.rl.rollouts`; with a method that uses demonstrations, ``sampling.n - 1``
+samples and the prompt's demonstration), scores them with the shared reward (or a ``reward_fn``
+given by the caller), and updates the policy in ``rl.mini_batches_per_step`` mini-batches for
+``rl.ppo_epochs`` epochs, each mini-batch with exact accumulation over micro-batches. The method
+(:mod:`sftrl_jax.rl.methods`) supplies the advantages, its extra inputs and its loss.
 
 With several processes each update places only the process's own rows on its devices, and the
 gradient step is over the global batch (the rollouts are identical on every process).
@@ -29,11 +31,12 @@ from ..models.config import require_positions
 from ..sampling import TextSampler, pad_token_id
 from ..sharding import micro_batch_sharding, place, to_host
 from ..training import Algorithm, LoopContext, TrainResult, probe_hook, run_loop
-from .algorithms import chord_mu, compute_advantages, kl_penalty
+from .algorithms import kl_penalty
 from .config import RLConfig
 from .demonstrations import load_demonstrations
-from .rollouts import RewardFn, check_batch_sizes, collect_rollouts, default_reward_fn, rollout_arrays
-from .step import make_grpo_step, make_logprob_fn
+from .methods import get_method
+from .rollouts import RewardFn, check_batch_sizes, collect_rollouts, rollout_arrays
+from .step import ROLLOUT_KEYS, rl_functions, update_batch_keys
 
 log = logging.getLogger("sftrl_jax.rl")
 
@@ -52,15 +55,14 @@ def load_prompts(config: RLConfig, tokenizer) -> list:
     return items
 
 
-class GRPOAlgorithm(Algorithm):
-    """Sample -> score -> advantages -> old/ref log-probs -> mini-batch updates (verl semantics).
+class RLAlgorithm(Algorithm):
+    """Sample -> score -> advantages -> old/ref log-probs -> mini-batch updates of ``rl.method``.
 
-    ``rl.method`` luffy / chord: each group holds ``sampling.n - 1`` samples and the prompt's
-    demonstration (:mod:`sftrl_jax.rl.demonstrations`), trained with LUFFY's policy shaping or
-    CHORD's weighted SFT term (:func:`sftrl_jax.rl.algorithms.mixed_policy_loss`).
+    A method with demonstrations (LUFFY, CHORD) gets groups of ``sampling.n - 1`` samples and the
+    prompt's demonstration (:mod:`sftrl_jax.rl.demonstrations`).
     """
 
-    name, plot_name, plot_title = "rl", "rl", "GRPO"
+    name, plot_name = "rl", "rl"
     plot_keys = ("reward_mean", "accuracy", "response_len_mean", "entropy", "kl_ref", "grad_norm")
     finite_keys = ("pg_loss", "entropy", "kl_ref", "grad_norm")
     postfix_keys = ("reward_mean", "response_len_mean")
@@ -71,6 +73,8 @@ class GRPOAlgorithm(Algorithm):
 
     def setup(self, ctx: LoopContext) -> int:
         config = self.config = ctx.config
+        self.method = get_method(config.rl.method)
+        self.plot_title = config.rl.method.upper()
         self.rows_per_micro = config.train.micro_batch_size * ctx.shards
         check_batch_sizes(config, ctx.shards)
         self.pad_id = pad_token_id(ctx.tokenizer)
@@ -79,7 +83,7 @@ class GRPOAlgorithm(Algorithm):
         require_positions(read_config(config.model.path), longest + config.sampling.max_new_tokens,
                           f"the longest prompt ({longest} tokens) + sampling.max_new_tokens")
         self.demonstrations = None
-        if config.rl.method != "grpo":
+        if self.method.demonstrations is not None:
             if ctx.tokenizer.eos_token_id is None:
                 raise ValueError(f"rl.method={config.rl.method}: the tokenizer of {config.model.path} has no EOS "
                                  "token to end demonstrations with")
@@ -96,20 +100,13 @@ class GRPOAlgorithm(Algorithm):
         config, self.ctx = self.config, ctx
         # frozen reference: the starting parameters (copied before any restore, so a resumed run has it too)
         self.ref_params = jax.tree.map(jnp.copy, state["params"]) if config.rl.kl_coef > 0 else None
-        batch_sharding = micro_batch_sharding(ctx.mesh, 2)
-        self.update = jax.jit(make_grpo_step(ctx.graphdef, ctx.optimizer, ctx.schedule, config.rl,
-                                             temperature=config.sampling.temperature,
-                                             max_new_tokens=config.sampling.max_new_tokens),
-                              in_shardings=(ctx.state_shardings, batch_sharding),
-                              out_shardings=(ctx.state_shardings, None), donate_argnums=0)
-        self.logprobs_of = jax.jit(make_logprob_fn(ctx.graphdef, config.sampling.temperature),
-                                   in_shardings=(ctx.state_shardings["params"], batch_sharding))
-        if self.reward_fn is None:
-            from ..rewards import RewardPool
+        functions = rl_functions(ctx)
+        self.update = functions["policy_update"].jit()
+        self.logprobs_of = functions["logprobs"].jit()
+        self.update_keys = set(update_batch_keys(config.rl))
+        from ..rewards import open_reward
 
-            pool = self.resources.enter_context(RewardPool(num_workers=config.reward.num_workers,
-                                                           timeout_s=config.reward.timeout_s))
-            self.reward_fn = default_reward_fn(pool, config.reward.require_think)
+        self.reward_fn = open_reward(config.reward, self.resources, self.reward_fn)
 
     def _on_devices(self, arrays: dict) -> dict:
         laid = micro_step_layout(arrays, self.rows_per_micro)
@@ -125,10 +122,10 @@ class GRPOAlgorithm(Algorithm):
         timing = {"generate": time.perf_counter() - tick - rollouts.score_seconds, "score": rollouts.score_seconds}
         tick = time.perf_counter()
         arrays, mismatch = self._update_arrays(state, rollouts)
-        if config.rl.method == "chord":
-            arrays["chord_mu"] = np.full(len(rollouts.responses), float(chord_mu(
-                step, self.total_steps, peak=config.rl.chord_mu_peak, valley=config.rl.chord_mu_valley,
-                warmup_steps=config.rl.chord_mu_warmup_steps)), np.float32)
+        arrays.update(self.method.step_inputs(config.rl, step, self.total_steps, len(rollouts.responses)))
+        if set(arrays) != self.update_keys:  # what rl_functions declared (and sftrl-jax compile compiles)
+            raise RuntimeError(f"rl.method={config.rl.method}: the update batch has {sorted(arrays)}, the declared "
+                               f"update takes {sorted(self.update_keys)}")
         state, update_metrics = self._updates(state, arrays)
         timing["train"] = time.perf_counter() - tick
         summary = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
@@ -147,33 +144,29 @@ class GRPOAlgorithm(Algorithm):
         }
 
     def _update_arrays(self, state: dict, rollouts) -> tuple[dict, dict]:
-        """The step's arrays with advantages and old (and reference) log-probs; the sampler/trainer mismatch."""
+        """The step's arrays with advantages, old (and reference) log-probs and the truncated importance
+        sampling weights; the sampler/trainer mismatch metrics."""
         cfg = self.config.rl
         arrays = rollout_arrays(rollouts, max_new_tokens=self.config.sampling.max_new_tokens,
                                 mask_truncated=cfg.mask_truncated, pad_id=self.pad_id)
-        arrays["advantages"] = self._advantages(rollouts)
         sampler_logp = arrays.pop("sampler_logp")
-        laid = self._on_devices(arrays)
+        off_policy = np.asarray(rollouts.off_policy or [False] * len(rollouts.rewards))
+        arrays["advantages"] = self.method.advantages(np.asarray(rollouts.rewards, np.float32), off_policy,
+                                                      self.config.sampling.n, cfg)
+        laid = self._on_devices({k: arrays[k] for k in ROLLOUT_KEYS})
         recomputed = to_host(self.logprobs_of(state["params"], laid)).reshape(sampler_logp.shape)
-        mask = (arrays["response_mask"] > 0) & (arrays["response_off_policy"] == 0)  # sampled tokens only
+        sampled = (arrays["response_mask"] > 0) & (arrays["response_off_policy"] == 0)  # sampled tokens only
         kl = np.asarray(kl_penalty(jnp.asarray(recomputed), jnp.asarray(sampler_logp)))
         gap = np.abs(recomputed - sampler_logp)
-        mismatch = {"logprob_mismatch_abs": float(gap[mask].mean()) if mask.any() else 0.0,
-                    "logprob_mismatch_kl": float(kl[mask].mean()) if mask.any() else 0.0}
+        metrics = {"logprob_mismatch_abs": float(gap[sampled].mean()) if sampled.any() else 0.0,
+                   "logprob_mismatch_kl": float(kl[sampled].mean()) if sampled.any() else 0.0}
         arrays["old_logp"] = recomputed if cfg.old_logprobs == "recompute" else sampler_logp
+        if cfg.tis_cap is not None:
+            arrays["tis_weight"], tis_metrics = truncated_is_weights(recomputed, sampler_logp, sampled, cfg.tis_cap)
+            metrics.update(tis_metrics)
         if self.ref_params is not None:
             arrays["ref_logp"] = to_host(self.logprobs_of(self.ref_params, laid)).reshape(sampler_logp.shape)
-        return arrays, mismatch
-
-    def _advantages(self, rollouts) -> np.ndarray:
-        """Group-relative advantages; CHORD's over its on-policy members only (its demonstration gets 0, it
-        is learned by the SFT term), GRPO's and LUFFY's over the whole group."""
-        cfg, n = self.config.rl, self.config.sampling.n
-        if cfg.method != "chord":
-            return np.asarray(compute_advantages(rollouts.rewards, n, norm_by_std=cfg.norm_adv_by_std))
-        groups = np.asarray(rollouts.rewards, np.float32).reshape(-1, n)
-        on_policy = np.asarray(compute_advantages(groups[:, :-1].reshape(-1), n - 1, norm_by_std=cfg.norm_adv_by_std))
-        return np.concatenate([on_policy.reshape(-1, n - 1), np.zeros((len(groups), 1), np.float32)], axis=1).ravel()
+        return arrays, metrics
 
     def _updates(self, state: dict, arrays: dict) -> tuple[dict, list[dict]]:
         """``rl.ppo_epochs`` passes of ``rl.mini_batches_per_step`` optimizer updates over the step's arrays."""
@@ -209,6 +202,17 @@ class GRPOAlgorithm(Algorithm):
         self.resources.close()
 
 
+def truncated_is_weights(old_logp: np.ndarray, sampler_logp: np.ndarray, sampled: np.ndarray,
+                         cap: float) -> tuple[np.ndarray, dict]:
+    """Truncated importance sampling: ``min(exp(old_logp - sampler_logp), cap)`` on sampled tokens, 1 elsewhere
+    (demonstrations and padding), and its metrics (mean weight and share of sampled tokens at the cap)."""
+    ratio = np.exp(np.clip(old_logp.astype(np.float64) - sampler_logp, -20.0, 20.0))
+    weights = np.where(sampled, np.minimum(ratio, cap), 1.0).astype(np.float32)
+    count = max(int(sampled.sum()), 1)
+    return weights, {"tis_weight_mean": float(weights[sampled].sum() / count),
+                     "tis_capped_share": float((sampled & (ratio > cap)).sum() / count)}
+
+
 def run_rl(config: RLConfig, *, resume: bool = False, progress: bool | None = None, reward_fn: RewardFn | None = None,
            on_step: Callable[[int, dict], None] | None = None, probe=None, force: bool = False) -> TrainResult:
     """Run (or with ``resume`` continue) GRPO as configured.
@@ -219,5 +223,5 @@ def run_rl(config: RLConfig, *, resume: bool = False, progress: bool | None = No
     (:func:`sftrl_jax.run_folder.check_continuity`).
     """
     hooks = [probe_hook(probe)] if probe is not None else []
-    return run_loop(config, GRPOAlgorithm(reward_fn), resume=resume, hooks=hooks, on_step=on_step,
+    return run_loop(config, RLAlgorithm(reward_fn), resume=resume, hooks=hooks, on_step=on_step,
                     progress=progress, force=force)

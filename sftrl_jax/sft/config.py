@@ -7,6 +7,7 @@ from typing import Literal
 
 from ..config import TrainingRunConfig, TrainOptions
 from ..data.sft import SFTDataOptions
+from ..layout import layout
 
 
 @dataclasses.dataclass
@@ -41,4 +42,4 @@ class SFTConfig(TrainingRunConfig):
     kind: Literal["sft"] = "sft"
     data: SFTDataSection = dataclasses.field(default_factory=SFTDataSection)
     train: SFTTrainSection = dataclasses.field(default_factory=SFTTrainSection)
-    output_dir: str = "runs/sft"
+    output_dir: str = layout("runs/sft")

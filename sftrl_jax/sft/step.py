@@ -36,9 +36,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..data.batching import WEIGHTS_KEY
+from ..data.batching import WEIGHTS_KEY, pad_rows
+from ..flops import forward_flops, train_flops
+from ..jitted import JitSpec, abstract, sds, without_params
 from ..losses import agg_weights, chunked_logprobs
 from ..optim import apply_update, sum_micro_step_grads
+from ..sharding import micro_batch_sharding, rows_sharding
 
 EmulateBug = Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "both"]
 BUGS = ("none", "deepspeed_offload", "openrlhf_mean_of_means", "both")
@@ -107,16 +110,13 @@ def accumulate_gradients(graphdef, params, batch, weights):
     return grads, jnp.sum(nll_sums), jnp.sum(token_counts)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, *, emulate_bug: str = "none",
-                    shards: int | None = None):
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule, *, emulate_bug: str = "none"):
     """``step(state, batch) -> (state, metrics)``; ``state = {"params", "opt_state", "step"}``.
 
     Correct accumulation (``emulate_bug="none"``) weighs every supervised token by 1 / (tokens of
     the global batch). With a bug emulated the batch must carry ``loss_weights``
-    (:func:`bug_example_weights` through the batcher's ``example_weights``). ``shards`` is not used
-    (the emulated layout comes with the weights); it is accepted for existing callers.
+    (:func:`bug_example_weights` through the batcher's ``example_weights``).
     """
-    del shards
     if emulate_bug not in BUGS:
         raise ValueError(f"train.emulate_bug: unknown value {emulate_bug!r}; choose one of {BUGS}")
 
@@ -149,3 +149,52 @@ def make_eval_step(graphdef):
         return jnp.sum(nll * mask), jnp.sum(mask)
 
     return evaluate
+
+
+def batch_dtypes(emulate_bug: str) -> dict[str, np.dtype]:
+    """The arrays of an SFT batch (the batcher's own, :func:`sftrl_jax.data.batching.pad_rows`) and their
+    dtypes; with a bug emulated also its per-token ``loss_weights``."""
+    dtypes = {k: v.dtype for k, v in pad_rows([], 1, 1).items()}
+    if emulate_bug != "none":
+        dtypes[WEIGHTS_KEY] = np.dtype("float32")
+    return dtypes
+
+
+def sft_functions(ctx) -> dict[str, JitSpec]:
+    """The SFT trainer's jitted functions for ``ctx`` (a :class:`sftrl_jax.training.LoopContext` whose config
+    is an ``SFTConfig``): ``train_step`` (one global batch ``[micro_steps, shards * rows, max_length]``, the
+    state donated) and, when the config holds out data, ``eval_step`` (``[shards * rows, max_length]``)."""
+    config, mesh = ctx.config, ctx.mesh
+    train = config.train
+    per_micro = train.micro_batch_size * ctx.shards
+    if train.global_batch_size % per_micro:
+        raise ValueError(f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
+                         f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel shards ({ctx.shards})")
+    micro_steps = train.global_batch_size // per_micro
+    length = config.data.max_length
+    dtypes = batch_dtypes(train.emulate_bug)
+    batch_sharding = micro_batch_sharding(mesh, 3)
+    state = ctx.abstract_state
+    functions = {"train_step": JitSpec(
+        make_train_step(ctx.graphdef, ctx.optimizer, ctx.schedule, emulate_bug=train.emulate_bug),
+        args=(state, {k: sds((micro_steps, per_micro, length), dtype, batch_sharding) for k, dtype in dtypes.items()}),
+        in_shardings=(ctx.state_shardings, batch_sharding), out_shardings=(ctx.state_shardings, None),
+        donate_argnums=(0,), model_flops=micro_steps * per_micro * train_flops(ctx.model_config, length),
+        note=f"{micro_steps} micro-steps x {per_micro} rows x {length} tokens")}
+    if config.data.eval_files or config.data.eval_fraction > 0:
+        functions["eval_step"] = eval_spec(ctx.graphdef, mesh, state["params"], rows=per_micro, length=length,
+                                           params_sharding=ctx.state_shardings["params"],
+                                           model_config=ctx.model_config, resident=without_params(state))
+    return functions
+
+
+def eval_spec(graphdef, mesh, params, *, rows: int, length: int, params_sharding=None, model_config=None,
+              resident=None) -> JitSpec:
+    """The held-out loss ``eval(params, batch [rows, length]) -> (nll_sum, tokens)`` on ``mesh`` (SFT's
+    periodic evaluation and the pipeline's probe); ``params``: the parameters or their abstract form."""
+    sharding = rows_sharding(mesh, 2)
+    batch = {k: sds((rows, length), dtype, sharding) for k, dtype in batch_dtypes("none").items()}
+    return JitSpec(make_eval_step(graphdef), args=(abstract(params), batch),
+                   in_shardings=(params_sharding, sharding) if params_sharding is not None else None,
+                   model_flops=rows * forward_flops(model_config, length) if model_config is not None else None,
+                   resident=resident, note=f"{rows} rows x {length} tokens")

@@ -20,7 +20,7 @@ from ..models.config import require_positions
 from ..sharding import local_batch_shards, micro_batch_sharding, place, place_local, rows_sharding
 from ..training import Algorithm, Hook, LoopContext, TrainResult, probe_hook, run_loop
 from .config import SFTConfig
-from .step import bug_example_weights, make_eval_step, make_train_step, supervised_token_counts
+from .step import bug_example_weights, sft_functions, supervised_token_counts
 
 log = logging.getLogger("sftrl_jax.sft")
 
@@ -142,16 +142,12 @@ class SFTAlgorithm(Algorithm):
         return self.total_steps
 
     def build(self, ctx: LoopContext, state: dict) -> None:
-        train = self.config.train
         self.ctx = ctx
         self.batch_sharding = micro_batch_sharding(ctx.mesh, 3)
         self.eval_sharding = rows_sharding(ctx.mesh, 2)
-        self.step_fn = jax.jit(make_train_step(ctx.graphdef, ctx.optimizer, ctx.schedule,
-                                               emulate_bug=train.emulate_bug, shards=ctx.shards),
-                               in_shardings=(ctx.state_shardings, self.batch_sharding),
-                               out_shardings=(ctx.state_shardings, None), donate_argnums=0)
-        self.eval_fn = jax.jit(make_eval_step(ctx.graphdef), in_shardings=(ctx.state_shardings["params"],
-                                                                             self.eval_sharding))
+        functions = sft_functions(ctx)
+        self.step_fn = functions["train_step"].jit()
+        self.eval_fn = functions["eval_step"].jit() if "eval_step" in functions else None
 
     def train_step(self, state: dict, step: int) -> tuple[dict, dict]:
         tick = time.perf_counter()
