@@ -7,7 +7,6 @@ directly in its sharding on the current mesh, which may differ from the mesh tha
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from jax.sharding import Mesh
 
 from .models.config import ModelConfig
 from .models.decoder import Decoder, as_dtype
-from .models.hf_io import abstract_model, copy_tokenizer_files, param_shardings, read_json
+from .models.hf_io import abstract_model, param_shardings, read_json, write_config_and_tokenizer
 from .models.options import ModelOptions
 from .sharding import DEFAULT_RULES, Rules, single_device_mesh
 
@@ -37,11 +36,7 @@ def save_model(model: Decoder, path: str | os.PathLike, *, tokenizer_dir: str | 
         checkpointer.save(directory / PARAMS_DIR, params, force=True)
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        config = model.config.to_hf_dict(dtype=model.param_dtype.name)
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        source = tokenizer_dir or model.config.source_dir
-        if source is not None and Path(source).resolve() != directory.resolve():
-            copy_tokenizer_files(source, directory)
+        write_config_and_tokenizer(model, directory, model.param_dtype.name, tokenizer_dir)
     return directory
 
 

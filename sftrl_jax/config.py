@@ -317,13 +317,8 @@ def config_kind(path: str | os.PathLike) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def to_dict(obj) -> dict:
-    """Plain nested dict of a config (for saving next to a run)."""
-    return dataclasses.asdict(obj)
-
-
 def save_config(obj, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False))
 
 
 # ------------------------------------------------------------------ sections shared by every stage
@@ -492,8 +487,8 @@ class TrainingRunConfig(RunConfig):
     logging: LoggingOptions = layout(default_factory=LoggingOptions)
 
 
-# Settings that were renamed when the configs were composed from shared sections: the old dotted key
-# is refused with its new name.
+# Dotted keys of settings that live in another section: a config that uses one is refused, naming the
+# key to use.
 _OPTIMIZER_KEYS = ("learning_rate", "lr_schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "adam_b1",
                    "adam_b2", "adam_eps", "max_grad_norm")
 MOVED_KEYS = {

@@ -177,7 +177,8 @@ def generation_settings(config: EvalConfig) -> dict:
     model_dir = Path(config.model.path)
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.json"))
     fingerprint = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
-    # how prompt ids are assigned: over-long prompts are kept (scored 0), no longer skipped (which shifted ids)
+    # how prompt ids are assigned: over-long prompts are kept (scored 0), so every data row keeps its id;
+    # generations made where they were skipped (other ids) lack this entry and are refused
     return {**dataclasses.asdict(config), "model_files": fingerprint, "prompts_too_long": "scored 0"}
 
 
@@ -205,7 +206,7 @@ def _evaluate(config: EvalConfig, out: Path, *, generator: Generator | None, pro
     items, skipped = load_prompt_items(config.data, tokenizer, keep_too_long=True)
     problems = problem_ids(items)
     records = resume_generations(out / "generations.jsonl", len(items), config.sampling.n)
-    for r in records:  # records written before problems were recorded
+    for r in records:  # records without problem_id / prompt_too_long fields
         r["problem_id"] = problems[r["prompt_id"]]
         r.setdefault("prompt_too_long", False)
     done = {r["prompt_id"] for r in records}

@@ -4,7 +4,7 @@ Aggregation is expressed as per-token *weights* computed over the whole global b
 split into micro-steps: the step loss is ``sum(weights * per_token_loss)`` over every micro-step,
 so gradient accumulation is a plain sum and the result cannot depend on the split. Each mode:
 
-``token-mean``               mask / (tokens in the global batch)                    (BRIEF §4)
+``token-mean``               mask / (tokens in the global batch)
 ``seq-mean-token-mean``      mask / (tokens in the row * rows with tokens)
 ``seq-mean-token-sum``       mask / (rows with tokens)
 ``seq-mean-token-sum-norm``  mask / loss_scale_factor (default: the padded length; Dr.GRPO)

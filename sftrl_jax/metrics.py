@@ -150,7 +150,7 @@ class MetricSinks:
 
     def history(self) -> list[dict]:
         """Every record of the run: ``metrics.jsonl`` when it is kept (earlier sessions of a resumed run too)."""
-        return read_metrics(self.out / "metrics.jsonl") if "jsonl" in self.options.sinks else list(self.records)
+        return read_jsonl(self.out / "metrics.jsonl") if "jsonl" in self.options.sinks else list(self.records)
 
     def close(self) -> list[dict]:
         """Close the sinks, draw the plots; returns :meth:`history`."""
@@ -162,11 +162,6 @@ class MetricSinks:
         if "plots" in self.options.sinks:
             plot_curves(records, self.plot_keys, self.out / f"{self.plot_name}.png", title=self.title)
         return records
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (a torn or corrupt line is reported and skipped, see ``read_jsonl``)."""
-    return read_jsonl(path)
 
 
 def plot_curves(records: Sequence[dict] | Mapping[str, Sequence[dict]], keys: Iterable[str],

@@ -39,7 +39,7 @@ from .distributed import initialize
 from .jitted import JitSpec
 from .kinds import config_class
 from .layout import layout, not_layout
-from .metrics import is_writer, plot_curves, read_metrics
+from .metrics import is_writer, plot_curves, read_jsonl
 from .models import load_tokenizer
 from .rl import run_rl
 from .run_folder import check_continuity, owned_folder
@@ -234,7 +234,7 @@ def summarize_pipeline(config: PipelineConfig) -> dict:
     out = Path(config.output_dir)
     records, boundaries, table, offset = [], [], [], 0
     for index, stage in enumerate(config.stages):
-        stage_records = read_metrics(stage_dir(config, index) / "metrics.jsonl")
+        stage_records = read_jsonl(stage_dir(config, index) / "metrics.jsonl")
         probes = [r for r in stage_records if "probe_sft_loss" in r or "probe_reward" in r]
         for record in stage_records:
             records.append({**record, "stage": index + 1, "kind": stage.kind, "global_step": offset + record["step"]})

@@ -50,7 +50,8 @@ def writable_folder(path: str | os.PathLike, key: str = "output_dir") -> Path:
     return folder
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists on this host (signal 0 checks without signalling)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -91,7 +92,7 @@ class RunLock:
             return
         who = f"{holder.get('command') or 'a run'} (pid {pid} on {host}, started {holder.get('started', '?')})"
         if host == socket.gethostname():
-            if _alive(pid) and pid != os.getpid():
+            if pid_alive(pid) and pid != os.getpid():
                 raise RunFolderError(f"{self.path.parent} is in use by {who}; wait for it or choose another "
                                      "output_dir")
             log.warning("%s: stale lock of %s, whose process is gone; taking it over", self.path, who)

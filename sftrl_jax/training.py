@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from .checkpointing import TrainCheckpointer
-from .config import CheckpointOptions, ModelOptions, save_config, to_dict
+from .config import CheckpointOptions, ModelOptions, save_config
 from .distributed import initialize
 from .jitted import abstract
 from .metrics import MetricSinks, is_writer
@@ -264,7 +264,7 @@ def _run(config, algorithm, out, *, resume, hooks, on_step, force) -> TrainResul
     if is_writer():  # the run's record, written once the folder is known to be this run's
         save_config(config, out / "config.yaml")
     sinks = MetricSinks(config.logging, out, resume_step=start, plot_name=algorithm.plot_name,
-                        plot_keys=algorithm.plot_keys, title=algorithm.plot_title, config=to_dict(config))
+                        plot_keys=algorithm.plot_keys, title=algorithm.plot_title, config=dataclasses.asdict(config))
     try:
         state, step = _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step)
     finally:

@@ -1,10 +1,12 @@
 """The embedded task, and `sftrl-jax demo --quick` end to end."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from sftrl_jax.cli import main
 from sftrl_jax.experiments.task import make_problem, make_splits, trace_stats
@@ -82,6 +84,15 @@ def test_demo_quick_runs_end_to_end_and_sft_beats_base(tmp_path, capsys):
     assert any((out / "xla_cache").iterdir())
     assert not jax.config.jax_compilation_cache_dir
     model, _ = load_pretrained(report["final_model"])
+    # the RL stage trained: its final weights differ from the SFT model it started from, by real updates
+    run = report["runs"][0]
+    sft_weights = load_file(str(Path(run["sft_dir"]) / "final" / "model.safetensors"))
+    rl_weights = load_file(str(Path(run["final_model"]) / "model.safetensors"))
+    assert set(sft_weights) == set(rl_weights)
+    assert max(float(np.abs(rl_weights[k] - sft_weights[k]).max()) for k in sft_weights) > 0
+    rl_records = [json.loads(line) for line in (Path(run["rl_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rl_records if "grad_norm" in r]
+    assert steps and all(r["grad_norm"] > 0 and r["response_len_mean"] > 0 for r in steps)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(report["final_model"])

@@ -1,4 +1,4 @@
-"""Evaluation scored as the reference scored it (issue 19 §3): the model's own chat template with the system
+"""Evaluation scored as the reference (LUFFY's evaluation) scored it: the model's own chat template with the system
 prompt dropped, stop ids from ``generation_config.json``, over-long prompts scored 0, MMLU-Pro rows graded as
 multiple choice, and avg@k / pass@k over repeated rows and samples together."""
 
@@ -191,8 +191,9 @@ def test_rl_and_the_probe_still_skip_over_long_prompts(tokenizer, tmp_path):
     assert skipped["prompt_too_long"] == 0
 
 
-def test_an_eval_folder_of_the_old_skipping_rule_is_not_resumed(model_dir, tmp_path):
-    """Generations written when over-long prompts were skipped (other prompt ids) are refused, not mixed in."""
+def test_an_eval_folder_that_skipped_long_prompts_is_not_resumed(model_dir, tmp_path):
+    """Generations whose settings lack the over-long-prompt rule (prompts skipped, so other prompt ids) are
+    refused, not mixed in."""
     from sftrl_jax.run_folder import RunFolderError
 
     data = _jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1?", "answer": "2"}])
@@ -284,7 +285,7 @@ def test_avg_and_pass_at_k_over_repeated_rows_and_samples_by_hand():
     # problem 0: 1 right of 4 -> 1 - C(3,2)/C(4,2) = 1/2; problem 2: 2 of 4 -> 1 - C(2,2)/C(4,2) = 5/6
     assert aime["pass@2"] == pytest.approx((1 / 2 + 5 / 6) / 2)
     assert aime["pass@4"] == 1.0 and "pass@8" not in aime
-    # per row (the old grouping) pass@2 would be (1 + 0 + 1 + 0) / 4 = 0.5
+    # per row (records without problem_id) pass@2 would be (1 + 0 + 1 + 0) / 4 = 0.5
     by_row = summarize([{k: v for k, v in r.items() if k != "problem_id"} for r in records], ["aime"])
     assert by_row["benchmarks"]["aime"]["pass@2"] == 0.5 and by_row["benchmarks"]["aime"]["attempts"] == 2
 
@@ -325,7 +326,7 @@ def test_repeated_rows_are_one_problem_end_to_end(model_dir, tmp_path):
 
 
 def test_records_without_problem_ids_are_grouped_per_prompt(tmp_path):
-    """generations.jsonl of an older version (no problem_id, no prompt_too_long) still summarizes."""
+    """A generations.jsonl without problem_id and prompt_too_long fields still summarizes."""
     records = [{"prompt_id": 0, "sample": s, "benchmark": "b", "score": float(s), "num_tokens": 3,
                 "truncated": False, "timed_out": False} for s in range(2)]
     metrics = summarize(records, [])["benchmarks"]["b"]

@@ -1,4 +1,4 @@
-"""Fault injection with real ``kill -9`` (issue 18): a training run killed between steps or while a
+"""Fault injection with real ``kill -9``: a training run killed between steps or while a
 checkpoint is being written resumes to bit-identical final weights, and a killed evaluation resumes
 with every completion kept once and none lost."""
 

@@ -1,4 +1,4 @@
-"""LUFFY and CHORD (issue 20): the per-token losses by hand, their gradients, the mu schedule, the
+"""LUFFY and CHORD: the per-token losses by hand, their gradients, the mu schedule, the
 aggregation, and the methods end to end in the RL trainer."""
 
 import json

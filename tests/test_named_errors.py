@@ -1,4 +1,4 @@
-"""Unreadable inputs are one-line errors naming the file, line or key (issue 18 item 4)."""
+"""Unreadable inputs are one-line errors naming the file, line or key."""
 
 from __future__ import annotations
 

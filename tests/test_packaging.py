@@ -1,4 +1,4 @@
-"""Every module the library imports is declared in pyproject.toml (issue 15: jinja2 was missing).
+"""Every module the library imports is declared in pyproject.toml.
 
 The fast check of what `.ci/run` checks for real (the demo in a fresh virtual environment without
 extras): a top-level import of `sftrl_jax` that only an extra happens to install breaks the main command.

@@ -290,7 +290,7 @@ def test_worker_crash_scores_zero_and_recovers():
 # ----------------------------------------------------------------------------- degenerate output
 # A model that fills its token budget with "\boxed{" (or other junk) must not stall anything that
 # runs in the trainer's process: extraction is linear, the pool's log excerpt parses nothing, and a
-# worker grading a hopeless item dies with the process that started it (issue 18).
+# worker grading a hopeless item dies with the process that started it.
 
 DEGENERATE = "\\boxed{" * 100000  # 700 KB
 

@@ -1,4 +1,5 @@
-"""GRPO's pure functions against hand-computed values (BRIEF §5)."""
+"""GRPO's pure functions (advantages, policy loss, aggregation, KL estimators, overlong
+penalty) against hand-computed values."""
 
 import math
 

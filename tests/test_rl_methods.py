@@ -154,3 +154,56 @@ def test_tis_weights_scale_the_policy_term_only():
     # per-token PPO losses -1.1 and -0.9 (inside the clip), entropy bonus 0.1 * (0.7 + 0.4) unweighted
     assert float(plain) == pytest.approx((-1.1 - 0.9) / 2 - 0.1 * 1.1 / 2, rel=1e-5)
     assert float(weighted) == pytest.approx((-1.1 * 0.5 - 0.9 * 2.0) / 2 - 0.1 * 1.1 / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ trainer wiring
+def _algorithm(*overrides):
+    """An RLAlgorithm with its config and method set and the log-prob function replaced by a fixed one."""
+    from sftrl_jax.rl import RLAlgorithm
+
+    config = load_config(RLConfig, overrides=["model.path=x", "rl.prompts_per_step=1", "sampling.n=2",
+                                              "sampling.max_new_tokens=16", *overrides])
+    algorithm = RLAlgorithm()
+    algorithm.config, algorithm.method = config, get_method(config.rl.method)
+    algorithm.pad_id, algorithm.ref_params = 0, None
+    algorithm._on_devices = lambda arrays: arrays
+    algorithm.recomputed = np.log(np.full((2, 16), 0.5, np.float32))
+    algorithm.logprobs_of = lambda params, laid: algorithm.recomputed
+    return algorithm
+
+
+def _two_rollouts():
+    from sftrl_jax.rl import Rollouts
+
+    sampler = [[math.log(0.25)] * 3, [math.log(0.5)] * 2]
+    return Rollouts(prompts=[[5, 6], [5, 6]], responses=[[1, 2, 3], [4, 5]], sampler_logprobs=sampler,
+                    truncated=[True, False], correctness=[1.0, 0.0], rewards=[1.0, 0.0])
+
+
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_the_trainer_applies_mask_truncated(mask_truncated):
+    algorithm = _algorithm(f"rl.mask_truncated={str(mask_truncated).lower()}")
+    arrays, _ = algorithm._update_arrays({"params": None}, _two_rollouts())
+    assert arrays["response_mask"][0].sum() == (0 if mask_truncated else 3)  # the truncated response
+    assert arrays["response_mask"][1].sum() == 2
+
+
+def test_the_trainer_takes_old_logprobs_from_the_sampler_or_recomputes_them():
+    sampler = np.zeros((2, 16), np.float32)
+    sampler[0, :3], sampler[1, :2] = math.log(0.25), math.log(0.5)
+    arrays, metrics = _algorithm("rl.old_logprobs=sampler")._update_arrays({"params": None}, _two_rollouts())
+    np.testing.assert_array_equal(arrays["old_logp"], sampler)
+    assert metrics["logprob_mismatch_abs"] == pytest.approx(3 / 5 * math.log(2), rel=1e-6)
+    algorithm = _algorithm()
+    arrays, _ = algorithm._update_arrays({"params": None}, _two_rollouts())
+    np.testing.assert_array_equal(arrays["old_logp"], algorithm.recomputed)
+    assert "tis_weight" not in arrays
+
+
+def test_the_trainer_adds_truncated_importance_weights():
+    algorithm = _algorithm("rl.tis_cap=1.5")
+    arrays, metrics = algorithm._update_arrays({"params": None}, _two_rollouts())
+    # old 0.5 vs sampler 0.25 -> ratio 2, capped at 1.5 (3 tokens); 0.5 vs 0.5 -> 1 (2 tokens); padding 1
+    np.testing.assert_allclose(arrays["tis_weight"][0, :4], [1.5, 1.5, 1.5, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(arrays["tis_weight"][1, :3], [1.0, 1.0, 1.0], rtol=1e-6)
+    assert metrics["tis_capped_share"] == pytest.approx(3 / 5)

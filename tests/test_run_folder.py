@@ -1,6 +1,6 @@
-"""Run folders that cannot be mixed up (issue 18 item 2) and output folders / data files that are not
-what they seem (item 4): the lock, the record written after the checks, resume continuity, eval
-resume keyed on the model and sampling settings, unusable output_dir, a replaced data file."""
+"""Run folders that cannot be mixed up and output folders / data files that are not what they seem:
+the lock, the record written after the checks, resume continuity, eval resume keyed on the model and
+sampling settings, unusable output_dir, a replaced data file."""
 
 import json
 import os

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-BATCH_KEYS = ("input_ids", "labels", "label_mask", "segment_ids", "positions")
 WEIGHTS_KEY = "loss_weights"  # only when example weights are given
 
 

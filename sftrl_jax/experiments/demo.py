@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ..config import deep_merge, from_dict
-from ..metrics import plot_curves, read_metrics
+from ..metrics import plot_curves, read_jsonl
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
 from .task import teacher_accuracy
@@ -123,8 +123,8 @@ def _report(out: Path, settings: dict, seeds, base_accuracy: float, runs: list[d
 
 def _write_curves(out: Path, first: dict) -> None:
     """Plot the ``first`` seed's SFT loss and GRPO reward, and copy both stages' metrics to ``metrics.jsonl``."""
-    sft_records = read_metrics(Path(first["sft_dir"]) / "metrics.jsonl")
-    rl_records = read_metrics(Path(first["rl_dir"]) / "metrics.jsonl")
+    sft_records = read_jsonl(Path(first["sft_dir"]) / "metrics.jsonl")
+    rl_records = read_jsonl(Path(first["rl_dir"]) / "metrics.jsonl")
     plot_curves(sft_records, ["loss"], out / "sft_loss.png", title=f"SFT loss (seed {first['seed']})")
     plot_curves(rl_records, ["reward_mean", "accuracy"], out / "rl_reward.png",
                 title=f"GRPO reward and rollout accuracy (seed {first['seed']})")

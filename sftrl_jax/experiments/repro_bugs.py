@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..config import deep_merge, from_dict
-from ..metrics import plot_curves, read_metrics
+from ..metrics import plot_curves, read_jsonl
 from ..models import load_tokenizer
 from ..sft import SFTConfig, run_sft
 from .workspace import MODEL_OPTIONS, TASK_SEED, begin, evaluate, mean, spread, with_compilation_cache
@@ -84,7 +84,7 @@ def run_repro_bugs(out: str | Path = "runs/repro_bugs", *, quick: bool = False, 
                 "train": {"seed": seed, "emulate_bug": bug}, "mesh": {"data": 1, "fsdp": -1}}, settings["sft"]))
             result = run_sft(config, progress=progress)
             seconds = time.time() - tick
-            records = read_metrics(result.output_dir / "metrics.jsonl")
+            records = read_jsonl(result.output_dir / "metrics.jsonl")
             accuracy = evaluate(result.final_dir, work.prompt_files["test"], run_dir / "eval",
                                 max_new_tokens=settings["max_new_tokens"])
             train = [r for r in records if "loss" in r]
@@ -158,13 +158,13 @@ def _report(out: Path, settings: dict, seeds: list[int], runs: list[dict], secon
               "runs": runs, "findings": findings, "seconds": seconds, "quick": quick}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _staircase_png(rows, out / "staircase.png")
-    curves = {f"{LABELS[r['bug']]} seed {r['seed']}": read_metrics(Path(r["dir"]) / "metrics.jsonl")
+    curves = {f"{LABELS[r['bug']]} seed {r['seed']}": read_jsonl(Path(r["dir"]) / "metrics.jsonl")
               for r in runs if r["bug"] in ("none", "deepspeed_offload")}
     plot_curves(curves, ["grad_norm", "loss"], out / "grad_norm.png",
                 title="gradient norm the optimizer received: correct vs DeepSpeed offload")
     with (out / "metrics.jsonl").open("w") as f:
         for r in runs:
-            for record in read_metrics(Path(r["dir"]) / "metrics.jsonl"):
+            for record in read_jsonl(Path(r["dir"]) / "metrics.jsonl"):
                 f.write(json.dumps({"bug": r["bug"], "seed": r["seed"], **record}) + "\n")
 
     def cell(bug, key, scale=1, digits=4):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..config import deep_merge, from_dict
-from ..metrics import read_metrics
+from ..metrics import read_jsonl
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
 from .demo import demo_settings
@@ -51,7 +51,7 @@ def _settings(quick: bool) -> dict:
 
 def _flops(output_dir: Path) -> float:
     """A run's counted FLOPs: its last record's cumulative ``flops_*`` values."""
-    records = [r for r in read_metrics(output_dir / "metrics.jsonl") if any(k.startswith("flops_") for k in r)]
+    records = [r for r in read_jsonl(output_dir / "metrics.jsonl") if any(k.startswith("flops_") for k in r)]
     return sum(v for k, v in records[-1].items() if k.startswith("flops_")) if records else 0.0
 
 

@@ -379,13 +379,20 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, dtype=None, max_
                 weight_map.update({n: final for n in names})
             index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
             (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        config_dict = model.config.to_hf_dict(dtype=jnp.dtype(out_dtype).name)
-        (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
-        source = tokenizer_dir or model.config.source_dir
-        if source is not None and Path(source).resolve() != out_dir.resolve():
-            copy_tokenizer_files(source, out_dir)
+        write_config_and_tokenizer(model, out_dir, jnp.dtype(out_dtype).name, tokenizer_dir)
     barrier(f"sftrl_jax.save_pretrained:{out_dir}")
     return out_dir
+
+
+def write_config_and_tokenizer(model: Decoder, directory: Path, dtype: str,
+                               tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Next to ``model``'s saved weights (stored as ``dtype``): its ``config.json``, and the tokenizer files of
+    ``tokenizer_dir`` (default: the directory the model was loaded from) unless they are already there."""
+    config = model.config.to_hf_dict(dtype=dtype)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    source = tokenizer_dir or model.config.source_dir
+    if source is not None and Path(source).resolve() != directory.resolve():
+        copy_tokenizer_files(source, directory)
 
 
 def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLike) -> None:

@@ -45,6 +45,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from sftrl_jax.rewards.kinds import REWARD_KINDS, RewardLoadError, grade, load_scorer
+from sftrl_jax.run_folder import pid_alive
 
 logger = logging.getLogger("sftrl_jax.rewards")
 
@@ -70,10 +71,6 @@ class ScoreResult:
     num_crashed: int = 0  # items whose worker died (e.g. out of memory); also graded 0.0
     num_errors: int = 0  # items whose scorer raised or returned no score in [0, 1]; also graded 0.0
 
-    @property
-    def mean(self) -> float:
-        return sum(self.scores) / len(self.scores) if self.scores else 0.0
-
 
 def _set_parent_death_signal() -> bool:
     """Linux: have the kernel SIGKILL this process when its parent dies. False if unavailable."""
@@ -86,22 +83,12 @@ def _set_parent_death_signal() -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, but not ours to signal
-        pass
-    return True
-
-
 def _watch_parent(parent_pid: int, pool_pid: int) -> None:
     while True:
         time.sleep(_PARENT_POLL_S)
         # Reparented (the parent died: the pool's process, or the forkserver, which exits with
         # it), or the pool's process is gone.
-        if os.getppid() != parent_pid or not _alive(pool_pid):
+        if os.getppid() != parent_pid or not pid_alive(pool_pid):
             os._exit(1)
 
 
@@ -118,7 +105,7 @@ def _exit_with_parent(pool_pid: int) -> None:
     """
     parent_pid = os.getppid()
     _set_parent_death_signal()
-    if os.getppid() != parent_pid or not _alive(pool_pid):
+    if os.getppid() != parent_pid or not pid_alive(pool_pid):
         os._exit(1)  # the pool's process died before the guards were up
     threading.Thread(target=_watch_parent, args=(parent_pid, pool_pid), name="parent-watcher", daemon=True).start()
 

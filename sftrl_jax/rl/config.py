@@ -1,4 +1,4 @@
-"""The GRPO run config (``sftrl-jax rl --config FILE key=value ...``).
+"""The RL run config (``sftrl-jax rl --config FILE key=value ...``).
 
 Shared sections: ``optimizer`` (verl's defaults: lr 1e-6, constant), ``train`` (steps, seed,
 micro-batch), ``sampling`` (the rollouts; ``sampling.n`` is the group size), ``reward`` (the

@@ -215,7 +215,7 @@ def truncated_is_weights(old_logp: np.ndarray, sampler_logp: np.ndarray, sampled
 
 def run_rl(config: RLConfig, *, resume: bool = False, progress: bool | None = None, reward_fn: RewardFn | None = None,
            on_step: Callable[[int, dict], None] | None = None, probe=None, force: bool = False) -> TrainResult:
-    """Run (or with ``resume`` continue) GRPO as configured.
+    """Run (or with ``resume`` continue) the RL method ``rl.method`` (default GRPO) as configured.
 
     ``probe`` (optional, see :mod:`sftrl_jax.pipeline`) is measured before the first step, every
     ``probe.every`` steps and at the end; its values go into ``metrics.jsonl``. ``progress=False``

@@ -9,6 +9,9 @@ from ..config import TrainingRunConfig, TrainOptions
 from ..data.sft import SFTDataOptions
 from ..layout import layout
 
+# The PyTorch-stack gradient bugs ``train.emulate_bug`` can reproduce (``sftrl_jax.sft.step``).
+EmulateBug = Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "both"]
+
 
 @dataclasses.dataclass
 class SFTDataSection(SFTDataOptions):
@@ -25,7 +28,7 @@ class SFTDataSection(SFTDataOptions):
 @dataclasses.dataclass
 class SFTTrainSection(TrainOptions):
     global_batch_size: int = 64  # sequences per optimizer step (all micro-steps, all shards)
-    emulate_bug: Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "both"] = "none"
+    emulate_bug: EmulateBug = "none"
     # The DeepSpeed layout a bug is emulated on (not our mesh's): data-parallel ranks (default: the mesh's
     # data-parallel size) and sequences per rank per micro-step (default: train.micro_batch_size). Unused
     # (logged) without emulate_bug. LUFFY: 8 ranks x 1 sequence, global batch 64 -> 8 micro-steps.

@@ -4,8 +4,8 @@ One step receives the whole global batch as ``[micro_steps, shards * rows, lengt
 (:mod:`sftrl_jax.data.batching`). Per-token weights are computed over *all* of it first
 (:func:`sftrl_jax.losses.agg_weights`), then a ``lax.scan`` over micro-steps sums each
 micro-step's gradient of ``sum(weights * nll)``. The sum is the gradient of the global-token mean
-(BRIEF §4) whatever the split into micro-steps or devices; jit's SPMD partitioning sums over the
-data-parallel shards.
+(every supervised token of the global batch weighted alike) whatever the split into micro-steps or
+devices; jit's SPMD partitioning sums over the data-parallel shards.
 
 ``emulate_bug`` reproduces the PyTorch stacks' arithmetic on purpose, on a *virtual* DeepSpeed
 layout of ``ranks`` data-parallel ranks x ``N`` micro-steps x ``micro_batch_size`` sequences
@@ -17,18 +17,20 @@ example on the host; the batch carries them as per-token ``loss_weights`` and th
 exact gradient of ``sum(loss_weights * nll)``, so the emulated arithmetic does not depend on how
 our mesh splits the batch:
 
-* ``deepspeed_offload`` (BRIEF §2): only micro-steps 0 and N-1 reach the optimizer, i.e. the
+* ``deepspeed_offload`` (DeepSpeed's gradient accumulation under ZeRO optimizer offload keeps only
+  some micro-steps' gradients): only micro-steps 0 and N-1 reach the optimizer, i.e. the
   update is built from ``(g_0 + g_{N-1}) / N`` where ``g_i`` is micro-step i's gradient scaled so
   that their mean is the correct gradient (weight ``1 / T`` for the kept examples, ``T`` the
   global batch's supervised tokens, 0 for the others). Every rank drops the same micro-steps.
-* ``openrlhf_mean_of_means`` (BRIEF §3): each (micro-step, rank) loss is the mean over its own
-  tokens, averaged over micro-steps and ranks (weight ``1 / (T_group * N * ranks)``).
+* ``openrlhf_mean_of_means`` (OpenRLHF's SFT loss is a mean of per-micro-batch means, not a mean
+  over the global batch's tokens): each (micro-step, rank) loss is the mean over its own tokens,
+  averaged over micro-steps and ranks (weight ``1 / (T_group * N * ranks)``).
 * ``both``: the two together.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +44,14 @@ from ..jitted import JitSpec, abstract, sds, without_params
 from ..losses import agg_weights, chunked_logprobs
 from ..optim import apply_update, sum_micro_step_grads
 from ..sharding import micro_batch_sharding, rows_sharding
+from .config import EmulateBug
 
-EmulateBug = Literal["none", "deepspeed_offload", "openrlhf_mean_of_means", "both"]
-BUGS = ("none", "deepspeed_offload", "openrlhf_mean_of_means", "both")
+BUGS = typing.get_args(EmulateBug)
+
+
+def _require_bug(emulate_bug: str) -> None:
+    if emulate_bug not in BUGS:
+        raise ValueError(f"train.emulate_bug: unknown value {emulate_bug!r}; choose one of {BUGS}")
 
 
 def virtual_layout(size: int, ranks: int, micro_batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -62,8 +69,7 @@ def bug_example_weights(token_counts, emulate_bug: str, *, ranks: int, micro_bat
     """One loss weight per example (float64) of a global batch whose examples have ``token_counts``
     supervised tokens, such that ``sum_k weight_k * (sum of example k's token nll)`` is the loss
     whose gradient the emulated stack hands the optimizer (see the module docstring)."""
-    if emulate_bug not in BUGS:
-        raise ValueError(f"train.emulate_bug: unknown value {emulate_bug!r}; choose one of {BUGS}")
+    _require_bug(emulate_bug)
     tokens = np.asarray(token_counts, np.float64)
     micro_step, rank, n = virtual_layout(len(tokens), ranks, micro_batch_size)
     keep = np.ones(len(tokens))
@@ -77,7 +83,8 @@ def bug_example_weights(token_counts, emulate_bug: str, *, ranks: int, micro_bat
 
 
 def supervised_token_counts(examples) -> np.ndarray:
-    """Tokens each example is supervised on (its response tokens after the first position)."""
+    """Tokens each example's loss is taken over: its response tokens after the first position (that one
+    has no predecessor)."""
     return np.array([float(np.sum(e.loss_mask[1:])) for e in examples])
 
 
@@ -117,8 +124,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     the global batch). With a bug emulated the batch must carry ``loss_weights``
     (:func:`bug_example_weights` through the batcher's ``example_weights``).
     """
-    if emulate_bug not in BUGS:
-        raise ValueError(f"train.emulate_bug: unknown value {emulate_bug!r}; choose one of {BUGS}")
+    _require_bug(emulate_bug)
 
     def step(state, batch):
         if emulate_bug == "none":

@@ -59,17 +59,12 @@ def load_examples(config: SFTConfig, tokenizer):
     return train, held_out
 
 
-def supervised_tokens(examples) -> int:
-    """Tokens the loss is taken over: response tokens after the first position (that one has no predecessor)."""
-    return int(sum(int(e.loss_mask[1:].sum()) for e in examples))
-
-
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def _require_supervised_tokens(examples, key: str, files, model_path: str) -> None:
     """A split without a single supervised token would train (or evaluate) on nothing, with loss 0: refuse it."""
-    if supervised_tokens(examples):
+    if supervised_token_counts(examples).sum():
         return
     missing = [name for name in _TOKENIZER_FILES if not (Path(model_path) / name).exists()]
     hint = (f"the model directory {model_path} has no {' / '.join(missing)}, so the tokenizer it loads turns "
@@ -123,7 +118,7 @@ class SFTAlgorithm(Algorithm):
         if layout is not None:
             self.name = f"sft [BUG: {train.emulate_bug}]"
             log.warning("=" * 72 + "\nBUG EMULATION ON: train.emulate_bug=%s -- the gradient is deliberately WRONG "
-                        "(BRIEF §2/§3)\n" + "=" * 72, train.emulate_bug)
+                        "(it reproduces the PyTorch stacks' arithmetic)\n" + "=" * 72, train.emulate_bug)
             ranks, micro_steps, micro = layout
             log.info("bug emulated on a virtual layout of %d ranks x %d micro-steps x %d sequences "
                      "(train.emulate_ranks / train.emulate_micro_batch_size)", ranks, micro_steps, micro)

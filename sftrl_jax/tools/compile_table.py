@@ -32,7 +32,7 @@ RUNS = [
     ("tpu_sft_qwen2.5-math-7b_v5p-64", "configs/tpu/sft_qwen2.5-math-7b_v5p-64.yaml", "v5p-64", []),
     ("tpu_sft_qwen2.5-math-7b_v5p-64_dense", "configs/tpu/sft_qwen2.5-math-7b_v5p-64.yaml", "v5p-64",
      ["model.attention=dense", "model.logits_chunk_size=0"]),
-    # the same comparison at one row per chip (the earlier shipped micro-batch)
+    # the same comparison at one row per chip
     ("tpu_sft_qwen2.5-math-7b_v5p-64_mb1", "configs/tpu/sft_qwen2.5-math-7b_v5p-64.yaml", "v5p-64",
      ["train.micro_batch_size=1"]),
     ("tpu_sft_qwen2.5-math-7b_v5p-64_mb1_dense", "configs/tpu/sft_qwen2.5-math-7b_v5p-64.yaml", "v5p-64",
