@@ -242,6 +242,8 @@ def _add_offline_commands(sub) -> None:
 
 def _add_compile_command(sub) -> None:
     """``compile``: ahead-of-time compilation of a run for a TPU slice or GPU host."""
+    from .aot import COMPILABLE_KINDS
+
     p = sub.add_parser("compile", help="ahead-of-time compile a run's jitted functions for a TPU slice or GPU host",
                        description="Compile, on this machine (a CPU is enough), every jitted function the run "
                                    "CONFIG describes for TOPOLOGY's chips, with the real XLA:TPU / XLA:GPU "
@@ -252,7 +254,7 @@ def _add_compile_command(sub) -> None:
     p.add_argument("--config", required=True, help="YAML config file (SFT, RL or pipeline)")
     p.add_argument("--topology", required=True, help="e.g. v5p-64, v6e-8, v5e-4, 8xh100, 16xh100, 8xh200")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
-    p.add_argument("--kind", choices=["sft", "rl", "pipeline"], help="config kind (default: the file's kind:)")
+    p.add_argument("--kind", choices=COMPILABLE_KINDS, help="config kind (default: the file's kind:)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. model.path=configs/models/Qwen2.5-Math-7B")

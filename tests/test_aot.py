@@ -96,7 +96,7 @@ def test_sft_step_compiles_for_a_tpu_slice(tiny_model, tmp_path, capsys):
 def test_rl_functions_compile_for_a_tpu_slice(tiny_model):
     result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", _overrides(tiny_model))
     functions = _by_name(result)
-    assert {"rl/grpo_update", "rl/logprobs", "rl/generate", "rl/prefill", "rl/decode_step"} <= set(functions)
+    assert {"rl/policy_update", "rl/logprobs", "rl/generate", "rl/prefill", "rl/decode_step"} <= set(functions)
     for f in functions.values():
         if f["name"] != "rl/sampling_layout":  # a relayout: copies, no FLOPs
             assert f["fits"] and f["flops"] > 0, f
@@ -105,12 +105,26 @@ def test_rl_functions_compile_for_a_tpu_slice(tiny_model):
     assert decode["collective_bytes"] < decode_from_training_layout["collective_bytes"]
 
 
+@needs_libtpu
+@pytest.mark.parametrize("method", ["chord", "gspo"])
+def test_the_compiled_update_takes_the_methods_own_inputs(tiny_model, method):
+    # compile and the trainer share one declaration (rl.step.rl_functions): CHORD's per-row mu is an input
+    # the compiled update reads, the same key the trainer feeds; a method without row inputs has none
+    result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4",
+                             [*_overrides(tiny_model), f"rl.method={method}", "sampling.n=4"])
+    update = _by_name(result)["rl/policy_update"]
+    batch_inputs = {name for name in update["inputs"] if name.startswith("batch[")}
+    assert {"batch['advantages']", "batch['old_logp']", "batch['response_mask']"} <= batch_inputs
+    assert ("batch['chord_mu']" in batch_inputs) == (method == "chord")
+    assert update["note"].startswith(f"{method}: ")
+
+
 @pytest.mark.slow
 @needs_cuda_plugin
 def test_sft_and_rl_compile_for_a_gpu(tiny_model):
     sft = _by_name(aot.compile_run(ROOT / "configs/tiny_sft.yaml", "1xh100", _overrides(tiny_model)))
     rl = _by_name(aot.compile_run(ROOT / "configs/tiny_rl.yaml", "1xh200", _overrides(tiny_model)))
-    for f in [sft["sft/train_step"], rl["rl/grpo_update"], rl["rl/decode_step"], rl["rl/generate"]]:
+    for f in [sft["sft/train_step"], rl["rl/policy_update"], rl["rl/decode_step"], rl["rl/generate"]]:
         assert f["fits"] and f["flops"] > 0 and f["bytes_accessed"] > 0, f
     assert rl["rl/decode_step"]["usable_bytes"] == int(0.9 * aot.CHIPS["h200"].hbm_bytes)
 

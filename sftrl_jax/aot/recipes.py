@@ -1,0 +1,247 @@
+"""What ``sftrl-jax compile`` compiles for each kind of run: the functions the trainers declare
+(:mod:`sftrl_jax.jitted`: ``sft_functions``, ``rl_functions``, ``probe_eval_spec``) against the run's
+state built with shapes only (:func:`sftrl_jax.training.abstract_context`), with the largest argument
+shapes a run can produce; and the sampler's (``_generate_batch``, the decode relayout, and one prefill
+and one decode step for their FLOPs and bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from .report import Compiler, _sds, _with_shardings
+from .topology import AotError
+
+COMPILABLE_KINDS = ("sft", "rl", "pipeline")
+
+
+# ------------------------------------------------------------------------------------- config kind
+def detect_kind(path: str | os.PathLike) -> str:
+    """``sft`` / ``rl`` / ``pipeline``: the ``kind:`` a config file (or its ``base:``) declares."""
+    from ..config import config_kind
+
+    kind = config_kind(path)
+    names = ", ".join(COMPILABLE_KINDS)
+    if kind not in COMPILABLE_KINDS:
+        raise AotError(f"{path}: " + (f"kind {kind!r} has nothing to compile ({names})" if kind else
+                                      f"no 'kind:' ({names}) in the config; add it or pass --kind"))
+    return kind
+
+
+def load_run_config(path, overrides, kind: str | None = None):
+    from ..config import load_config
+    from ..kinds import config_class
+
+    kind = kind or detect_kind(path)
+    return kind, load_config(config_class(kind), path, overrides)
+
+
+# ------------------------------------------------------------------------------------------ declared functions
+def _context(config, mesh, updates: int):
+    """The run's loop context with shapes only, and the abstract model."""
+    from ..training import abstract_context
+
+    return abstract_context(config, mesh, updates)
+
+
+def _declared(declare, ctx) -> dict:
+    try:
+        return declare(ctx)
+    except ValueError as err:  # a batch layout the mesh cannot hold, named by the declaration
+        raise AotError(str(err)) from None
+
+
+def compile_declared(compiler: Compiler, functions: dict, *, prefix: str) -> None:
+    """Compile each declared function (:class:`sftrl_jax.jitted.JitSpec`) as the trainer jits it."""
+    for name, spec in functions.items():
+        compiler.compile(f"{prefix}{name}", spec.lower, model_flops=spec.model_flops, resident=spec.resident,
+                         note=spec.note)
+
+
+def compile_sft(compiler: Compiler, config, mesh, *, prefix: str = "sft/"):
+    """The SFT trainer's functions; returns ``(ctx, model)``."""
+    from ..sft.step import sft_functions
+
+    ctx, model = _context(config, mesh, config.train.max_steps or 1000)
+    compile_declared(compiler, _declared(sft_functions, ctx), prefix=prefix)
+    return ctx, model
+
+
+def compile_rl(compiler: Compiler, config, mesh, *, prefix: str = "rl/"):
+    """The RL trainer's functions and the sampler its rollouts run; returns ``(ctx, model)``."""
+    from ..rl.step import rl_functions
+
+    cfg, sampling = config.rl, config.sampling
+    ctx, model = _context(config, mesh, (config.train.max_steps or 1000) * cfg.mini_batches_per_step * cfg.ppo_epochs)
+    compile_declared(compiler, _declared(rl_functions, ctx), prefix=prefix)
+    state = ctx.abstract_state
+    compile_sampler(compiler, ctx, model, prefix=prefix, prompts=cfg.prompts_per_step, batch_size=sampling.batch_size,
+                    n=sampling.n, prompt_length=config.data.max_prompt_length, max_new_tokens=sampling.max_new_tokens,
+                    temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                    resident={"state": state, "ref": state["params"] if cfg.kl_coef > 0 else None})
+    return ctx, model
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def sampling_params(ctx, model):
+    """The parameters the sampler decodes from (:func:`sftrl_jax.sampling.sampling_layout`: shapes,
+    dtypes and shardings), and whether they differ from the training parameters."""
+    import jax
+    from flax import nnx
+
+    from ..models.hf_io import param_shardings
+    from ..sampling import sampling_layout
+    from ..sharding import sampling_rules
+
+    if ctx.mesh.size == 1:
+        return ctx.abstract_state["params"], False
+    shapes = jax.eval_shape(lambda p: nnx.to_pure_dict(nnx.state(sampling_layout(nnx.merge(ctx.graphdef, p)))),
+                            ctx.abstract_state["params"])
+    return _with_shardings(shapes, param_shardings(model, sampling_rules(model.rules))), True
+
+
+def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int, batch_size: int, n: int,
+                    prompt_length: int, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                    resident=None) -> None:
+    """The sampler's jitted functions: the whole ``_generate_batch`` (its memory is the truth: prefill,
+    repeated cache, decode loop), and one prefill and one decode step for their FLOPs and bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    from ..data.batching import bucket_length
+    from ..sampling import _generate_batch, generation_rows
+    from ..sharding import named_sharding
+
+    mesh, config = ctx.mesh, ctx.model_config
+    rows = generation_rows(batch_size, prompts, ctx.shards)
+    length = bucket_length(prompt_length, maximum=1 << 30, minimum=16)
+    params, relaid = sampling_params(ctx, model)
+    cache_dtype = jnp.dtype(model.dtype).name
+    eos_ids = tuple(int(e) for e in config.eos_token_ids) or (-1,)
+    rows_sharding = named_sharding(("batch", "length"), mesh)
+    ids = _sds((rows, length), jnp.int32, rows_sharding)
+    mask = _sds((rows, length), jnp.int32, rows_sharding)
+    live = _sds((rows,), jnp.bool_, named_sharding(("batch",), mesh))
+    key_shape = jax.eval_shape(lambda: jax.random.key(0))
+    key = _sds(key_shape.shape, key_shape.dtype, named_sharding((), mesh))
+    resident = resident if resident is not None else {}
+    if relaid:
+        resident = _compile_relayout(compiler, ctx, prefix=prefix, resident=resident)
+    note = f"{rows} prompts x {n} samples, prompt {length} + {max_new_tokens} new tokens"
+    compiler.compile(
+        f"{prefix}generate",
+        lambda: _generate_batch.lower(ctx.graphdef, params, ids, mask, live, key, n=n, max_new_tokens=max_new_tokens,
+                                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                                      eos_ids=eos_ids, pad_id=0, cache_dtype=cache_dtype, split_layers=False),
+        resident=resident,
+        note=note + "; memory is the whole generation's; FLOPs/bytes count the decode while_loop (no known trip "
+                    "count) once on GPU and up to max_new_tokens times on TPU, so no MFU here (see "
+                    "prefill/decode_step)")
+    _compile_prefill_and_decode(compiler, ctx, params, ids, mask, prefix=prefix, n=n, max_new_tokens=max_new_tokens,
+                                cache_dtype=cache_dtype, resident=resident, relaid=relaid)
+
+
+def _compile_relayout(compiler: Compiler, ctx, *, prefix: str, resident: dict) -> dict:
+    """Compile the training -> decode parameter relayout; return what is resident while sampling after it."""
+    import jax
+    from flax import nnx
+
+    from ..sampling import sampling_layout
+
+    # the relayout itself (once per rollout phase): training params in, sampling copy out
+    def relayout_fn(p):
+        return nnx.to_pure_dict(nnx.state(sampling_layout(nnx.merge(ctx.graphdef, p))))
+
+    params = ctx.abstract_state["params"]
+    compiler.compile(f"{prefix}sampling_layout", lambda: jax.jit(relayout_fn).lower(params),
+                     resident=resident, note="training params -> decode layout (once per rollout phase)")
+    return {"during_sampling": resident, "train_params": params}
+
+
+def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, prefix: str, n: int,
+                                max_new_tokens: int, cache_dtype: str, resident: dict, relaid: bool) -> None:
+    """One prefill of the ``ids``/``mask`` prompts and one decode step (also from the training layout if
+    ``relaid``), for their FLOPs and bytes."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ..flops import forward_flops, generation_flops
+    from ..models.decoder import init_cache
+    from ..sharding import named_sharding
+
+    mesh, config = ctx.mesh, ctx.model_config
+    rows, length = ids.shape
+    total_rows = rows * n
+    max_len = length + max_new_tokens
+
+    def prefill(p, prompt_ids, prompt_mask):
+        model = nnx.merge(ctx.graphdef, p)
+        return model.prefill(prompt_ids, prompt_mask, init_cache(model.config, rows, max_len, cache_dtype))
+
+    compiler.compile(f"{prefix}prefill", lambda: jax.jit(prefill).lower(params, ids, mask),
+                     model_flops=rows * forward_flops(config, length), resident=resident,
+                     note=f"{rows} prompts x {length} tokens into a {max_len}-slot cache")
+
+    cache_shapes = jax.eval_shape(lambda: init_cache(config, total_rows, max_len, cache_dtype))
+
+    def cache_sharding(leaf):
+        axes = {5: ("layers", "batch", "kv_heads", "length", "head_dim"), 2: ("batch", "length")}.get(leaf.ndim)
+        return named_sharding(axes or (), mesh, shape=leaf.shape if axes else None)
+
+    cache = jax.tree.map(lambda leaf: _sds(leaf.shape, leaf.dtype, cache_sharding(leaf)), cache_shapes)
+    tokens = _sds((total_rows,), jnp.int32, named_sharding(("batch",), mesh))
+
+    def decode(p, token, kv):
+        return nnx.merge(ctx.graphdef, p).decode(token, kv)
+
+    decode_flops = total_rows * generation_flops(config, max_len, 1, prefill=False)
+    compiler.compile(f"{prefix}decode_step", lambda: jax.jit(decode, donate_argnums=2).lower(params, tokens, cache),
+                     model_flops=decode_flops, resident=resident,
+                     note=f"{total_rows} rows, one token against a {max_len}-slot cache (cache donated)")
+    if relaid:  # the same step from the training layout: what the decode layout saves per token
+        compiler.compile(f"{prefix}decode_step[train_layout]",
+                         lambda: jax.jit(decode, donate_argnums=2).lower(ctx.abstract_state["params"], tokens,
+                                                                         cache),
+                         model_flops=decode_flops, resident=resident["during_sampling"],
+                         note="decode_step with the FSDP training parameters, for comparison")
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def compile_pipeline(compiler: Compiler, config, mesh) -> None:
+    from ..jitted import without_params
+    from ..pipeline import probe_eval_spec, stage_config
+
+    seen: dict[str, str] = {}
+    first = None
+    for index, stage in enumerate(config.stages):
+        try:
+            stage_cfg = stage_config(config, index, config.model.path)
+        except ValueError as err:
+            raise AotError(str(err)) from None
+        key = json.dumps({k: v for k, v in dataclasses.asdict(stage_cfg).items() if k != "output_dir"}, sort_keys=True,
+                         default=str)
+        prefix = f"stage{index + 1}_{stage.kind}/"
+        if key in seen:
+            if compiler.log:
+                compiler.log(f"stage {index + 1} compiles the same functions as {seen[key]}")
+            continue
+        seen[key] = prefix
+        compiled = (compile_sft if stage.kind == "sft" else compile_rl)(compiler, stage_cfg, mesh, prefix=prefix)
+        first = first or compiled
+    if first is None:
+        return
+    ctx, model = first
+    probe, state = config.probe, ctx.abstract_state
+    if probe.sft_files:
+        spec = probe_eval_spec(probe, ctx.graphdef, mesh, state["params"], model_config=ctx.model_config,
+                               resident=without_params(state))
+        compiler.compile("probe/eval_step", spec.lower, model_flops=spec.model_flops, resident=spec.resident,
+                         note=spec.note)
+    if probe.prompt_files:
+        compile_sampler(compiler, ctx, model, prefix="probe/", prompts=probe.prompt_limit,
+                        batch_size=probe.sampling.batch_size, n=probe.sampling.n,
+                        prompt_length=probe.max_prompt_length, max_new_tokens=probe.sampling.max_new_tokens,
+                        temperature=probe.sampling.temperature, resident=without_params(state))
