@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from .models.config import ModelConfig
 
+# the metrics under which the trainers report their cumulative counted FLOPs (SFT: training; RL: training
+# and generation); ``train.max_flops`` stops a run when their sum reaches it
+COUNTED_FLOPS = ("flops_train", "flops_generate")
+
 
 def matmul_params(config: ModelConfig) -> int:
     c = config

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .checkpointing import TrainCheckpointer
 from .config import CheckpointOptions, ModelOptions, save_config
 from .distributed import initialize
+from .flops import COUNTED_FLOPS
 from .jitted import abstract
 from .metrics import MetricSinks, is_writer
 from .models import load_pretrained, load_tokenizer, save_pretrained
@@ -324,8 +325,9 @@ def _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step):
 
 
 def _budget_spent(max_flops: float | None, metrics: dict) -> bool:
-    """Whether the run's cumulative counted FLOPs (its ``flops_*`` metrics) reached ``max_flops``."""
-    return max_flops is not None and sum(v for k, v in metrics.items() if k.startswith("flops_")) >= max_flops
+    """Whether the run's cumulative counted FLOPs (its :data:`sftrl_jax.flops.COUNTED_FLOPS` metrics) reached
+    ``max_flops``."""
+    return max_flops is not None and sum(metrics.get(k, 0.0) for k in COUNTED_FLOPS) >= max_flops
 
 
 def _log_layout(ctx: LoopContext) -> None:

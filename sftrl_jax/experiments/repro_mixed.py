@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..config import deep_merge, from_dict
+from ..flops import COUNTED_FLOPS
 from ..metrics import read_jsonl
 from ..rl import RLConfig, run_rl
 from ..sft import SFTConfig, run_sft
@@ -50,9 +51,9 @@ def _settings(quick: bool) -> dict:
 
 
 def _flops(output_dir: Path) -> float:
-    """A run's counted FLOPs: its last record's cumulative ``flops_*`` values."""
-    records = [r for r in read_jsonl(output_dir / "metrics.jsonl") if any(k.startswith("flops_") for k in r)]
-    return sum(v for k, v in records[-1].items() if k.startswith("flops_")) if records else 0.0
+    """A run's counted FLOPs: its last record's cumulative :data:`~sftrl_jax.flops.COUNTED_FLOPS` values."""
+    records = [r for r in read_jsonl(output_dir / "metrics.jsonl") if any(k in r for k in COUNTED_FLOPS)]
+    return sum(records[-1].get(k, 0.0) for k in COUNTED_FLOPS) if records else 0.0
 
 
 @with_compilation_cache

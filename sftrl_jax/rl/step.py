@@ -103,7 +103,7 @@ def method_loss(method: PolicyMethod, logp, batch: dict, cfg, *, weights, demons
     policy = objective.policy
     if "tis_weight" in batch:
         policy = policy * batch["tis_weight"]
-    per_token = per_row(objective.policy_scale, logp.ndim) * policy
+    per_token = policy if objective.policy_scale is None else per_row(objective.policy_scale, logp.ndim) * policy
     stats = dict(objective.stats)
     if "ref_logp" in batch and cfg.kl_coef > 0:
         stats["kl_ref"] = kl_penalty(logp, batch["ref_logp"], cfg.kl_estimator)

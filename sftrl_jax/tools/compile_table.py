@@ -102,6 +102,10 @@ def _gb(x) -> str:
     return "–" if x is None else f"{x / 1e9:.1f}"
 
 
+def _percent(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f} %"
+
+
 def _fits(f: dict) -> str:
     if f.get("refused"):
         return "**no**: the compiler refused it (temp alone exceeds HBM; args not counted)"
@@ -112,12 +116,13 @@ def render_table(results: Path) -> str:
     """The compile table of docs/scaling.md from the JSON files under ``results/compile`` (rows in :data:`RUNS`'s
     order; a run not compiled yet says so)."""
     rows = [("| run | function | args | temp | total (+ resident) | HBM usable | fits (headroom) | "
-             "TFLOP / device | GB accessed / device | GB collectives / device | roofline bound | MFU bound |"),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TFLOP / device | GB accessed / device | GB collectives / device | roofline bound | MFU bound | "
+             "XLA:TPU estimate | MFU at estimate |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in run_names():
         path = results / "compile" / f"{name}.json"
         if not path.exists():
-            rows.append(f"| {name} | *not compiled yet* | | | | | | | | | | |")
+            rows.append(f"| {name} | *not compiled yet* | | | | | | | | | | | | |")
             continue
         result = json.loads(path.read_text())
         for i, f in enumerate(result["functions"]):
@@ -125,12 +130,12 @@ def render_table(results: Path) -> str:
             mfu = f.get("mfu_bound")
             if f.get("refused"):  # only the temporaries the refusal names are known
                 rows.append(f"| {label} | {f['name']} | ? | {_gb(f['temp_bytes'])} | > {_gb(f['temp_bytes'])} | "
-                            f"{_gb(f.get('usable_bytes'))} | {_fits(f)} | – | – | – | – | – |")
+                            f"{_gb(f.get('usable_bytes'))} | {_fits(f)} | – | – | – | – | – | – | – |")
                 continue
             if f["name"].endswith("generate"):  # memory only: the decode loop has no known trip count
                 rows.append(f"| {label} | {f['name']} | {_gb(f['argument_bytes'])} | {_gb(f['temp_bytes'])} | "
                             f"{_gb(f['total_bytes'])} (+{_gb(f.get('resident_bytes', 0))}) | "
-                            f"{_gb(f.get('usable_bytes'))} | {_fits(f)} | – | – | – | – | – |")
+                            f"{_gb(f.get('usable_bytes'))} | {_fits(f)} | – | – | – | – | – | – | – |")
                 continue
             if "decode_step" in f["name"]:
                 # XLA's byte count inflates in-place KV-cache updates inside the layer loop; a decode step's
@@ -141,11 +146,12 @@ def render_table(results: Path) -> str:
                 bound = floor / chip["hbm_bandwidth"]
                 mfu = (f.get("model_flops") or 0) / (bound * chip["peak_flops"] * result["devices"])
                 f = dict(f, bytes_accessed=floor, time_bound_s=bound, mfu_bound=mfu)
+            estimate, mfu_estimate = f.get("optimal_seconds"), f.get("mfu_optimal")
             rows.append(
                 f"| {label} | {f['name']} | {_gb(f['argument_bytes'])} | {_gb(f['temp_bytes'])} | "
                 f"{_gb(f['total_bytes'])} (+{_gb(f.get('resident_bytes', 0))}) | {_gb(f.get('usable_bytes'))} | "
                 f"{_fits(f)} | {f['flops'] / 1e12:.1f} | "
                 f"{f['bytes_accessed'] / 1e9:.1f} | {_gb(f.get('collective_bytes'))} | "
-                f"{f.get('time_bound_s', 0):.3g} s | "
-                f"{'–' if mfu is None else f'{100 * mfu:.0f} %'} |")
+                f"{f.get('time_bound_s', 0):.3g} s | {_percent(mfu)} | "
+                f"{'–' if estimate is None else f'{estimate:.3g} s'} | {_percent(mfu_estimate)} |")
     return "\n".join(rows) + "\n"

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..algorithms import compute_advantages
@@ -26,14 +27,14 @@ class Objective:
 
     ``policy`` ``[B, R]`` is aggregated with ``rl.agg_mode`` over the policy tokens (every response token,
     or only the sampled ones when the method trains demonstrations with a term of its own) and scaled per
-    row by ``policy_scale``; ``demonstration`` ``[B, R]`` (optional) is a token mean over demonstration
-    tokens scaled by ``demonstration_scale``. ``stats`` are per-token metrics, logged as token means over
+    row by ``policy_scale`` (None: not scaled); ``demonstration`` ``[B, R]`` (optional) is a token mean
+    over demonstration tokens scaled by ``demonstration_scale``. ``stats`` are per-token metrics, logged as token means over
     every response token.
     """
 
     policy: jax.Array
     stats: dict[str, jax.Array]
-    policy_scale: jax.Array | float = 1.0
+    policy_scale: jax.Array | float | None = None
     demonstration: jax.Array | None = None
     demonstration_scale: jax.Array | float = 0.0
 
@@ -103,7 +104,5 @@ def get_method(name: str) -> PolicyMethod:
 
 def per_row(value, ndim: int):
     """A scalar or per-row ``[B]`` value broadcastable against ``[B, R]`` arrays."""
-    import jax.numpy as jnp
-
     value = jnp.asarray(value, jnp.float32)
     return jnp.reshape(value, value.shape + (1,) * (ndim - value.ndim))
