@@ -343,12 +343,14 @@ class RewardOptions:
     """The grader (``sftrl_jax.rewards``): RL rewards, evaluation scores and the probe."""
 
     # the reward kind (sftrl_jax.rewards.REWARD_KINDS): math (math-verify equivalence), choice
-    # (multiple-choice letter), label (exact normalised label), python (reward.function)
+    # (multiple-choice letter), label (exact normalised label), luffy_eval (the label of LUFFY's published
+    # evaluation; grades after the first </think>, or the whole response without one, whatever
+    # require_think says), python (reward.function)
     kind: str = "math"
     # kind python: "module:function", called as fn(answer, ground_truth) -> score in [0, 1] in the
     # grading processes (imported there, not when the config is read)
     function: str | None = None
-    require_think: bool = False  # grade only after </think>; no </think> scores 0
+    require_think: bool = False  # grade only after </think>; no </think> scores 0 (not read by luffy_eval)
     timeout_s: float = layout(10.0)  # hard per-response limit (the worker is killed)
     num_workers: int | None = layout(None)  # grading processes (default: CPU count)
     # the reward of a correct and of a wrong answer in RL and the probe (Paper B's 0.385/0.343 suggest

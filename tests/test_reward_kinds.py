@@ -214,7 +214,7 @@ def test_grade_rules():
 
 
 @pytest.mark.parametrize("overrides, key, words", [
-    (["reward.kind=regex"], "reward.kind", "'choice' | 'label' | 'math' | 'python'"),
+    (["reward.kind=regex"], "reward.kind", "'choice' | 'label' | 'luffy_eval' | 'math' | 'python'"),
     (["reward.kind=python"], "reward.function", "needs the scorer"),
     (["reward.kind=python", "reward.function=just_a_name"], "reward.function", "'module:function'"),
     (["reward.kind=python", "reward.function=a b:c"], "reward.function", "'module:function'"),

@@ -6,7 +6,9 @@ nothing but the kind's name (and ``reward.function``) is sent to the worker. The
 shares are applied around the scorer by :func:`grade`:
 
 - ``answer`` is the response, or with ``reward.require_think`` the text after its last
-  ``</think>``; a response without one scores 0 without calling the scorer;
+  ``</think>``; a response without one scores 0 without calling the scorer. A kind registered with
+  ``whole_response=True`` (``luffy_eval``) always gets the whole response and applies its own
+  ``</think>`` rule: ``reward.require_think`` does not apply to it (:func:`applies_require_think`);
 - a response that is not a string, or a missing ground truth, scores 0;
 - a scorer that raises, or returns anything but a number in [0, 1] (NaN, 1.5, None), scores 0 and
   the failure is reported (``ScoreResult.num_errors``; the pool logs one warning per batch).
@@ -20,6 +22,9 @@ Built-in kinds:
   the ground-truth letter A-J (``C``, ``(C)``, ``c``); a ground truth that is not a letter is an error;
 - ``label``: exact match of a normalised label (CoLA's ``acceptable``/``unacceptable``, ``0``/``1``):
   see :func:`label_answer` and :func:`normalize_label`;
+- ``luffy_eval``: the label LUFFY's published evaluation gives (:func:`sftrl_jax.rewards.luffy_eval_score`:
+  the last ``\\boxed{}`` of the text after the first ``</think>``, or of the whole response when it
+  has none, compared by MATH-style normalisation, sympy, then math-verify);
 - ``python``: the user's own scorer named by ``reward.function`` (``"module:function"``), imported
   in each worker when the pool starts; it is called as ``fn(answer, ground_truth)`` and must return a
   number in [0, 1]. The worker runs under the pool's address-space limit (4 GiB by default).
@@ -41,6 +46,7 @@ import math
 import re
 from collections.abc import Callable
 
+from .luffy_eval import luffy_answer, luffy_eval_score
 from .math_reward import (
     _WRAPPER,
     _answer_part,
@@ -51,8 +57,8 @@ from .math_reward import (
     is_choice_answer,
 )
 
-__all__ = ["REWARD_KINDS", "RewardKind", "RewardLoadError", "grade", "label_answer", "load_scorer",
-           "normalize_label", "parse_function", "reward_kind"]
+__all__ = ["REWARD_KINDS", "RewardKind", "RewardLoadError", "applies_require_think", "grade", "label_answer",
+           "load_scorer", "normalize_label", "parse_function", "reward_kind"]
 
 Scorer = Callable[[str, str], float]
 
@@ -73,13 +79,16 @@ class RewardKind:
     warmup: tuple[str, str] | None = None
     # (answer, ground truth) -> the answer the scorer reads, for evaluation records (None: not shown)
     extract: Callable[[str, str], str | None] | None = None
+    # the scorer (and extract) get the whole response and apply their own </think> rule;
+    # reward.require_think is not applied
+    whole_response: bool = False
 
 
 REWARD_KINDS: dict[str, RewardKind] = {}
 
 
 def reward_kind(name: str, *, takes_function: bool = False, warmup: tuple[str, str] | None = None,
-                extract: Callable[[str, str], str | None] | None = None):
+                extract: Callable[[str, str], str | None] | None = None, whole_response: bool = False):
     """Register the decorated function as reward kind ``name``.
 
     The function is the scorer ``(answer, ground_truth) -> float``, or with ``takes_function`` a loader
@@ -90,7 +99,7 @@ def reward_kind(name: str, *, takes_function: bool = False, warmup: tuple[str, s
         if name in REWARD_KINDS:
             raise ValueError(f"reward kind {name!r} is registered twice")
         load = fn if takes_function else (lambda _function: fn)
-        REWARD_KINDS[name] = RewardKind(name, load, takes_function, warmup, extract)
+        REWARD_KINDS[name] = RewardKind(name, load, takes_function, warmup, extract, whole_response)
         return fn
 
     return register
@@ -101,6 +110,12 @@ def load_scorer(kind: str, function: str | None = None) -> Scorer:
     if kind not in REWARD_KINDS:
         raise RewardLoadError(f"unknown reward.kind {kind!r}; choices: {', '.join(sorted(REWARD_KINDS))}")
     return REWARD_KINDS[kind].load(function)
+
+
+def applies_require_think(kind: str, require_think: bool) -> bool:
+    """Whether ``reward.require_think`` cuts the responses kind ``kind`` grades: it does unless the kind
+    applies its own ``</think>`` rule (``whole_response``)."""
+    return bool(require_think) and not REWARD_KINDS[kind].whole_response
 
 
 def grade(scorer: Scorer, response, ground_truth, require_think: bool) -> tuple[float, str | None]:
@@ -199,6 +214,23 @@ def label_score(answer: str, ground_truth: str) -> float:
     if not truth:
         raise ValueError(f"ground truth {ground_truth!r:.60} is an empty label")
     return float(label_answer(answer) == truth)
+
+
+# ----------------------------------------------------------------------------- luffy_eval
+
+# LUFFY's evaluation chooses the graded text itself: the text after the first </think> when there
+# is one, else the whole response (its prompts end with "<think>\n", and a response that never closes
+# its thinking is still graded). reward.require_think would score such a response 0 without asking
+# the scorer, so this kind takes the whole response (whole_response=True) whatever require_think says,
+# and luffy_eval_score applies LUFFY's rule. The warm-up is a wrong answer, so that each worker
+# imports sympy and math-verify before it reports ready.
+
+
+@reward_kind("luffy_eval", warmup=("\\boxed{2}", "1"), whole_response=True,
+             extract=lambda response, _ground_truth: luffy_answer(response))
+def luffy_eval_kind_score(response: str, ground_truth: str) -> float:
+    """LUFFY's published evaluation label of the whole response (:func:`sftrl_jax.rewards.luffy_eval_score`)."""
+    return luffy_eval_score(response, ground_truth)
 
 
 # ----------------------------------------------------------------------------- python

@@ -44,7 +44,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 
-from sftrl_jax.rewards.kinds import REWARD_KINDS, RewardLoadError, grade, load_scorer
+from sftrl_jax.rewards.kinds import REWARD_KINDS, RewardLoadError, applies_require_think, grade, load_scorer
 from sftrl_jax.run_folder import pid_alive
 
 logger = logging.getLogger("sftrl_jax.rewards")
@@ -144,7 +144,7 @@ def _worker_main(conn, memory_limit_mb: int | None, pool_pid: int, kind: str, fu
         if task is None:
             return
         response, ground_truth, require_think = task
-        conn.send(grade(scorer, response, ground_truth, require_think))
+        conn.send(grade(scorer, response, ground_truth, applies_require_think(kind, require_think)))
 
 
 _spawner_lock = threading.Lock()
@@ -365,7 +365,8 @@ class RewardPool:
     ) -> ScoreResult:
         """Grade ``responses[i]`` against ``ground_truths[i]`` with the pool's reward kind, in parallel.
 
-        ``require_think``: grade only the text after the last ``</think>``; a response without one scores 0.
+        ``require_think``: grade only the text after the last ``</think>``; a response without one scores 0
+        (not applied by kinds with their own ``</think>`` rule, such as ``luffy_eval``).
         """
         responses, ground_truths = list(responses), list(ground_truths)
         if len(responses) != len(ground_truths):

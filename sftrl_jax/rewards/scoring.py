@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .kinds import REWARD_KINDS
+from .kinds import REWARD_KINDS, applies_require_think
 from .math_reward import _answer_part
 from .pool import RewardPool, ScoreResult
 
@@ -64,7 +64,7 @@ class Reward:
         if self.pool is None or not isinstance(response, str):
             return None
         extract = REWARD_KINDS[self.pool.kind].extract
-        text = _answer_part(response, self.require_think)
+        text = _answer_part(response, applies_require_think(self.pool.kind, self.require_think))
         return extract(text, ground_truth) if extract is not None and text is not None else None
 
 

@@ -28,8 +28,8 @@ class Objective:
     ``policy`` ``[B, R]`` is aggregated with ``rl.agg_mode`` over the policy tokens (every response token,
     or only the sampled ones when the method trains demonstrations with a term of its own) and scaled per
     row by ``policy_scale`` (None: not scaled); ``demonstration`` ``[B, R]`` (optional) is a token mean
-    over demonstration tokens scaled by ``demonstration_scale``. ``stats`` are per-token metrics, logged as token means over
-    every response token.
+    over demonstration tokens scaled by ``demonstration_scale``. ``stats`` are per-token metrics, logged as
+    token means over every response token.
     """
 
     policy: jax.Array
