@@ -11,7 +11,7 @@ import pytest
 from rl_helpers import update_loss
 
 from sft_fixtures import make_model_dir, write_parquet
-from sftrl_jax.config import load_config
+from sftrl_jax.config import ConfigError, load_config
 from sftrl_jax.rl import RLConfig, chord_mu, chord_sft_token_losses, luffy_token_losses, run_rl
 from sftrl_jax.rl.config import RLSection
 
@@ -94,15 +94,19 @@ def _config(workdir, out, *overrides):
     return load_config(RLConfig, overrides=[
         f"model.path={model_dir}", f"data.files=[{data}]", f"output_dir={root / out}", "rl.prompts_per_step=4",
         "sampling.n=4", "rl.mini_batches_per_step=2", "train.micro_batch_size=1", "sampling.max_new_tokens=16",
-        "train.seed=0", "train.max_steps=2", "checkpoint.save_every=0", "logging.progress=false", *overrides])
+        "train.seed=0", "train.max_steps=2", "checkpoint.save_every=0", "logging.progress=false",
+        "rl.loss_scale_factor=64", *overrides])
 
 
 def test_method_defaults_follow_the_recipes():
-    luffy, grpo = RLSection(method="luffy"), RLSection()
+    luffy, grpo = RLSection(method="luffy", loss_scale_factor=65536.0), RLSection()
     assert (luffy.norm_adv_by_std, luffy.agg_mode, luffy.entropy_coef, luffy.clip_on_policy) == \
         (False, "seq-mean-token-sum-norm", 0.001, False)
     assert (grpo.norm_adv_by_std, grpo.agg_mode, grpo.entropy_coef) == (True, "token-mean", 0.0)
-    assert RLSection(method="luffy", entropy_coef=0.0).entropy_coef == 0.0  # a set value wins
+    assert RLSection(method="luffy", entropy_coef=0.0, loss_scale_factor=1.0).entropy_coef == 0.0  # set wins
+    with pytest.raises(ConfigError, match=r"^config key 'rl.loss_scale_factor': .*8192 x 8.*65536"):
+        RLSection(method="luffy")  # LUFFY's constant depends on its ranks: stated, never guessed
+    assert RLSection(method="luffy", agg_mode="token-mean").loss_scale_factor is None  # not used there
 
 
 @pytest.mark.slow
@@ -141,3 +145,23 @@ def test_rl_past_the_models_positions_is_refused_before_training(workdir):
     with pytest.raises(ValueError, match=r"the longest prompt \(\d+ tokens\) \+ sampling.max_new_tokens \(\d+\) "
                                          r"exceeds the model's max_position_embeddings \(512\)"):
         run_rl(_config(workdir, "too_long", "sampling.max_new_tokens=600"), reward_fn=lambda t, g, i: [0.0] * len(t))
+
+
+@pytest.mark.parametrize("suffix", ["<think>\n", ""])
+def test_demonstrations_drop_a_think_the_prompt_already_opens(workdir, tmp_path, suffix):
+    from sftrl_jax.data.prompts import PromptDataOptions, load_prompt_items
+    from sftrl_jax.models import load_tokenizer
+    from sftrl_jax.rl.demonstrations import load_demonstrations
+
+    _, model_dir, _ = workdir
+    target = "<think>\nsay it</think>\\boxed{1}"
+    data = write_parquet([{"prompt": [{"role": "user", "content": "say 1"}], "reward_model": {"ground_truth": "1"},
+                           "target": [{"role": "assistant", "content": target}]}], tmp_path / "think.parquet")
+    tokenizer = load_tokenizer(model_dir)
+    options = PromptDataOptions(files=[str(data)], prompt_suffix=suffix)
+    items, _ = load_prompt_items(options, tokenizer)
+    demo = load_demonstrations(items, options, tokenizer, eos_id=tokenizer.eos_token_id, max_new_tokens=64)
+    # LUFFY's dataset: a prompt that opens the block keeps the only <think>; otherwise the target keeps its own
+    expected = target[len("<think>\n"):] if suffix else target
+    assert demo[items[0].prompt_id].text == expected
+    assert demo[items[0].prompt_id].token_ids[:-1] == tokenizer(expected, add_special_tokens=False)["input_ids"]

@@ -123,7 +123,7 @@ def test_mixed_policy_update_does_not_depend_on_the_micro_batch_split(workdir, m
     _, model_dir = workdir
     rollouts = _random_rollouts(1, (4, 16, 3, 9, 2, 14, 5, 7), off_policy=[False, False, False, True] * 2)
     responses = rollouts.responses
-    cfg = RLSection(method=method, clip_high=0.28, entropy_coef=0.01)
+    cfg = RLSection(method=method, clip_high=0.28, entropy_coef=0.01, loss_scale_factor=64.0)
     reference, _, before = _update(model_dir, rollouts, cfg, devices=1, micro_batch_size=8)
     for devices, micro in [(2, 2), (8, 1)]:
         params, metrics, _ = _update(model_dir, rollouts, cfg, devices=devices, micro_batch_size=micro)

@@ -64,7 +64,7 @@ def test_dynamic_sampling_drops_groups_by_accuracy_not_by_shaped_reward():
 
 
 def test_a_mixed_policy_group_is_n_minus_1_samples_and_the_demonstration():
-    config = _config("rl.method=luffy")
+    config = _config("rl.method=luffy", "rl.loss_scale_factor=64")
     sampler = FakeSampler({0: [0, 0, 0], 1: [1, 0, 1]}, {0: [3] * 3, 1: [4] * 3})
     demos = {0: Demonstration("right", [7, 7, 2], False), 1: Demonstration("right", [8, 2], True)}
     out = collect_rollouts(sampler, _items(2), EpochSampler(2, 2, seed=0, shuffle=False), _score, config, 0,

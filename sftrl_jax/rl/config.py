@@ -82,6 +82,7 @@ class RLSection:
         for key, value in method.resolved_defaults().items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        method.validate(self)
         if self.tis_cap is not None and self.old_logprobs != "recompute":
             raise ConfigError("config key 'rl.tis_cap': truncated importance sampling weighs the recomputed old "
                               "log-probs against the sampler's; it needs rl.old_logprobs: recompute")

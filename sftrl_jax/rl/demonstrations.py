@@ -3,8 +3,11 @@
 A demonstration is the row's ``target`` (LUFFY's parquet layout: ``[{"role": "assistant",
 "content": ...}]``) or ``response`` (our SFT formats), read as SFT reads it
 (:func:`sftrl_jax.data.sft.demonstration_text`) and tokenised as a response: the text, then the EOS
-id. One longer than the response budget is cut to it and marked truncated. Demonstrations are
-matched to the RL prompts by their templated prompt text, so the same rows feed both.
+id. When the templated prompt already ends with ``<think>\n`` (a template that opens the reasoning
+block, as LUFFY's model's does), a demonstration's own leading ``<think>\n`` is dropped, as LUFFY's
+dataset does, so the policy is not trained on a second one. One longer than the response budget is
+cut to it and marked truncated. Demonstrations are matched to the RL prompts by their templated prompt
+text, so the same rows feed both.
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ class Demonstration:
     truncated: bool
 
 
+THINK_OPEN = "<think>\n"
+
+
+def without_repeated_think(prompt: str, demonstration: str) -> str:
+    """``demonstration`` without its leading ``<think>\n`` when ``prompt`` already ends with one."""
+    if prompt.endswith(THINK_OPEN) and demonstration.startswith(THINK_OPEN):
+        return demonstration[len(THINK_OPEN):]
+    return demonstration
+
+
 def load_demonstrations(items, options: PromptDataOptions, tokenizer, *, eos_id: int, max_new_tokens: int,
                         response_field: str | None = None) -> dict[int, Demonstration]:
     """``prompt_id -> Demonstration`` for every item; raises naming the files when a prompt has none."""
@@ -44,7 +57,7 @@ def load_demonstrations(items, options: PromptDataOptions, tokenizer, *, eos_id:
         raise ValueError(f"data.files ({', '.join(map(str, options.files))}): {len(missing)} of {len(items)} prompts "
                          f"have no demonstration (a 'target' or 'response' field, or rl.demonstration_field), e.g. "
                          f"prompt {missing[0].prompt_id}; rl.method luffy/chord needs one per prompt")
-    texts = [by_prompt[item.prompt_text] for item in items]
+    texts = [without_repeated_think(item.prompt_text, by_prompt[item.prompt_text]) for item in items]
     encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     out, cut = {}, 0
     for item, text, ids in zip(items, texts, encoded):

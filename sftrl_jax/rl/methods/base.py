@@ -61,6 +61,10 @@ class PolicyMethod:
     def resolved_defaults(self) -> dict[str, Any]:
         return {**self.base_defaults, **self.defaults}
 
+    def validate(self, cfg) -> None:
+        """Refuse settings the method cannot run as intended (a :class:`sftrl_jax.config.ConfigError` naming
+        the ``rl`` key and why); called once the defaults are filled in."""
+
     def advantages(self, rewards: np.ndarray, off_policy: np.ndarray, group_size: int, cfg) -> np.ndarray:
         """One advantage per sequence from rewards laid out as consecutive groups: group-relative (GRPO)."""
         return np.asarray(compute_advantages(rewards, group_size, norm_by_std=cfg.norm_adv_by_std))

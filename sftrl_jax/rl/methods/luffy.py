@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ...config import ConfigError
 from .base import Objective, PolicyMethod, register
 
 
@@ -38,6 +39,17 @@ class LUFFY(PolicyMethod):
     defaults = {"norm_adv_by_std": False, "agg_mode": "seq-mean-token-sum-norm", "entropy_coef": 0.001,
                 "clip_on_policy": False}
     demonstrations = "policy"
+
+    def validate(self, cfg) -> None:
+        # LUFFY divides each rank's summed token losses by its padded response length and averages over its
+        # ranks: the global sum over (response length x ranks). No default can know the ranks of the run
+        # being reproduced, so the constant must be stated.
+        if cfg.agg_mode == "seq-mean-token-sum-norm" and cfg.loss_scale_factor is None:
+            raise ConfigError(
+                "config key 'rl.loss_scale_factor': rl.method=luffy with agg_mode seq-mean-token-sum-norm needs "
+                "the constant the summed token losses are divided by. LUFFY's released run divides by its padded response length "
+                "times its 8 data-parallel ranks (8192 x 8): set rl.loss_scale_factor=65536 to reproduce it, or "
+                "sampling.max_new_tokens x the ranks of the run you compare with")
 
     def objective(self, logp, batch, cfg) -> Objective:
         losses = luffy_token_losses(logp, batch["old_logp"], batch["advantages"], batch["response_off_policy"],
