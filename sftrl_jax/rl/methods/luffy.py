@@ -46,10 +46,11 @@ class LUFFY(PolicyMethod):
         # being reproduced, so the constant must be stated.
         if cfg.agg_mode == "seq-mean-token-sum-norm" and cfg.loss_scale_factor is None:
             raise ConfigError(
-                "config key 'rl.loss_scale_factor': rl.method=luffy with agg_mode seq-mean-token-sum-norm needs "
-                "the constant the summed token losses are divided by. LUFFY's released run divides by its padded response length "
-                "times its 8 data-parallel ranks (8192 x 8): set rl.loss_scale_factor=65536 to reproduce it, or "
-                "sampling.max_new_tokens x the ranks of the run you compare with")
+                "config key 'rl.loss_scale_factor': rl.method=luffy with agg_mode seq-mean-token-sum-norm "
+                "needs the constant the summed token losses are divided by. LUFFY's released run divides by "
+                "its padded response length times its 8 data-parallel ranks (8192 x 8): set "
+                "rl.loss_scale_factor=65536 to reproduce it, or sampling.max_new_tokens x the ranks of the run "
+                "you compare with")
 
     def objective(self, logp, batch, cfg) -> Objective:
         losses = luffy_token_losses(logp, batch["old_logp"], batch["advantages"], batch["response_off_policy"],
