@@ -119,9 +119,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     results = run_eval(config)
-    average = results["math_average"]
-    print(f"eval: results {config.output_dir}/results.json"
-          + (f"; math average {100 * average:.1f}%" if average is not None else ""))
+    averages = "".join(f"; {name} average {100 * results[f'{key}_average']:.1f}%"
+                       for key, name in (("math", "math"), ("ood", "OOD")) if results[f"{key}_average"] is not None)
+    print(f"eval: results {config.output_dir}/results.json{averages} (grader: reward.kind={results['grader']})")
     return 0
 
 

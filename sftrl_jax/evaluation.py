@@ -46,6 +46,7 @@ from .run_folder import owned_folder
 log = logging.getLogger("sftrl_jax.eval")
 
 MATH_BENCHMARKS = ["aime", "aime25", "amc", "math", "minerva", "olympiad_bench"]
+OOD_BENCHMARKS = ["arc_c", "gpqa", "mmlu_pro"]  # LUFFY's out-of-distribution set
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -58,6 +59,7 @@ class EvalConfig(RunConfig):
     reward: RewardOptions = dataclasses.field(default_factory=RewardOptions, metadata=not_layout("timeout_s"))
     # which benchmarks the math average is over (the generations do not depend on it)
     math_benchmarks: list[str] = layout(default_factory=lambda: list(MATH_BENCHMARKS))
+    ood_benchmarks: list[str] = layout(default_factory=lambda: list(OOD_BENCHMARKS))  # ... and the OOD average
     chunk_size: int = layout(256)  # prompts generated and graded between two appends to generations.jsonl
     output_dir: str = layout("runs/eval")
 
@@ -108,8 +110,9 @@ def _mean(records: Sequence[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records) if records else 0.0
 
 
-def summarize(records: Sequence[dict], math_benchmarks: Sequence[str]) -> dict:
-    """Per-benchmark metrics and the unweighted math average from generation records.
+def summarize(records: Sequence[dict], math_benchmarks: Sequence[str], ood_benchmarks: Sequence[str] = ()) -> dict:
+    """Per-benchmark metrics and the unweighted math and OOD averages (over the listed benchmarks present; None
+    when none is) from generation records.
 
     A problem is a record's ``problem_id`` (its ``prompt_id`` when it has none): its attempts are all
     its records, repeated rows and ``n`` samples together. Over-long prompts (``prompt_too_long``)
@@ -142,9 +145,12 @@ def summarize(records: Sequence[dict], math_benchmarks: Sequence[str]) -> dict:
                 metrics[f"pass@{k}"] = sum(pass_at_k(len(s), int(sum(s)), k) for s in per_problem.values()) / len(
                     per_problem)
         benchmarks[name] = metrics
-    present = [b for b in math_benchmarks if b in benchmarks]
-    average = sum(benchmarks[b]["accuracy"] for b in present) / len(present) if present else None
-    return {"benchmarks": benchmarks, "math_average": average, "math_benchmarks": present}
+    out = {"benchmarks": benchmarks}
+    for group, names in (("math", math_benchmarks), ("ood", ood_benchmarks)):
+        present = [b for b in names if b in benchmarks]
+        out[f"{group}_average"] = sum(benchmarks[b]["accuracy"] for b in present) / len(present) if present else None
+        out[f"{group}_benchmarks"] = present
+    return out
 
 
 _GENERATION_FIELDS = ("prompt_id", "sample", "benchmark", "score", "num_tokens", "truncated", "timed_out")
@@ -220,8 +226,8 @@ def _evaluate(config: EvalConfig, out: Path, *, generator: Generator | None, pro
         records.extend(_generate_and_grade(config, generator, todo, out / "generations.jsonl", total=len(items),
                                            problems=problems, progress=progress))
     records.sort(key=lambda r: (r["prompt_id"], r["sample"]))
-    results = summarize(records, config.math_benchmarks)
-    results.update(skipped={"bad_rows": skipped["bad_rows"]}, prompt_too_long=too_long,
+    results = summarize(records, config.math_benchmarks, config.ood_benchmarks)
+    results.update(grader=config.reward.kind, skipped={"bad_rows": skipped["bad_rows"]}, prompt_too_long=too_long,
                    max_prompt_length=config.data.max_prompt_length, samples_per_prompt=config.sampling.n,
                    sampling=dataclasses.asdict(config.sampling), model=config.model.path)
     if is_writer():
@@ -315,7 +321,7 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="evaluation")
+    table = Table(title=f"evaluation (grader: reward.kind={results.get('grader', 'math')})")
     columns = ["prompts", "problems", "attempts", "accuracy", "avg@k", "mean_response_tokens", "truncated_share",
                "timed_out_share", "prompt_too_long"]
     extra = sorted({k for m in results["benchmarks"].values() for k in m if k.startswith("pass@")},
@@ -328,8 +334,9 @@ def print_table(results: dict) -> None:
         cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, ""))
                  for c in columns + extra]
         table.add_row(name, *cells)
-    if results["math_average"] is not None:
-        table.add_row("math average", "", "", "", f"{results['math_average']:.3f}")
+    for group in ("math", "ood"):
+        if results.get(f"{group}_average") is not None:
+            table.add_row(f"{group.replace('ood', 'OOD')} average", "", "", "", f"{results[f'{group}_average']:.3f}")
     Console().print(table)
 
 
@@ -341,11 +348,11 @@ def plot_results(results: dict, path: Path) -> None:
 
     names = list(results["benchmarks"])
     values = [100 * results["benchmarks"][b]["accuracy"] for b in names]
-    if results["math_average"] is not None:
-        names.append("math avg")
-        values.append(100 * results["math_average"])
+    averages = [f"{group} avg" for group in ("math", "OOD") if results.get(f"{group.lower()}_average") is not None]
+    names += averages
+    values += [100 * results[f"{name.split()[0].lower()}_average"] for name in averages]
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names)), 3.5))
-    bars = ax.bar(names, values, color=["#dd8452" if n == "math avg" else "#4c72b0" for n in names])
+    bars = ax.bar(names, values, color=["#dd8452" if n in averages else "#4c72b0" for n in names])
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, max(100, max(values, default=0) * 1.1))

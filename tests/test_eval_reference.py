@@ -345,3 +345,16 @@ def test_copying_a_model_keeps_its_generation_config(hf_checkpoint, tmp_path):
     copy_tokenizer_files(source, tmp_path / "dst")
     assert json.loads((tmp_path / "dst" / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
     shutil.rmtree(tmp_path / "dst")
+
+
+def test_math_and_ood_averages_are_unweighted_means_of_their_benchmarks():
+    records = ([_record(p, p, float(p < 3), "math") for p in range(4)]  # math 3/4
+               + [_record(10 + p, 10 + p, float(p < 1), "amc") for p in range(2)]  # amc 1/2
+               + [_record(20 + p, 20 + p, 1.0, "gpqa") for p in range(5)]  # gpqa 1
+               + [_record(30 + p, 30 + p, float(p == 0), "arc_c") for p in range(4)])  # arc_c 1/4
+    results = summarize(records, ["math", "amc", "aime"], ["arc_c", "gpqa", "mmlu_pro"])
+    assert results["math_average"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert results["math_benchmarks"] == ["math", "amc"]
+    assert results["ood_average"] == pytest.approx((1 / 4 + 1) / 2)
+    assert results["ood_benchmarks"] == ["arc_c", "gpqa"]
+    assert summarize(records[:4], ["math"], ["gpqa"])["ood_average"] is None
