@@ -172,8 +172,8 @@ LAYOUT = {
     "pipeline": {"output_dir", "logging", "distributed", "mesh", "reward.num_workers", "reward.timeout_s",
                  *_MODEL_LAYOUT},
     # reward.timeout_s decides which responses score 0, so it is not ignored by the evaluation's resume
-    "eval": {"output_dir", "mesh", "distributed", "chunk_size", "math_benchmarks", "sampling.batch_size",
-             "reward.num_workers", *_MODEL_LAYOUT},
+    "eval": {"output_dir", "mesh", "distributed", "chunk_size", "math_benchmarks", "ood_benchmarks",
+             "sampling.batch_size", "reward.num_workers", *_MODEL_LAYOUT},
 }
 
 
