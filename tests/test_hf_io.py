@@ -171,3 +171,23 @@ def test_loading_streams_one_tensor_at_a_time(hf_checkpoint, monkeypatch):
     reads = [e[1] for e in events if e[0] == "read"]
     assert len(reads) == len(set(reads)) == len(SafetensorsReader(hf_checkpoint("qwen2_untied")).names())
     assert jax.device_count() == 8
+
+
+def test_a_tokenizer_that_needs_code_from_its_folder_is_refused_without_running_it(tmp_path, monkeypatch):
+    import io
+    import json
+
+    from hf_checkpoints import make_tokenizer
+
+    directory = make_tokenizer(tmp_path / "tok")
+    marker = tmp_path / "ran"
+    (directory / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                       "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": [None, "evil.EvilTokenizer"]})
+    config_path.write_text(json.dumps(config))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))  # a prompt answered yes must not happen
+    with pytest.raises(ValueError, match="runs no code from a model folder"):
+        load_tokenizer(directory)
+    assert not marker.exists()

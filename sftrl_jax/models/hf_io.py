@@ -402,10 +402,17 @@ def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLi
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer (with its chat template) of a local Hugging Face directory."""
+    """The tokenizer (with its chat template) of a local Hugging Face directory. Code the directory names
+    (``auto_map`` to a ``.py`` file in it) is never run or asked about: a tokenizer that needs it is refused."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {directory}")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"{directory}: its tokenizer needs code from the folder (tokenizer_config.json auto_map); "
+                         "sftrl-jax runs no code from a model folder") from None
