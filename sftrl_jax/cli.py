@@ -115,12 +115,12 @@ def cmd_repro(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import run_eval
+    from .evaluation import AVERAGES, run_eval
 
     config = _load_config(args)
     results = run_eval(config)
     averages = "".join(f"; {name} average {100 * results[f'{key}_average']:.1f}%"
-                       for key, name in (("math", "math"), ("ood", "OOD")) if results[f"{key}_average"] is not None)
+                       for key, name in AVERAGES.items() if results[f"{key}_average"] is not None)
     print(f"eval: results {config.output_dir}/results.json{averages} (grader: reward.kind={results['grader']})")
     return 0
 

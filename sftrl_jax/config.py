@@ -181,6 +181,19 @@ def check_range(value: Any, spec: str, tp, key: str) -> None:
         raise ConfigError(f"config key {key!r}: expected {_describe(tp, spec)}, got {value!r}")
 
 
+def section_defaults(field: dataclasses.Field, section: type) -> dict[str, Any]:
+    """The values a section field's default factory sets apart from its class's own defaults (RL's
+    ``optimizer``: lr 1e-6, constant). Only those: the rest is left to the class, so the values its
+    ``__post_init__`` fills in from others (``rl.method``'s defaults) never become settings."""
+    ours = field.default_factory()
+    try:
+        plain = section()
+    except TypeError:  # a section with required keys: all of the factory's values
+        return dataclasses.asdict(ours)
+    return {f.name: dataclasses.asdict(ours)[f.name] for f in dataclasses.fields(section)
+            if f.init and getattr(ours, f.name) != getattr(plain, f.name)}
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested mapping, checking keys, types and allowed ranges."""
     hints = typing.get_type_hints(cls)
@@ -199,11 +212,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         if name in data:
             value = data[name]
             if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping) \
-                    and field.default_factory not in (dataclasses.MISSING, hints[name]):
-                # a partial section starts from this config's defaults for it (e.g. RL's optimizer defaults);
-                # a section built by its own class has no others, and merging its values would turn the
-                # ones its __post_init__ resolves (rl.method's defaults) into settings
-                value = deep_merge(dataclasses.asdict(field.default_factory()), value)
+                    and field.default_factory is not dataclasses.MISSING:
+                # a partial section starts from this config's own defaults for it (e.g. RL's optimizer lr)
+                value = deep_merge(section_defaults(field, hints[name]), value)
             kwargs[name] = _convert(value, hints[name], dotted)
             if name in ranges:
                 check_range(kwargs[name], ranges[name], hints[name], dotted)
@@ -344,7 +355,7 @@ class RewardOptions:
 
     # the reward kind (sftrl_jax.rewards.REWARD_KINDS): math (math-verify equivalence), choice
     # (multiple-choice letter), label (exact normalised label), luffy_eval (the label of LUFFY's published
-    # evaluation; grades after the first </think>, or the whole response without one, whatever
+    # evaluation; grades after the first </think> up to any second, or the whole response without one, whatever
     # require_think says), python (reward.function)
     kind: str = "math"
     # kind python: "module:function", called as fn(answer, ground_truth) -> score in [0, 1] in the

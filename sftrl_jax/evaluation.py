@@ -47,6 +47,7 @@ log = logging.getLogger("sftrl_jax.eval")
 
 MATH_BENCHMARKS = ["aime", "aime25", "amc", "math", "minerva", "olympiad_bench"]
 OOD_BENCHMARKS = ["arc_c", "gpqa", "mmlu_pro"]  # LUFFY's out-of-distribution set
+AVERAGES = {"math": "math", "ood": "OOD"}  # results key prefix -> the name the table, plot and CLI print
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -146,7 +147,7 @@ def summarize(records: Sequence[dict], math_benchmarks: Sequence[str], ood_bench
                     per_problem)
         benchmarks[name] = metrics
     out = {"benchmarks": benchmarks}
-    for group, names in (("math", math_benchmarks), ("ood", ood_benchmarks)):
+    for group, names in zip(AVERAGES, (math_benchmarks, ood_benchmarks)):
         present = [b for b in names if b in benchmarks]
         out[f"{group}_average"] = sum(benchmarks[b]["accuracy"] for b in present) / len(present) if present else None
         out[f"{group}_benchmarks"] = present
@@ -321,7 +322,7 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"evaluation (grader: reward.kind={results.get('grader', 'math')})")
+    table = Table(title=f"evaluation (grader: reward.kind={results['grader']})")
     columns = ["prompts", "problems", "attempts", "accuracy", "avg@k", "mean_response_tokens", "truncated_share",
                "timed_out_share", "prompt_too_long"]
     extra = sorted({k for m in results["benchmarks"].values() for k in m if k.startswith("pass@")},
@@ -334,9 +335,9 @@ def print_table(results: dict) -> None:
         cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, ""))
                  for c in columns + extra]
         table.add_row(name, *cells)
-    for group in ("math", "ood"):
-        if results.get(f"{group}_average") is not None:
-            table.add_row(f"{group.replace('ood', 'OOD')} average", "", "", "", f"{results[f'{group}_average']:.3f}")
+    for key, name in AVERAGES.items():
+        if results[f"{key}_average"] is not None:
+            table.add_row(f"{name} average", "", "", "", f"{results[f'{key}_average']:.3f}")
     Console().print(table)
 
 
@@ -348,9 +349,10 @@ def plot_results(results: dict, path: Path) -> None:
 
     names = list(results["benchmarks"])
     values = [100 * results["benchmarks"][b]["accuracy"] for b in names]
-    averages = [f"{group} avg" for group in ("math", "OOD") if results.get(f"{group.lower()}_average") is not None]
-    names += averages
-    values += [100 * results[f"{name.split()[0].lower()}_average"] for name in averages]
+    averages = {f"{name} avg": results[f"{key}_average"] for key, name in AVERAGES.items()
+                if results[f"{key}_average"] is not None}
+    names += list(averages)
+    values += [100 * value for value in averages.values()]
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names)), 3.5))
     bars = ax.bar(names, values, color=["#dd8452" if n in averages else "#4c72b0" for n in names])
     ax.bar_label(bars, fmt="%.1f")

@@ -47,6 +47,11 @@ def sds(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
+def placed(shapes, shardings):
+    """ShapeDtypeStructs of ``shapes``' leaves, each with its sharding from ``shardings`` (a matching tree)."""
+    return jax.tree.map(lambda x, sharding: sds(x.shape, x.dtype, sharding), shapes, shardings)
+
+
 def abstract(tree):
     """``tree``'s arrays (or ShapeDtypeStructs) as ShapeDtypeStructs with their shardings."""
     return jax.tree.map(lambda x: sds(x.shape, x.dtype, getattr(x, "sharding", None)), tree)

@@ -204,6 +204,12 @@ def _run_stages(config: PipelineConfig, out: Path, *, resume, progress, reward_f
     if is_writer():  # the record, written once the folder is known to be this pipeline's
         save_config(config, out / "config.yaml")
     tokenizer = load_tokenizer(config.model.path)
+    resources = contextlib.ExitStack()
+    if config.probe.prompt_files or any(s.kind == "rl" for i, s in enumerate(config.stages) if i not in done):
+        from .rewards import open_reward
+
+        # one grader for the probe and every RL stage (the stages take the pipeline's reward section)
+        reward_fn = open_reward(config.reward, resources, reward_fn)
     probe = CrossStageProbe(config.probe, tokenizer=tokenizer, mesh=make_mesh(config.mesh), reward=config.reward,
                             reward_fn=reward_fn)
     model_path = config.model.path
@@ -226,6 +232,7 @@ def _run_stages(config: PipelineConfig, out: Path, *, resume, progress, reward_f
                 state_file.write_text(json.dumps({"completed": done}))
     finally:
         probe.close()
+        resources.close()
     return summarize_pipeline(config)
 
 

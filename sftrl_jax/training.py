@@ -28,7 +28,7 @@ from .checkpointing import TrainCheckpointer
 from .config import CheckpointOptions, ModelOptions, save_config
 from .distributed import initialize
 from .flops import COUNTED_FLOPS
-from .jitted import abstract
+from .jitted import abstract, placed
 from .metrics import MetricSinks, is_writer
 from .models import load_pretrained, load_tokenizer, save_pretrained
 from .optim import init_opt_state, make_optimizer
@@ -79,10 +79,6 @@ def abstract_context(config, mesh, updates: int, *, model=None):
         model = abstract_model(read_config(config.model.path), config.model, mesh)
     model_config = model.config
     optimizer, schedule = make_optimizer(config.optimizer, updates)
-
-    def placed(shapes, shardings):
-        return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes,
-                            shardings)
 
     params = placed(nnx.to_pure_dict(nnx.state(model)), param_shardings(model))
     shardings = state_shardings(params, optimizer, mesh)

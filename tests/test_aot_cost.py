@@ -93,7 +93,6 @@ def test_trip_count_from_the_conditions_constant():
     assert trip_count(*_while_attrs(text)) == 10
     # the body 10 times (and the condition with it); counted once as XLA's cost analysis counts it
     assert loop_scaled_counts(text) == (10 * DOT_FLOPS, 10 * ITERATION_BYTES, 0.0, DOT_FLOPS, ITERATION_BYTES)
-    assert 10 * DOT_FLOPS == 81920 and 10 * ITERATION_BYTES == 36050
 
 
 def test_trip_count_from_xla_gpus_known_trip_count():

@@ -187,14 +187,6 @@ def test_layout_keys_come_from_the_config_fields(kind):
     assert set(keys) == LAYOUT[kind]
 
 
-def test_pipeline_stages_resume_with_their_command_layout_keys():
-    from sftrl_jax.layout import layout_keys
-    from sftrl_jax.pipeline import PipelineConfig, stage_config
-
-    config = load_config(PipelineConfig, overrides=["model.path=/m", "stages=[{kind: sft}, {kind: rl}]"])
-    assert [set(layout_keys(type(stage_config(config, i, "/m")))) for i in range(2)] == [LAYOUT["sft"], LAYOUT["rl"]]
-
-
 def test_check_continuity_ignores_only_layout_keys(tmp_path):
     import dataclasses
 

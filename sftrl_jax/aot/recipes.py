@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 
-from .report import Compiler, _sds, _with_shardings
+from .report import Compiler
 from .topology import AotError
 
 COMPILABLE_KINDS = ("sft", "rl", "pipeline")
@@ -91,6 +91,7 @@ def sampling_params(ctx, model):
     import jax
     from flax import nnx
 
+    from ..jitted import placed
     from ..models.hf_io import param_shardings
     from ..sampling import sampling_layout
     from ..sharding import sampling_rules
@@ -99,7 +100,7 @@ def sampling_params(ctx, model):
         return ctx.abstract_state["params"], False
     shapes = jax.eval_shape(lambda p: nnx.to_pure_dict(nnx.state(sampling_layout(nnx.merge(ctx.graphdef, p)))),
                             ctx.abstract_state["params"])
-    return _with_shardings(shapes, param_shardings(model, sampling_rules(model.rules))), True
+    return placed(shapes, param_shardings(model, sampling_rules(model.rules))), True
 
 
 def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int, batch_size: int, n: int,
@@ -111,6 +112,7 @@ def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int
     import jax.numpy as jnp
 
     from ..data.batching import bucket_length
+    from ..jitted import sds
     from ..sampling import _generate_batch, generation_rows
     from ..sharding import named_sharding
 
@@ -121,11 +123,11 @@ def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int
     cache_dtype = jnp.dtype(model.dtype).name
     eos_ids = tuple(int(e) for e in config.eos_token_ids) or (-1,)
     rows_sharding = named_sharding(("batch", "length"), mesh)
-    ids = _sds((rows, length), jnp.int32, rows_sharding)
-    mask = _sds((rows, length), jnp.int32, rows_sharding)
-    live = _sds((rows,), jnp.bool_, named_sharding(("batch",), mesh))
+    ids = sds((rows, length), jnp.int32, rows_sharding)
+    mask = sds((rows, length), jnp.int32, rows_sharding)
+    live = sds((rows,), jnp.bool_, named_sharding(("batch",), mesh))
     key_shape = jax.eval_shape(lambda: jax.random.key(0))
-    key = _sds(key_shape.shape, key_shape.dtype, named_sharding((), mesh))
+    key = sds(key_shape.shape, key_shape.dtype, named_sharding((), mesh))
     resident = resident if resident is not None else {}
     if relaid:
         resident = _compile_relayout(compiler, ctx, prefix=prefix, resident=resident)
@@ -169,6 +171,7 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
     from flax import nnx
 
     from ..flops import forward_flops, generation_flops
+    from ..jitted import sds
     from ..models.decoder import init_cache
     from ..sharding import named_sharding
 
@@ -191,8 +194,8 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
         axes = {5: ("layers", "batch", "kv_heads", "length", "head_dim"), 2: ("batch", "length")}.get(leaf.ndim)
         return named_sharding(axes or (), mesh, shape=leaf.shape if axes else None)
 
-    cache = jax.tree.map(lambda leaf: _sds(leaf.shape, leaf.dtype, cache_sharding(leaf)), cache_shapes)
-    tokens = _sds((total_rows,), jnp.int32, named_sharding(("batch",), mesh))
+    cache = jax.tree.map(lambda leaf: sds(leaf.shape, leaf.dtype, cache_sharding(leaf)), cache_shapes)
+    tokens = sds((total_rows,), jnp.int32, named_sharding(("batch",), mesh))
 
     def decode(p, token, kv):
         return nnx.merge(ctx.graphdef, p).decode(token, kv)

@@ -21,19 +21,6 @@ from .cost import _cost, _hlo_text, _refused_temp_bytes, loop_scaled_counts
 from .topology import Topology, mesh_for, parse_topology, topology_devices
 
 
-# ------------------------------------------------------------------------------ abstract arrays
-def _sds(shape, dtype, sharding):
-    import jax
-
-    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
-
-
-def _with_shardings(shapes, shardings):
-    import jax
-
-    return jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), shapes, shardings)
-
-
 def device_bytes(tree) -> int:
     """Bytes one device holds of the ShapeDtypeStructs in ``tree`` (their shards)."""
     import jax

@@ -23,8 +23,8 @@ Built-in kinds:
 - ``label``: exact match of a normalised label (CoLA's ``acceptable``/``unacceptable``, ``0``/``1``):
   see :func:`label_answer` and :func:`normalize_label`;
 - ``luffy_eval``: the label LUFFY's published evaluation gives (:func:`sftrl_jax.rewards.luffy_eval_score`:
-  the last ``\\boxed{}`` of the text after the first ``</think>``, or of the whole response when it
-  has none, compared by MATH-style normalisation, sympy, then math-verify);
+  the last ``\\boxed{}`` of the text between the first ``</think>`` and any second one, or of the whole
+  response when it has none, compared by MATH-style normalisation, sympy, then math-verify);
 - ``python``: the user's own scorer named by ``reward.function`` (``"module:function"``), imported
   in each worker when the pool starts; it is called as ``fn(answer, ground_truth)`` and must return a
   number in [0, 1]. The worker runs under the pool's address-space limit (4 GiB by default).
@@ -52,9 +52,9 @@ from .math_reward import (
     _answer_part,
     _ground_truth_choice,
     _score,
+    extract_answer,
     extract_boxed,
     extract_choice,
-    is_choice_answer,
 )
 
 __all__ = ["REWARD_KINDS", "RewardKind", "RewardLoadError", "applies_require_think", "grade", "label_answer",
@@ -146,11 +146,7 @@ def grade(scorer: Scorer, response, ground_truth, require_think: bool) -> tuple[
 # ----------------------------------------------------------------------------- math
 
 
-def _math_answer(answer: str, ground_truth: str) -> str | None:
-    return extract_choice(answer) if is_choice_answer(ground_truth) else extract_boxed(answer)
-
-
-@reward_kind("math", warmup=("\\boxed{1}", "1"), extract=_math_answer)
+@reward_kind("math", warmup=("\\boxed{1}", "1"), extract=extract_answer)
 def math_score(answer: str, ground_truth: str) -> float:
     """math-verify equivalence (:func:`sftrl_jax.rewards.compute_score`); the pool enforces the timeout."""
     return _score(answer, ground_truth, False, None)
@@ -218,8 +214,8 @@ def label_score(answer: str, ground_truth: str) -> float:
 
 # ----------------------------------------------------------------------------- luffy_eval
 
-# LUFFY's evaluation chooses the graded text itself: the text after the first </think> when there
-# is one, else the whole response (its prompts end with "<think>\n", and a response that never closes
+# LUFFY's evaluation chooses the graded text itself: the text after the first </think> (up to any second
+# one) when there is one, else the whole response (its prompts end with "<think>\n", and a response that never closes
 # its thinking is still graded). reward.require_think would score such a response 0 without asking
 # the scorer, so this kind takes the whole response (whole_response=True) whatever require_think says,
 # and luffy_eval_score applies LUFFY's rule. The warm-up is a wrong answer, so that each worker

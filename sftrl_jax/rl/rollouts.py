@@ -130,11 +130,18 @@ def _group_members(sampler, chunk, demonstrations, group: int, *, seed: int) -> 
     return members
 
 
+def padded_lengths(longest_prompt: int, longest_response: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt, response) lengths a batch pads to: each bucketed (powers of two from 16), the response's capped
+    at ``max_new_tokens``."""
+    return (bucket_length(longest_prompt, maximum=1 << 30, minimum=16),
+            bucket_length(max(longest_response, 1), maximum=max_new_tokens, minimum=16))
+
+
 def rollout_arrays(rollouts: Rollouts, *, max_new_tokens: int, mask_truncated: bool, pad_id: int) -> dict:
     """``[S, P+R]`` sequences (left-padded prompt, right-padded response) and ``[S, R]`` response arrays."""
     count = len(rollouts.responses)
-    prompt_len = bucket_length(max(map(len, rollouts.prompts)), maximum=1 << 30, minimum=16)
-    response_len = bucket_length(max(max(map(len, rollouts.responses)), 1), maximum=max_new_tokens, minimum=16)
+    prompt_len, response_len = padded_lengths(max(map(len, rollouts.prompts)), max(map(len, rollouts.responses)),
+                                              max_new_tokens)
     ids = np.full((count, prompt_len + response_len), pad_id, np.int32)
     attention = np.zeros_like(ids)
     response_ids = np.full((count, response_len), pad_id, np.int32)

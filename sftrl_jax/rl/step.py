@@ -23,7 +23,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..data.batching import bucket_length
 from ..flops import forward_flops, train_flops
 from ..jitted import JitSpec, sds, without_params
 from ..losses import agg_weights, chunked_logprobs
@@ -31,7 +30,7 @@ from ..optim import apply_update, sum_micro_step_grads
 from ..sharding import micro_batch_sharding
 from .algorithms import kl_penalty
 from .methods import PolicyMethod, get_method, per_row
-from .rollouts import check_batch_sizes
+from .rollouts import check_batch_sizes, padded_lengths
 
 # The arrays of a rollout batch (:func:`sftrl_jax.rl.rollouts.rollout_arrays`): key -> (dtype, extent), the
 # extent ``sequence`` [.., P+R], ``response`` [.., R] or ``row`` [..]
@@ -151,11 +150,9 @@ def make_policy_update(graphdef, optimizer: optax.GradientTransformation, schedu
 
 
 def batch_lengths(config) -> tuple[int, int]:
-    """(prompt, response) lengths of the largest rollout batch ``config`` can produce (both bucketed as
-    :func:`~sftrl_jax.rl.rollouts.rollout_arrays` buckets them)."""
-    sampling = config.sampling
-    return (bucket_length(config.data.max_prompt_length, maximum=1 << 30, minimum=16),
-            bucket_length(sampling.max_new_tokens, maximum=sampling.max_new_tokens, minimum=16))
+    """(prompt, response) lengths of the largest rollout batch ``config`` can produce."""
+    max_new_tokens = config.sampling.max_new_tokens
+    return padded_lengths(config.data.max_prompt_length, max_new_tokens, max_new_tokens)
 
 
 def abstract_batch(keys: dict, leading: tuple, prompt_len: int, response_len: int, mesh) -> dict:

@@ -17,7 +17,7 @@ from ..data.sources import load_rows
 from ..flops import train_flops
 from ..models import read_config
 from ..models.config import require_positions
-from ..sharding import local_batch_shards, micro_batch_sharding, place, place_local, rows_sharding
+from ..sharding import local_batch_shards, place, place_local
 from ..training import Algorithm, Hook, LoopContext, TrainResult, probe_hook, run_loop
 from .config import SFTConfig
 from .step import bug_example_weights, sft_functions, supervised_token_counts
@@ -138,11 +138,12 @@ class SFTAlgorithm(Algorithm):
 
     def build(self, ctx: LoopContext, state: dict) -> None:
         self.ctx = ctx
-        self.batch_sharding = micro_batch_sharding(ctx.mesh, 3)
-        self.eval_sharding = rows_sharding(ctx.mesh, 2)
         functions = sft_functions(ctx)
         self.step_fn = functions["train_step"].jit()
-        self.eval_fn = functions["eval_step"].jit() if "eval_step" in functions else None
+        self.batch_sharding = functions["train_step"].in_shardings[1]  # where the declaration takes the batch
+        if "eval_step" in functions:
+            self.eval_fn = functions["eval_step"].jit()
+            self.eval_sharding = functions["eval_step"].in_shardings[1]
 
     def train_step(self, state: dict, step: int) -> tuple[dict, dict]:
         tick = time.perf_counter()

@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from ..config import MOVED_KEYS, RunConfig, markdown_table
+from ..config import MOVED_KEYS, RunConfig, markdown_table, section_defaults
 from ..kinds import KINDS, config_class
 from ..pipeline import PIPELINE_SECTIONS
 from . import ROOT
@@ -62,14 +62,8 @@ def _section_defaults(cls, prefix):
         if not dataclasses.is_dataclass(section):
             continue
         if field.default_factory is not dataclasses.MISSING:
-            try:
-                ours, plain = field.default_factory(), section()
-            except TypeError:  # a section with required keys (model)
-                ours = plain = None
-            if ours is not None:
-                for sub in dataclasses.fields(section):
-                    if getattr(ours, sub.name) != getattr(plain, sub.name):
-                        yield f"{prefix}{field.name}.{sub.name}", getattr(ours, sub.name)
+            for key, value in section_defaults(field, section).items():
+                yield f"{prefix}{field.name}.{key}", value
         yield from _section_defaults(section, f"{prefix}{field.name}.")
 
 
@@ -91,7 +85,7 @@ def composition() -> str:
 `distributed`, `output_dir`) plus the sections it uses. A section means the same thing wherever it
 appears: `optimizer` (AdamW and its schedule), `train` (steps, epochs, seed, micro-batch),
 `sampling` (the one sampler: RL rollouts with `sampling.n` the group size, evaluation, the
-pipeline's probe), `reward` (the math-verify grader), `checkpoint`, `logging` (metric sinks and
+pipeline's probe), `reward` (the grader: `reward.kind`), `checkpoint`, `logging` (metric sinks and
 `log_every`). Some sections start from defaults of their own where they appear (a section given in
 part keeps them for the keys it leaves out):
 
