@@ -19,54 +19,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-from flax import nnx
-
 from .config import (
     ConfigError,
     LoggingOptions,
     RewardOptions,
     RunConfig,
-    SamplingOptions,
     deep_merge,
     from_dict,
     save_config,
 )
-from .data.prompts import PromptDataOptions, load_prompt_items
-from .data.sft import SFTDataOptions, tokenize_sft
-from .data.sources import load_rows
 from .distributed import initialize
-from .jitted import JitSpec
 from .kinds import config_class
-from .layout import layout, not_layout
+from .layout import layout
 from .metrics import is_writer, plot_curves, read_jsonl
 from .models import load_tokenizer
+from .probe import CrossStageProbe, ProbeOptions
 from .rl import run_rl
 from .run_folder import check_continuity, owned_folder
-from .sampling import TextSampler
-from .sft import heldout_loss, run_sft
-from .sft.step import eval_spec
-from .sharding import data_parallel_size, make_mesh, rows_sharding
+from .sft import run_sft
+from .sharding import make_mesh
 
 log = logging.getLogger("sftrl_jax.pipeline")
-
-
-@dataclasses.dataclass
-class ProbeOptions:
-    every: int = 10  # steps between measurements inside every stage (also at each stage's start and end)
-    sft_files: list[str] = dataclasses.field(default_factory=list)  # held-out SFT split (LUFFY SFT schema)
-    sft_limit: int = 256
-    max_length: int = 2048
-    prompt_files: list[str] = dataclasses.field(default_factory=list)  # held-out prompts with ground truths
-    prompt_limit: int = 128
-    max_prompt_length: int = 1024
-    # every probe sampling setting, batch_size included, must match to resume a pipeline
-    sampling: SamplingOptions = dataclasses.field(default_factory=lambda: SamplingOptions(temperature=0.0,
-                                                                                         max_new_tokens=1024),
-                                                  metadata=not_layout("batch_size"))
-
-    _ranges = {"every": ">= 1", "sft_limit": ">= 1", "max_length": ">= 2", "prompt_limit": ">= 1",
-               "max_prompt_length": ">= 1"}
 
 
 @dataclasses.dataclass
@@ -97,65 +70,6 @@ class PipelineConfig(RunConfig):
             raise ConfigError("stages: the pipeline has no stages")
         for index in range(len(self.stages)):  # each stage's settings are a valid SFT/RL config
             stage_config(self, index, self.model.path)
-
-
-PROBE_ROWS_PER_SHARD = 4  # held-out rows per data-parallel shard in one probe evaluation batch
-
-
-def probe_eval_spec(options: ProbeOptions, graphdef, mesh, params, *, model_config=None, resident=None) -> JitSpec:
-    """The probe's held-out loss function (:func:`sftrl_jax.sft.step.eval_spec`), declared once for the probe and
-    ``sftrl-jax compile``."""
-    return eval_spec(graphdef, mesh, params, rows=data_parallel_size(mesh) * PROBE_ROWS_PER_SHARD,
-                     length=options.max_length, model_config=model_config, resident=resident)
-
-
-class CrossStageProbe:
-    """Held-out SFT loss and held-out reward of the current parameters."""
-
-    def __init__(self, options: ProbeOptions, *, tokenizer, mesh, reward: RewardOptions, reward_fn=None):
-        self.options, self.every, self.tokenizer, self.mesh = options, options.every, tokenizer, mesh
-        self.shards = data_parallel_size(mesh)
-        self.examples = []
-        if options.sft_files:
-            examples, _ = tokenize_sft(load_rows(options.sft_files, split="test"), tokenizer,
-                                       SFTDataOptions(max_length=options.max_length))
-            self.examples = examples[:options.sft_limit]
-        self.items = []
-        if options.prompt_files:
-            items, _ = load_prompt_items(PromptDataOptions(files=options.prompt_files,
-                                                           max_prompt_length=options.max_prompt_length), tokenizer)
-            self.items = items[:options.prompt_limit]
-        self.reward, self.reward_fn = reward, reward_fn
-        # opened on the first measurement, then kept for all of them (grading workers are slow to start)
-        self._score = None
-        self._resources = contextlib.ExitStack()
-        self._eval_steps: dict = {}
-
-    def measure(self, graphdef, params) -> dict[str, float]:
-        out = {}
-        if self.examples:
-            if graphdef not in self._eval_steps:
-                self._eval_steps[graphdef] = probe_eval_spec(self.options, graphdef, self.mesh, params).jit()
-            out["probe_sft_loss"] = heldout_loss(self._eval_steps[graphdef], params, self.examples,
-                                                 rows=self.shards * PROBE_ROWS_PER_SHARD,
-                                                 max_length=self.options.max_length,
-                                                 sharding=rows_sharding(self.mesh, 2))
-        if self.items:
-            sampler = TextSampler(nnx.merge(graphdef, params), self.tokenizer, self.options.sampling)
-            seed = self.options.sampling.seed if self.options.sampling.seed is not None else 0
-            samples, texts = sampler.sample([it.prompt_ids for it in self.items], seed=seed)
-            truths = [it.ground_truth for it in self.items]
-            if self._score is None:
-                from .rewards import open_reward
-
-                self._score = open_reward(self.reward, self._resources, self.reward_fn)
-            scores = self._score(texts, truths, [s.tokens for s in samples])
-            out["probe_reward"] = float(np.mean(self.reward.scale(np.asarray(scores, np.float64))))
-        return out
-
-    def close(self) -> None:
-        self._resources.close()
-        self._score = None
 
 
 def stage_config(config: PipelineConfig, index: int, model_path: str):

@@ -109,9 +109,11 @@ def test_rl_functions_compile_for_a_tpu_slice(tiny_model):
 @pytest.mark.parametrize("method", ["chord", "gspo"])
 def test_the_compiled_update_takes_the_methods_own_inputs(tiny_model, method):
     # compile and the trainer share one declaration (rl.step.rl_functions): CHORD's per-row mu is an input
-    # the compiled update reads, the same key the trainer feeds; a method without row inputs has none
+    # the compiled update reads, the same key the trainer feeds; a method without row inputs has none. CHORD's
+    # expert rows (rl.expert_data, not read to compile) share the step's 32 sequences with 4 groups of 4 samples
+    expert = ["rl.expert_data=[expert.jsonl]"] if method == "chord" else []
     result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4",
-                             [*_overrides(tiny_model), f"rl.method={method}", "sampling.n=4"])
+                             [*_overrides(tiny_model), f"rl.method={method}", "sampling.n=4", *expert])
     update = _by_name(result)["rl/policy_update"]
     batch_inputs = {name for name in update["inputs"] if name.startswith("batch[")}
     assert {"batch['advantages']", "batch['old_logp']", "batch['response_mask']"} <= batch_inputs

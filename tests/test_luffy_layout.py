@@ -80,8 +80,11 @@ def test_think_prefix_prompt_is_luffys_preparation(tmp_path):
     assert (prompt, response) == (luffy_prompt, content[len("<think>\n"):] + luffy_tok.eos_token)
     assert prompt.count("<think>") == 1  # not opened twice
 
-    # "keep" on that template would supervise a second <think> after the template's own
+    # "keep" on that template: with response_end openrlhf (the default) the response is what the template renders
+    # after its own "<think>\n", so the same example; with "eos" it supervises a second <think>
     (kept,), _ = tokenize_sft([("f", 0, row)], luffy_tok, SFTDataOptions(think_prefix="keep"))
+    assert np.array_equal(kept.input_ids, example.input_ids) and np.array_equal(kept.loss_mask, example.loss_mask)
+    (kept,), _ = tokenize_sft([("f", 0, row)], luffy_tok, SFTDataOptions(think_prefix="keep", response_end="eos"))
     assert _decode(luffy_tok, kept.input_ids).count("<think>") == 2
 
     # a template that does not open the block: the model is still conditioned on "<think>\n"

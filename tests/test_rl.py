@@ -17,7 +17,8 @@ from sftrl_jax.rl import DynamicSamplingError, RLConfig, run_rl
 from sftrl_jax.rl.config import RLSection
 from sftrl_jax.rl.methods import get_method
 from sftrl_jax.rl.rollouts import Rollouts, rollout_arrays
-from sftrl_jax.rl.step import make_logprob_fn, make_policy_update
+from sftrl_jax.rl.step import make_logprob_fn, make_policy_update, update_batch_keys
+from sftrl_jax.rl.verl_layout import verl_step_layout
 from sftrl_jax.sharding import make_mesh, micro_batch_sharding, place
 
 pytestmark = pytest.mark.slow  # every test trains GRPO end to end (40-140 s each on 2 cores)
@@ -55,6 +56,10 @@ def _update(directory, rollouts, cfg, *, devices, micro_batch_size):
     arrays.pop("sampler_logp")
     arrays["advantages"] = np.linspace(-1.5, 1.5, len(rollouts.responses)).astype(np.float32)
     arrays.update(get_method(cfg.method).step_inputs(cfg, 3, 10, len(rollouts.responses)))
+    if "entropy_weight" in update_batch_keys(cfg):
+        arrays["entropy_weight"] = verl_step_layout(
+            arrays["attention_mask"].sum(1), arrays["response_mask"].sum(1), ranks=cfg.verl_ranks,
+            mini_batches=cfg.mini_batches_per_step, max_token_len=cfg.verl_max_token_len)[1]
     rows = micro_batch_size * devices
     on_devices = lambda a: {k: place(v, micro_batch_sharding(mesh, v.ndim)) for k, v in a.items()}  # noqa
     old = jax.jit(make_logprob_fn(graphdef, 1.0))(params, on_devices(_layout(arrays, rows)))
@@ -118,12 +123,17 @@ def test_sequence_and_is_weight_methods_do_not_depend_on_the_micro_batch_split(w
         assert 0 < metrics["clipfrac"] < 1
 
 
-@pytest.mark.parametrize("method", ["luffy", "chord"])
-def test_mixed_policy_update_does_not_depend_on_the_micro_batch_split(workdir, method):
+@pytest.mark.parametrize("method, expert_source", [("luffy", None), ("chord", "group"), ("chord", "expert_data")])
+def test_mixed_policy_update_does_not_depend_on_the_micro_batch_split(workdir, method, expert_source):
     _, model_dir = workdir
-    rollouts = _random_rollouts(1, (4, 16, 3, 9, 2, 14, 5, 7), off_policy=[False, False, False, True] * 2)
+    # groups of 4 ending with the prompt's demonstration, or (CHORD's expert rows) 6 sampled rows then 2 expert rows
+    off_policy = [False] * 6 + [True] * 2 if expert_source == "expert_data" else [False, False, False, True] * 2
+    rollouts = _random_rollouts(1, (4, 16, 3, 9, 2, 14, 5, 7), off_policy=off_policy)
     responses = rollouts.responses
-    cfg = RLSection(method=method, clip_high=0.28, entropy_coef=0.01, loss_scale_factor=64.0)
+    chord = {"expert_source": expert_source, "expert_data": ["expert.jsonl"]} if method == "chord" else {}
+    # LUFFY: its entropy as token means of verl micro-batches (per-row weights over 2 ranks)
+    luffy = {"verl_ranks": 2, "verl_max_token_len": 24} if method == "luffy" else {}
+    cfg = RLSection(method=method, clip_high=0.28, entropy_coef=0.01, loss_scale_factor=64.0, **chord, **luffy)
     reference, _, before = _update(model_dir, rollouts, cfg, devices=1, micro_batch_size=8)
     for devices, micro in [(2, 2), (8, 1)]:
         params, metrics, _ = _update(model_dir, rollouts, cfg, devices=devices, micro_batch_size=micro)

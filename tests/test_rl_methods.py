@@ -90,7 +90,7 @@ def test_each_method_brings_its_own_defaults_and_a_set_value_wins():
 def test_method_defaults_reach_a_loaded_config(overrides):
     # a partial rl: section must not freeze GRPO's resolved defaults into settings
     config = load_config(RLConfig, overrides=["model.path=x", "rl.method=luffy", "rl.loss_scale_factor=64",
-                                              *overrides])
+                                              "rl.verl_ranks=8", *overrides])
     assert (config.rl.norm_adv_by_std, config.rl.agg_mode, config.rl.entropy_coef) == \
         (False, "seq-mean-token-sum-norm", 0.001)
     assert load_config(RLConfig, overrides=["model.path=x", "rl.method=gspo"]).rl.clip_low == 3e-4

@@ -64,7 +64,7 @@ def test_dynamic_sampling_drops_groups_by_accuracy_not_by_shaped_reward():
 
 
 def test_a_mixed_policy_group_is_n_minus_1_samples_and_the_demonstration():
-    config = _config("rl.method=luffy", "rl.loss_scale_factor=64")
+    config = _config("rl.method=luffy", "rl.loss_scale_factor=64", "rl.entropy_agg=loss")
     sampler = FakeSampler({0: [0, 0, 0], 1: [1, 0, 1]}, {0: [3] * 3, 1: [4] * 3})
     demos = {0: Demonstration("right", [7, 7, 2], False), 1: Demonstration("right", [8, 2], True)}
     out = collect_rollouts(sampler, _items(2), EpochSampler(2, 2, seed=0, shuffle=False), _score, config, 0,
@@ -79,4 +79,22 @@ def test_a_mixed_method_needs_a_group_of_two():
     from sftrl_jax.rl.rollouts import check_batch_sizes
 
     with pytest.raises(ValueError, match=r"sampling.n \(1\) must be at least 2"):
-        check_batch_sizes(_config("rl.method=chord", "sampling.n=1", "rl.mini_batches_per_step=1"), 1)
+        check_batch_sizes(_config("rl.method=chord", "rl.expert_source=group", "sampling.n=1",
+                                  "rl.mini_batches_per_step=1"), 1)
+
+
+def test_chord_expert_rows_follow_whole_groups_of_samples():
+    from sftrl_jax.rl.expert_data import ExpertRow, with_expert_rows
+
+    # 2 prompts x 4 = 8 sequences, expert_data_ratio 0.5: 4 expert rows in place of the second group, so one
+    # group of 4 samples (no demonstration in it) is sampled and graded
+    config = _config("rl.method=chord", "rl.expert_data=[e.jsonl]")
+    sampler = FakeSampler({0: [1, 0, 0, 1], 1: [1, 1, 1, 1]}, {0: [3] * 4, 1: [3] * 4})
+    out = collect_rollouts(sampler, _items(2), EpochSampler(2, 1, seed=0, shuffle=False), _score, config, 0)
+    assert out.off_policy == [False] * 4 and out.correctness == [1.0, 0.0, 0.0, 1.0]
+    experts = [ExpertRow([9, 9], [7, 2], False), ExpertRow([9], [8, 8, 2], True)] * 2
+    batch = with_expert_rows(out, experts)
+    assert batch.off_policy == [False] * 4 + [True] * 4 and batch.rewards[4:] == [0.0] * 4
+    assert batch.responses[4:] == [[7, 2], [8, 8, 2]] * 2 and batch.prompts[5] == [9]
+    assert batch.sampler_logprobs[5] == [0.0] * 3 and batch.truncated[4:] == [False, True] * 2
+    assert out.responses == batch.responses[:4] and len(out.responses) == 4  # the sampled rollouts are kept apart

@@ -142,7 +142,8 @@ def test_many_rows_keep_their_order(tokenizer):
 
 
 def test_options_are_validated():
-    for bad in (dict(overlong="cut"), dict(on_bad_row="ignore"), dict(think_prefix="drop"), dict(max_length=1)):
+    for bad in (dict(overlong="cut"), dict(on_bad_row="ignore"), dict(think_prefix="drop"), dict(max_length=1),
+                dict(response_end="text")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SFTDataOptions(**bad)
 
@@ -152,32 +153,37 @@ def test_options_are_validated():
 
 
 def test_truncate_and_drop(tokenizer):
+    """``response_end: eos``: a cut response loses its EOS (OpenRLHF's cut ends in one:
+    tests/test_sft_end_of_turn.py)."""
     n_prompt = len(tokenizer(user_prompt("ab"), add_special_tokens=False)["input_ids"])
     digits = "0123456789"  # 10 response tokens + EOS = 11
     row = {"prompt": "ab", "response": digits}
 
+    def run(max_length, **options):
+        return tokenize_sft([("f", 0, row)], tokenizer, SFTDataOptions(max_length=max_length, response_end="eos",
+                                                                       **options))
+
     # Exactly max_length: kept whole, EOS included.
-    example = one(row, tokenizer, max_length=n_prompt + 11)
+    (example,), _ = run(n_prompt + 11)
     assert len(example.input_ids) == n_prompt + 11 and split_text(example, tokenizer)[1] == digits + EOS
 
     # One token too many: the response is cut from the end (the EOS goes first).
-    examples, stats = tokenize_sft([("f", 0, row)], tokenizer, SFTDataOptions(max_length=n_prompt + 10))
+    examples, stats = run(n_prompt + 10)
     assert (stats.truncated, stats.dropped_too_long, stats.examples) == (1, 0, 1)
     assert len(examples[0].input_ids) == n_prompt + 10
     assert split_text(examples[0], tokenizer) == (user_prompt("ab"), digits)
 
     # Room for one response token: kept with exactly one supervised token.
-    examples, stats = tokenize_sft([("f", 0, row)], tokenizer, SFTDataOptions(max_length=n_prompt + 1))
+    examples, stats = run(n_prompt + 1)
     assert stats.truncated == 1 and split_text(examples[0], tokenizer)[1] == "0"
     assert int(examples[0].loss_mask.sum()) == 1
 
     # The prompt alone fills max_length: nothing to supervise, dropped even when truncating.
-    examples, stats = tokenize_sft([("f", 0, row)], tokenizer, SFTDataOptions(max_length=n_prompt))
+    examples, stats = run(n_prompt)
     assert (stats.examples, stats.truncated, stats.dropped_too_long) == (0, 0, 1)
 
     # overlong="drop" drops instead of cutting.
-    examples, stats = tokenize_sft([("f", 0, row)], tokenizer, SFTDataOptions(max_length=n_prompt + 10,
-                                                                               overlong="drop"))
+    examples, stats = run(n_prompt + 10, overlong="drop")
     assert (stats.examples, stats.truncated, stats.dropped_too_long) == (0, 0, 1) and examples == []
 
 

@@ -10,7 +10,7 @@ topology's compile-only devices, and every jitted function the run uses is lower
 ``jax.ShapeDtypeStruct`` arguments (shape, dtype and ``NamedSharding``) and compiled by the target's
 real XLA compiler (libtpu's XLA:TPU; jax-cuda12-plugin's XLA:GPU, a real sm_90a executable).
 The functions are the trainers' own declarations (:class:`sftrl_jax.jitted.JitSpec` from
-``sft.step.sft_functions``, ``rl.step.rl_functions``, ``pipeline.probe_eval_spec``: the same function,
+``sft.step.sft_functions``, ``rl.step.rl_functions``, ``probe.probe_eval_spec``: the same function,
 shardings and donation the trainer jits, with the abstract arguments of the largest call a run makes:
 packed / padded rows at ``max_length``; prompts at ``max_prompt_length``, responses at
 ``max_new_tokens``), and the sampler's ``_generate_batch`` with one ``Decoder.prefill`` and one

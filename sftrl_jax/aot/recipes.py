@@ -215,7 +215,8 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
 # ------------------------------------------------------------------------------------------ pipeline
 def compile_pipeline(compiler: Compiler, config, mesh) -> None:
     from ..jitted import without_params
-    from ..pipeline import probe_eval_spec, stage_config
+    from ..pipeline import stage_config
+    from ..probe import probe_eval_spec
 
     seen: dict[str, str] = {}
     first = None

@@ -5,6 +5,14 @@ The loss mask is built from the token boundary, never recovered by searching the
 False on exactly the prompt tokens and True on every response token including the final EOS. (A
 public verl bug masked the EOS and supervised the last prompt token, and models never learned to
 stop.)
+
+How the response ends is ``SFTDataOptions.response_end``. ``"openrlhf"`` (the default) is the SFT of
+OpenRLHF v0.7.5 with ``apply_chat_template`` (``openrlhf/datasets/sft_dataset.py``), which LUFFY's SFT
+baselines ran: the response is what the chat template renders after the prompt when the conversation
+includes it, so the template's end of turn (Qwen's ``<|im_end|>``, Llama-3's ``<|eot_id|>``) is
+supervised; trailing newlines are cut; ``" " + EOS`` is appended unless the text already ends with the
+EOS; and the last token kept is always the EOS, also when the response was cut to ``max_length``.
+``"eos"`` supervises the response text and then the EOS id only.
 """
 
 from __future__ import annotations
@@ -45,11 +53,20 @@ class SFTDataOptions:
     # "keep": supervise a response's leading <think>. "prompt": condition on it instead -- it moves to the
     # prompt, or is dropped when the chat template already ends the prompt with it (LUFFY's SFT data).
     think_prefix: Literal["keep", "prompt"] = "keep"
-    eos_token: str | None = None  # appended to every response; None = tokenizer.eos_token
+    # How the supervised response ends. "openrlhf" (OpenRLHF v0.7.5's SFT with apply_chat_template): what the
+    # chat template renders after the prompt for the conversation with the response (its end-of-turn marker,
+    # e.g. "<|im_end|>", included), trailing newlines cut, then " " + EOS unless that text already ends with
+    # the EOS; the last token kept is always the EOS (a truncated response ends with it too), and a prompt of
+    # max_length - 2 or more tokens is dropped. A template that writes the response's leading "<think>\n" at
+    # the generation prompt has written it already: it is not supervised under either think_prefix. A
+    # conversation that does not render as the prompt followed by the response is an error naming the row.
+    # "eos": the response text, then the EOS id (a truncated response loses it).
+    response_end: Literal["openrlhf", "eos"] = "openrlhf"
+    eos_token: str | None = None  # the EOS of response_end; None = tokenizer.eos_token
 
     def __post_init__(self):
         for name, allowed in (("overlong", ("truncate", "drop")), ("on_bad_row", ("skip", "error")),
-                              ("think_prefix", ("keep", "prompt"))):
+                              ("think_prefix", ("keep", "prompt")), ("response_end", ("openrlhf", "eos"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"SFTDataOptions.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.max_length < 2:
@@ -58,7 +75,8 @@ class SFTDataOptions:
 
 
 class SFTExample(NamedTuple):
-    input_ids: np.ndarray  # int32 [n]: prompt tokens then response tokens (ending in EOS unless truncated)
+    # int32 [n]: prompt tokens then response tokens, ending in EOS (a truncated one only with response_end openrlhf)
+    input_ids: np.ndarray
     loss_mask: np.ndarray  # bool [n]: True exactly on the response tokens (EOS included)
 
 
@@ -68,7 +86,9 @@ class SFTDataStats:
     examples: int = 0  # examples returned
     bad_rows: int = 0  # skipped: unparseable lines, missing/malformed fields, empty response
     truncated: int = 0  # kept with the response cut to max_length
-    dropped_too_long: int = 0  # over max_length and dropped (or a prompt alone of >= max_length tokens)
+    # over max_length and dropped, or a prompt too long to leave room for a response (>= max_length tokens;
+    # >= max_length - 2 with response_end openrlhf, as OpenRLHF filters them)
+    dropped_too_long: int = 0
 
     def summary(self) -> str:
         return (f"{self.rows} rows -> {self.examples} examples ({self.bad_rows} bad rows skipped, "
@@ -77,6 +97,11 @@ class SFTDataStats:
 
 class _BadRow(ValueError):
     """A problem with one row's content (reported with its source and index by the caller)."""
+
+
+class _Unseparable(ValueError):
+    """The chat template renders the conversation with the response as something other than the prompt
+    followed by the response: no mask can be right, so this is an error whatever ``on_bad_row`` says."""
 
 
 def build_prompt_text(messages_or_str: str | Sequence[dict], tokenizer, *, remove_system_prompt: bool = False) -> str:
@@ -94,10 +119,12 @@ def tokenize_sft(rows: Iterable[tuple[str, int, dict]], tokenizer,
                  options: SFTDataOptions) -> tuple[list[SFTExample], SFTDataStats]:
     """Tokenise ``(source_name, row_index, row)`` rows (see ``load_rows``) into SFT examples.
 
-    Prompt and response are tokenised separately (no special tokens added) and concatenated, then
-    the EOS id is appended; the mask starts exactly at the first response token.
+    Prompt and response are tokenised separately (no special tokens added) and concatenated; the
+    response ends as ``options.response_end`` says (module docstring); the mask starts exactly at the
+    first response token. A row whose conversation the chat template does not render as the prompt
+    followed by the response (``response_end: openrlhf``) raises a ValueError naming the row.
     """
-    eos_id = _eos_id(tokenizer, options.eos_token)
+    eos_token, eos_id = _eos(tokenizer, options.eos_token)
     stats = SFTDataStats()
     examples: list[SFTExample] = []
     pending: list[tuple[str, int, str, str]] = []  # (source, index, prompt text, response text)
@@ -106,7 +133,9 @@ def tokenize_sft(rows: Iterable[tuple[str, int, dict]], tokenizer,
         try:
             if isinstance(row, UnreadableRow):  # a line of a JSON(L) file that could not be parsed
                 raise _BadRow(row.problem)
-            prompt_text, response_text = _row_texts(row, tokenizer, options)
+            prompt_text, response_text = _row_texts(row, tokenizer, options, eos_token)
+        except _Unseparable as problem:
+            raise ValueError(f"{source} row {index}: {problem}") from None
         except _BadRow as problem:
             if options.on_bad_row == "error":
                 raise ValueError(f"{source} row {index}: {problem}") from None
@@ -131,22 +160,32 @@ def _flush(pending: list[tuple[str, int, str, str]], tokenizer, eos_id: int, opt
     """Tokenise the pending rows as one batch and append their examples (clears ``pending``)."""
     if not pending:
         return
+    openrlhf = options.response_end == "openrlhf"
+    # The longest prompt kept: "eos" needs room for one response token. OpenRLHF drops a prompt of
+    # max_length - 2 tokens or more, whatever the response's length, so a kept row has room for at
+    # least two response tokens before the EOS.
+    longest_prompt = options.max_length - (3 if openrlhf else 1)
     prompts = tokenizer([p for _, _, p, _ in pending], add_special_tokens=False, return_attention_mask=False)
     responses = tokenizer([r for _, _, _, r in pending], add_special_tokens=False, return_attention_mask=False)
     for (source, index, _, _), prompt_ids, response_ids in zip(pending, prompts["input_ids"],
                                                                 responses["input_ids"]):
-        n_prompt, n_total = len(prompt_ids), len(prompt_ids) + len(response_ids) + 1
-        ids = [*prompt_ids, *response_ids, eos_id]
-        if n_total > options.max_length:
-            # Truncation needs at least one response token left after the prompt.
-            if options.overlong == "drop" or n_prompt >= options.max_length:
-                stats.dropped_too_long += 1
-                logger.debug("%s row %d: %d tokens > max_length %d (prompt %d), dropped",
-                             source, index, n_total, options.max_length, n_prompt)
-                continue
-            # Cut from the end: the EOS goes first, so a cut response never teaches "stop here".
+        # "openrlhf": the response text already ends with the EOS token (its last token is set below).
+        ids = [*prompt_ids, *response_ids] if openrlhf else [*prompt_ids, *response_ids, eos_id]
+        n_prompt, n_total = len(prompt_ids), len(ids)
+        too_long = n_total > options.max_length
+        if n_prompt > longest_prompt or (too_long and options.overlong == "drop"):
+            stats.dropped_too_long += 1
+            logger.debug("%s row %d: %d tokens (prompt %d), max_length %d, dropped",
+                         source, index, n_total, n_prompt, options.max_length)
+            continue
+        if too_long:  # cut from the end
             ids = ids[:options.max_length]
             stats.truncated += 1
+        if openrlhf:
+            # OpenRLHF sets the last token to the EOS id ("to avoid EOS truncation"): a no-op on a whole
+            # response, and on a cut one the EOS replaces its last token and is supervised. With "eos" the
+            # EOS went with the cut, so a cut response never teaches "stop here".
+            ids[-1] = eos_id
         input_ids = np.asarray(ids, dtype=np.int32)
         loss_mask = np.zeros(len(ids), dtype=bool)
         loss_mask[n_prompt:] = True
@@ -154,21 +193,15 @@ def _flush(pending: list[tuple[str, int, str, str]], tokenizer, eos_id: int, opt
     pending.clear()
 
 
-def _row_texts(row: Any, tokenizer, options: SFTDataOptions) -> tuple[str, str]:
-    """(prompt text, response text) of one row; raises ``_BadRow`` naming the problem."""
+def _row_texts(row: Any, tokenizer, options: SFTDataOptions, eos_token: str) -> tuple[str, str]:
+    """(prompt text, response text) of one row; raises ``_BadRow`` naming the problem (``_Unseparable``
+    for a conversation that does not render as the prompt followed by the response)."""
     if not isinstance(row, dict):
         raise _BadRow(f"row must be a dict, got {type(row).__name__}")
     field = options.response_field or _auto_response_field(row)
     messages = _prompt_messages(row.get(options.prompt_field), options.prompt_field)
-    response = _response_text(row.get(field), field)
-    try:
-        prompt = _render(messages, tokenizer, options.remove_system_prompt)
-    except _BadRow as error:
-        raise _BadRow(f"field {options.prompt_field!r}: {error}") from None
-    except jinja2.TemplateSyntaxError:  # a broken template is not the row's fault
-        raise
-    except jinja2.TemplateError as error:  # the template's raise_exception, e.g. "roles must alternate"
-        raise _BadRow(f"field {options.prompt_field!r}: chat template refused it: {error}") from None
+    response = content = _response_text(row.get(field), field)
+    prompt = _render_row(messages, tokenizer, options.remove_system_prompt, options.prompt_field)
     if options.think_prefix == "prompt":
         # A template that already opens the block (LUFFY's Qwen2.5-Math-7B-16k-think ends its generation
         # prompt with "<think>\n") keeps its own marker: the response's is dropped, not appended a second
@@ -180,7 +213,42 @@ def _row_texts(row: Any, tokenizer, options: SFTDataOptions) -> tuple[str, str]:
                 if not response.strip():
                     raise _BadRow(f"field {field!r} is empty after moving {marker!r} to the prompt")
                 break
-    return prompt, response
+    if options.response_end == "eos":
+        return prompt, response
+    # The row's own content, marker included: a think_prefix move only shifts where the prompt ends.
+    conversation = _render_row([*messages, {"role": "assistant", "content": content}], tokenizer,
+                               options.remove_system_prompt, field, generation_prompt=False)
+    return prompt, _rendered_response(prompt, conversation, eos_token, field)
+
+
+def _render_row(messages: list[dict], tokenizer, remove_system_prompt: bool, field: str, *,
+                generation_prompt: bool = True) -> str:
+    """``_render`` with the template's refusals of this row as ``_BadRow``s naming ``field``."""
+    try:
+        return _render(messages, tokenizer, remove_system_prompt, generation_prompt=generation_prompt)
+    except _BadRow as error:
+        raise _BadRow(f"field {field!r}: {error}") from None
+    except jinja2.TemplateSyntaxError:  # a broken template is not the row's fault
+        raise
+    except jinja2.TemplateError as error:  # the template's raise_exception, e.g. "roles must alternate"
+        raise _BadRow(f"field {field!r}: chat template refused it: {error}") from None
+
+
+def _rendered_response(prompt: str, conversation: str, eos_token: str, field: str) -> str:
+    """The response as ``response_end: openrlhf`` supervises it: ``conversation`` after ``prompt``, trailing
+    newlines cut, then ``" " + eos_token`` unless it already ends with the EOS."""
+    if not conversation.startswith(prompt):
+        at = next((i for i, (a, b) in enumerate(zip(prompt, conversation)) if a != b), len(conversation))
+        start = max(0, at - 40)
+        raise _Unseparable(
+            f"the chat template does not render the conversation with the response as the prompt followed by "
+            f"the response (from character {at}: prompt {prompt[start:at + 40]!r}, conversation "
+            f"{conversation[start:at + 40]!r}), so its end of turn cannot be separated from the prompt; "
+            f"data.response_end: eos supervises the response text and the EOS instead")
+    response = conversation[len(prompt):].rstrip("\n")
+    if not response.strip():
+        raise _BadRow(f"field {field!r}: the chat template renders nothing of it after the prompt")
+    return response if response.endswith(eos_token) else f"{response} {eos_token}"
 
 
 def _auto_response_field(row: dict) -> str:
@@ -244,12 +312,12 @@ def _response_text(value: Any, field: str) -> str:
     return value
 
 
-def _render(messages: list[dict], tokenizer, remove_system_prompt: bool) -> str:
+def _render(messages: list[dict], tokenizer, remove_system_prompt: bool, *, generation_prompt: bool = True) -> str:
     if remove_system_prompt:
         messages = [m for m in messages if m["role"] != "system"]
         if not messages:
             raise _BadRow("only system messages, and remove_system_prompt is set")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     if remove_system_prompt:
         injected, keep = _injected_system_block(tokenizer)
         if injected and text.startswith(injected):
@@ -300,15 +368,15 @@ def _injected_system_block(tokenizer) -> tuple[str, str]:
     return result
 
 
-def _eos_id(tokenizer, eos_token: str | None) -> int:
-    """The id of the EOS token, which must be a single token of the vocabulary."""
+def _eos(tokenizer, eos_token: str | None) -> tuple[str, int]:
+    """The EOS token and its id; it must be a single token of the vocabulary."""
     token = eos_token if eos_token is not None else tokenizer.eos_token
     if not token:
         raise ValueError("the tokenizer has no eos_token; set SFTDataOptions.eos_token")
     eos_id = tokenizer.convert_tokens_to_ids(token)
     if not isinstance(eos_id, int) or tokenizer.convert_ids_to_tokens(eos_id) != token:
         raise ValueError(f"eos token {token!r} is not a single token of the tokenizer's vocabulary")
-    return eos_id
+    return token, eos_id
 
 
 def demonstration_text(row: Any, response_field: str | None = None) -> str:

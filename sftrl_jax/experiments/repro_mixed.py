@@ -35,8 +35,10 @@ LABELS = {"sft_then_rl": "SFT→RL (correct SFT)", "sft_buggy_then_rl": "SFT→R
 BUG = {"emulate_bug": "deepspeed_offload", "emulate_ranks": 4, "emulate_micro_batch_size": 1}
 # the mixed methods learn the answer format from demonstrations, as SFT does, so they get SFT's learning
 # rate (the random base model gives the on-policy samples nothing to learn from at RL's)
+# the toy's settings for LUFFY and CHORD; its entropy bonus is aggregated as its policy loss (token-mean), not
+# over the 8-GPU micro-batches of LUFFY's runs
 MIXED = {"optimizer": {"learning_rate": 3e-3, "warmup_ratio": 0.0, "lr_schedule": "constant"},
-         "train": {"max_steps": 2000}}
+         "train": {"max_steps": 2000}, "rl": {"entropy_agg": "loss"}}
 EXTRA = {"full": {"seeds": [0, 1], "sft_steps": 200, "rl_steps": 20},
          "quick": {"seeds": [0], "sft_steps": 30, "rl_steps": 2}}
 
@@ -95,7 +97,9 @@ def _sft_then_rl(work, settings, run_dir: Path, seed: int, buggy: bool, progress
 
 def _mixed(work, settings, run_dir: Path, seed: int, method: str, budget: float, progress: bool) -> dict:
     tick = time.time()
-    rl_settings = deep_merge(settings["rl"], deep_merge(MIXED, {"rl": {"method": method},
+    # CHORD as LUFFY gets its demonstrations: each prompt's own, in its group (rl.expert_source=group)
+    grouped = {"expert_source": "group"} if method == "chord" else {}
+    rl_settings = deep_merge(settings["rl"], deep_merge(MIXED, {"rl": {"method": method, **grouped},
                                                                 "train": {"max_flops": budget}}))
     rl = run_rl(from_dict(RLConfig, deep_merge({
         "model": {"path": str(work.base), **MODEL_OPTIONS}, "output_dir": str(run_dir / method),

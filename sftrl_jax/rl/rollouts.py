@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import numpy as np
@@ -45,16 +46,49 @@ class Rollouts:
     score_seconds: float = 0.0
 
 
+def expert_rows_per_step(config) -> int:
+    """Rows of ``rl.expert_data`` in each step's batch: ``ceil(rl.expert_data_ratio x rl.prompts_per_step x
+    sampling.n)`` for a method that trains expert rows by a term of its own (CHORD) with
+    ``rl.expert_source=expert_data``, else 0. Trinity-RFT's arithmetic: ``prompts_per_step x n`` is its
+    training batch (``batch_size x repeat_times``), ``ceil(ratio x`` that ``)`` of it expert rows."""
+    cfg = config.rl
+    if get_method(cfg.method).demonstrations != "separate" or cfg.expert_source != "expert_data":
+        return 0
+    return math.ceil((cfg.expert_data_ratio or 0.0) * (cfg.prompts_per_step * config.sampling.n))
+
+
+def groups_per_step(config) -> int:
+    """Prompt groups each step samples: ``rl.prompts_per_step``, less the groups whose place expert rows take."""
+    return config.rl.prompts_per_step - expert_rows_per_step(config) // config.sampling.n
+
+
+def demonstrations_in_groups(cfg) -> bool:
+    """Whether each group is ``sampling.n - 1`` samples and the prompt's demonstration (LUFFY; CHORD with
+    ``rl.expert_source=group``)."""
+    demonstrations = get_method(cfg.method).demonstrations
+    return demonstrations == "policy" or (demonstrations == "separate" and cfg.expert_source != "expert_data")
+
+
 def check_batch_sizes(config, shards: int) -> int:
     """Micro-steps per mini-batch of an RL config; raises naming the keys when the sizes do not divide."""
     cfg = config.rl
-    if get_method(cfg.method).demonstrations is not None and config.sampling.n < 2:
+    if demonstrations_in_groups(cfg) and config.sampling.n < 2:
         raise ValueError(f"rl.method={cfg.method}: sampling.n ({config.sampling.n}) must be at least 2 (a group is "
                          "n - 1 samples and the demonstration)")
     sequences = cfg.prompts_per_step * config.sampling.n
     if sequences % cfg.mini_batches_per_step:
         raise ValueError(f"rl.prompts_per_step x sampling.n ({sequences}) must be a multiple of "
                          f"rl.mini_batches_per_step ({cfg.mini_batches_per_step})")
+    experts = expert_rows_per_step(config)
+    if experts:
+        sampled = sequences - experts
+        what = (f"rl.expert_data_ratio ({cfg.expert_data_ratio}) of rl.prompts_per_step x sampling.n ({sequences}) "
+                f"is {experts} expert rows (rounded up), leaving {sampled} sampled rows")
+        if sampled < config.sampling.n or sampled % config.sampling.n:
+            raise ValueError(f"{what}: not whole groups of sampling.n ({config.sampling.n})")
+        if experts % cfg.mini_batches_per_step or sampled % cfg.mini_batches_per_step:
+            raise ValueError(f"{what}: each must be a multiple of rl.mini_batches_per_step "
+                             f"({cfg.mini_batches_per_step}), so that every mini-batch gets its share of both")
     mini = sequences // cfg.mini_batches_per_step
     if mini % (config.train.micro_batch_size * shards):
         raise ValueError(f"a mini-batch of {mini} sequences must be a multiple of train.micro_batch_size "
@@ -64,7 +98,8 @@ def check_batch_sizes(config, shards: int) -> int:
 
 def collect_rollouts(sampler, items, prompt_sampler, score: RewardFn, config, step: int,
                      demonstrations: dict | None = None) -> Rollouts:
-    """One step's rollouts: ``rl.prompts_per_step`` groups of ``sampling.n`` graded responses.
+    """One step's rollouts: :func:`groups_per_step` groups (``rl.prompts_per_step`` without expert rows) of
+    ``sampling.n`` graded responses.
 
     ``sampler``: a :class:`sftrl_jax.sampling.TextSampler` of the current policy; ``items``: the
     prompts; ``prompt_sampler``: an :class:`~sftrl_jax.data.batching.EpochSampler` over them.
@@ -74,12 +109,13 @@ def collect_rollouts(sampler, items, prompt_sampler, score: RewardFn, config, st
     group whose correctness is all equal (verl's ``metric=acc``).
     """
     cfg, group = config.rl, config.sampling.n
+    wanted = groups_per_step(config)
     out = Rollouts()
     groups = 0
-    while groups < cfg.prompts_per_step:
+    while groups < wanted:
         if out.rounds >= cfg.max_generation_rounds:
             raise DynamicSamplingError(
-                f"dynamic sampling: only {groups} of {cfg.prompts_per_step} prompt groups had rewards that "
+                f"dynamic sampling: only {groups} of {wanted} prompt groups had rewards that "
                 f"differ after {cfg.max_generation_rounds} generation rounds (rl.max_generation_rounds) at "
                 f"step {step}; the prompts are too easy or too hard for this model")
         out.rounds += 1
@@ -100,7 +136,7 @@ def collect_rollouts(sampler, items, prompt_sampler, score: RewardFn, config, st
             if cfg.dynamic_sampling and np.ptp(correctness[list(rows)]) == 0:
                 out.dropped_groups += 1
                 continue
-            if groups == cfg.prompts_per_step:
+            if groups == wanted:
                 break
             groups += 1
             for r in rows:

@@ -41,12 +41,15 @@ ROLLOUT_KEYS = {"input_ids": ("int32", "sequence"), "attention_mask": ("int32", 
 
 def update_batch_keys(cfg) -> dict[str, tuple[str, str]]:
     """Every array of an update batch under ``cfg`` (an ``RLSection``): the rollout, the advantages, the old
-    (and reference) log-probs, the truncated-importance-sampling weights, and the method's own inputs."""
+    (and reference) log-probs, the truncated-importance-sampling weights, the entropy's per-row weights (verl's
+    micro-batch token means) and the method's own inputs."""
     keys = {**ROLLOUT_KEYS, "advantages": ("float32", "row"), "old_logp": ("float32", "response")}
     if cfg.kl_coef > 0:
         keys["ref_logp"] = ("float32", "response")
     if cfg.tis_cap is not None:
         keys["tis_weight"] = ("float32", "response")
+    if cfg.entropy_coef > 0 and cfg.entropy_agg == "micro_batch_token_mean":
+        keys["entropy_weight"] = ("float32", "row")
     keys.update({name: ("float32", "row") for name in get_method(cfg.method).row_inputs})
     return keys
 
@@ -93,7 +96,9 @@ def method_loss(method: PolicyMethod, logp, batch: dict, cfg, *, weights, demons
     ``sum(weights * (policy_scale * tis_weight * policy + kl_coef * KL - entropy_coef * entropy))
     + sum(demonstration_weights * demonstration_scale * demonstration)`` with the method's
     :class:`~sftrl_jax.rl.methods.Objective`; ``tis_weight`` when the batch has one, KL when it has
-    ``ref_logp`` and ``cfg.kl_coef > 0``, entropy when given. The weights come from
+    ``ref_logp`` and ``cfg.kl_coef > 0``, entropy when given. With ``entropy_weight`` in the batch (one per
+    row: ``rl.entropy_agg: micro_batch_token_mean``) the entropy term is instead
+    ``-entropy_coef * sum(entropy_weight * response_mask * entropy)``. The weights come from
     :func:`aggregation_weights` over the whole mini-batch (a micro-batch passes its share). Metrics are
     token means (``token_mean``) of the method's stats, ``entropy``, ``kl_ref`` and, for methods with
     demonstrations, ``off_policy_share``.
@@ -107,11 +112,15 @@ def method_loss(method: PolicyMethod, logp, batch: dict, cfg, *, weights, demons
     if "ref_logp" in batch and cfg.kl_coef > 0:
         stats["kl_ref"] = kl_penalty(logp, batch["ref_logp"], cfg.kl_estimator)
         per_token = per_token + cfg.kl_coef * stats["kl_ref"]
+    entropy_term = 0.0
     if entropy is not None:
         stats["entropy"] = entropy
-        if cfg.entropy_coef > 0:
+        if cfg.entropy_coef > 0 and "entropy_weight" in batch:
+            row_weights = per_row(batch["entropy_weight"], logp.ndim) * batch["response_mask"]
+            entropy_term = -cfg.entropy_coef * jnp.sum(row_weights * entropy)
+        elif cfg.entropy_coef > 0:
             per_token = per_token - cfg.entropy_coef * entropy
-    loss = jnp.sum(weights * per_token)
+    loss = jnp.sum(weights * per_token) + entropy_term
     if objective.demonstration is not None:
         scale = per_row(objective.demonstration_scale, logp.ndim)
         loss = loss + jnp.sum(demonstration_weights * scale * objective.demonstration)

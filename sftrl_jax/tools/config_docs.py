@@ -114,11 +114,24 @@ override that still uses the old name is an error naming the new one.
 {_renamed_table()}"""
 
 
+def _method_defaults() -> str:
+    """Each ``rl.method``'s values for the ``rl`` settings it fills in when they are left null."""
+    from ..rl.methods import METHODS
+
+    lines = ["| `rl.method` | its values for the `rl` settings left null |", "|---|---|"]
+    for name, method in sorted(METHODS.items()):
+        values = ", ".join(f"`{key}: {value!r}`" for key, value in method.resolved_defaults().items())
+        lines.append(f"| `{name}` | {values} |")
+    return "\n".join(lines) + "\n"
+
+
 def render() -> str:
     """The text of docs/config.md."""
     return (HEADER + composition()
             + "\n## `sftrl-jax sft`\n\n" + markdown_table(COMMANDS["sft"])
             + "\n## `sftrl-jax rl`\n\n" + markdown_table(COMMANDS["rl"])
+            + "\nAn `rl` setting whose default is null takes the value `rl.method` gives it (the table above shows "
+              "`grpo`'s; each method's file in `sftrl_jax/rl/methods/` says why):\n\n" + _method_defaults()
             + "\n## `sftrl-jax eval`\n\n" + markdown_table(COMMANDS["eval"])
             + "\n## `sftrl-jax pipeline`\n\nEach stage's `settings` are merged over the `sft` or `rl` section "
               "and then checked as a full `sft` / `rl` config (keys above); `model.path` of a stage is the "

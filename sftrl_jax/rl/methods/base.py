@@ -48,7 +48,7 @@ class PolicyMethod:
     # an ``rl`` field whose declared default is null (the loader fills it with the method's value)
     base_defaults: ClassVar[dict[str, Any]] = {
         "norm_adv_by_std": True, "clip_low": 0.2, "clip_high": 0.2, "clip_c": 3.0, "agg_mode": "token-mean",
-        "entropy_coef": 0.0, "clip_on_policy": True,
+        "entropy_coef": 0.0, "entropy_agg": "loss", "clip_on_policy": True,
     }
     defaults: ClassVar[dict[str, Any]] = {}
     # None: every group member is sampled. "policy": each group is ``sampling.n - 1`` samples and the

@@ -37,7 +37,7 @@ def luffy_token_losses(logp, old_logp, advantages, off_policy_mask, *, shaping_g
 class LUFFY(PolicyMethod):
     name = "luffy"
     defaults = {"norm_adv_by_std": False, "agg_mode": "seq-mean-token-sum-norm", "entropy_coef": 0.001,
-                "clip_on_policy": False}
+                "entropy_agg": "micro_batch_token_mean", "clip_on_policy": False}
     demonstrations = "policy"
 
     def validate(self, cfg) -> None:
