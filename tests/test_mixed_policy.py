@@ -317,6 +317,25 @@ def test_demonstrations_drop_a_think_the_prompt_already_opens(workdir, tmp_path,
     assert demo[items[0].prompt_id].token_ids[:-1] == tokenizer(expected, add_special_tokens=False)["input_ids"]
 
 
+def test_demonstrations_read_prompts_as_the_rl_prompts_are(tmp_path):
+    # remove_system_prompt + keep_template_system_prompt: the rows' system message goes, the template's default
+    # system block stays; a demonstration is matched to its prompt only if both are rendered the same way
+    from hf_checkpoints import QWEN25_CHAT_TEMPLATE, QWEN25_DEFAULT_SYSTEM, make_tokenizer
+    from sftrl_jax.data.prompts import PromptDataOptions, load_prompt_items
+    from sftrl_jax.models import load_tokenizer
+    from sftrl_jax.rl.demonstrations import load_demonstrations
+
+    tokenizer = load_tokenizer(make_tokenizer(tmp_path / "tok", chat_template=QWEN25_CHAT_TEMPLATE))
+    data = write_parquet([{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say 1"}],
+                           "reward_model": {"ground_truth": "1"},
+                           "target": [{"role": "assistant", "content": "\\boxed{1}"}]}], tmp_path / "sys.parquet")
+    options = PromptDataOptions(files=[str(data)], remove_system_prompt=True, keep_template_system_prompt=True)
+    items, _ = load_prompt_items(options, tokenizer)
+    assert QWEN25_DEFAULT_SYSTEM in items[0].prompt_text and "be brief" not in items[0].prompt_text
+    demo = load_demonstrations(items, options, tokenizer, eos_id=tokenizer.eos_token_id, max_new_tokens=64)
+    assert demo[items[0].prompt_id].text == "\\boxed{1}"
+
+
 def test_expert_rows_are_tokenised_as_sft_reads_them(workdir, tmp_path):
     from sftrl_jax.data.prompts import PromptDataOptions
     from sftrl_jax.data.sft import build_prompt_text

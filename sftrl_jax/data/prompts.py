@@ -118,12 +118,16 @@ def _ground_truth(row: dict, field: str | None):
     return row.get("answer")
 
 
-def _prompt_text(message, tokenizer, options: PromptDataOptions) -> str:
+def templated_prompt(message, tokenizer, options: PromptDataOptions) -> str:
+    """A row's prompt (chat messages or text) as the model sees it: through the chat template with
+    ``options``' system-prompt handling, then ``options.prompt_suffix``; RL prompts, their demonstrations and
+    CHORD's expert rows all read prompts with this."""
     if options.remove_system_prompt and options.keep_template_system_prompt:
         if isinstance(message, (list, tuple, np.ndarray)):
             message = [m for m in message if not (isinstance(m, dict) and m.get("role") == "system")]
-        return build_prompt_text(message, tokenizer)
-    return build_prompt_text(message, tokenizer, remove_system_prompt=options.remove_system_prompt)
+        return build_prompt_text(message, tokenizer) + options.prompt_suffix
+    return build_prompt_text(message, tokenizer, remove_system_prompt=options.remove_system_prompt) + \
+        options.prompt_suffix
 
 
 def load_prompt_items(options: PromptDataOptions, tokenizer, *, keep_too_long: bool = False
@@ -158,12 +162,11 @@ def load_prompt_items(options: PromptDataOptions, tokenizer, *, keep_too_long: b
                 message, truth = row.get(options.prompt_field), _ground_truth(row, options.answer_field)
             if truth is None or (isinstance(truth, str) and not truth.strip()):
                 raise ValueError("no ground truth (reward_model.ground_truth or answer)")
-            prompt = _prompt_text(message, tokenizer, options)
+            prompt = templated_prompt(message, tokenizer, options)
         except Exception as err:  # a malformed row is skipped with its location
             skipped["bad_rows"] += 1
             log.warning("%s row %d: %s (skipped)", source, index, err)
             continue
-        prompt += options.prompt_suffix
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         too_long = len(ids) > options.max_prompt_length
         if too_long and not keep_too_long:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ..data.prompts import PromptDataOptions
-from ..data.sft import build_prompt_text, demonstration_text
+from ..data.prompts import PromptDataOptions, templated_prompt
+from ..data.sft import demonstration_text
 from ..data.sources import UnreadableRow, load_rows
 
 log = logging.getLogger("sftrl_jax.rl")
@@ -47,8 +47,7 @@ def load_demonstrations(items, options: PromptDataOptions, tokenizer, *, eos_id:
         if isinstance(row, UnreadableRow):
             continue
         try:
-            prompt = build_prompt_text(row.get(options.prompt_field), tokenizer,
-                                       remove_system_prompt=options.remove_system_prompt) + options.prompt_suffix
+            prompt = templated_prompt(row.get(options.prompt_field), tokenizer, options)
             by_prompt.setdefault(prompt, demonstration_text(row, response_field))
         except ValueError:
             continue  # the prompt loader reports bad rows; a row without a demonstration is counted below

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 
 from ..data.batching import EpochSampler
-from ..data.prompts import PromptDataOptions, _prompt_text
+from ..data.prompts import PromptDataOptions, templated_prompt
 from ..data.sft import demonstration_text
 from ..data.sources import UnreadableRow, load_rows
 from .demonstrations import without_repeated_think
@@ -50,7 +50,7 @@ def load_expert_rows(files, options: PromptDataOptions, tokenizer, *, eos_id: in
             if isinstance(row, UnreadableRow):
                 raise ValueError(row.problem)
             response = demonstration_text(row, response_field)
-            prompt = _prompt_text(row.get(options.prompt_field), tokenizer, options) + options.prompt_suffix
+            prompt = templated_prompt(row.get(options.prompt_field), tokenizer, options)
         except Exception as err:  # a malformed row is skipped with its location, as the prompt loader does
             bad += 1
             log.warning("rl.expert_data: %s row %d: %s (skipped)", source, index, err)
