@@ -39,7 +39,9 @@ def test_cli_eval_on_the_real_benchmark_files(model_dir, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "math average" in printed and "results.json" in printed
+    assert "grader: reward.kind=luffy_eval" in printed  # the table names the grader LUFFY's table was scored by
     results = json.loads((out / "results.json").read_text())
+    assert results["grader"] == "luffy_eval"
     assert set(results["benchmarks"]) == {"aime", "amc", "math", "minerva", "olympiad_bench"}
     for metrics in results["benchmarks"].values():
         assert metrics["prompts"] == 2 and metrics["truncated_share"] == 1.0  # 6 random tokens never stop
