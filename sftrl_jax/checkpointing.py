@@ -97,6 +97,28 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps of the folder's checkpoints, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def set_aside(self, steps) -> Path:
+        """Move the checkpoints of ``steps`` (ones that do not restore) to ``damaged_checkpoints/`` beside the
+        checkpoint folder, where later saves and ``keep_last`` leave them alone; all processes call this."""
+        aside = self.directory.parent / "damaged_checkpoints"
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target, copy = aside / str(step), 1
+                while target.exists():
+                    target, copy = aside / f"{step}.{copy}", copy + 1
+                (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sftrl_jax: damaged checkpoints set aside")
+        self.manager.reload()
+        return aside
+
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restore onto ``abstract_state`` (ShapeDtypeStructs with the target shardings)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -21,11 +21,27 @@ def mesh_arg(text: str) -> dict[str, int]:
     return spec
 
 
+def _check_convert_destination(dst: str, *, overwrite: bool) -> None:
+    """Before anything is loaded: ``dst`` must be (or become) a folder, and an existing model or any other
+    content there is replaced only with ``--overwrite``."""
+    from pathlib import Path
+
+    destination = Path(dst)
+    for path in (destination, *destination.parents):
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"destination {destination}: {path} is a file, not a folder; choose another "
+                                  "destination")
+    if destination.is_dir() and any(destination.iterdir()) and not overwrite:
+        raise FileExistsError(f"destination {destination} is not empty; pass --overwrite to write over what is "
+                              "there, or choose a new folder")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpointing import is_orbax_model_dir, load_model, save_model
     from .models import ModelOptions, load_pretrained, save_pretrained
     from .sharding import make_mesh
 
+    _check_convert_destination(args.dst, overwrite=args.overwrite)
     mesh = make_mesh(args.mesh)
     target = args.to or ("hf" if is_orbax_model_dir(args.src) else "orbax")
     start = time.time()
@@ -107,7 +123,10 @@ def cmd_repro(args: argparse.Namespace) -> int:
         from .experiments.repro_coupling import run_repro_coupling as run
     else:
         from .experiments.repro_mixed import run_repro_mixed as run
-    report = run(out, quick=args.quick, seeds=args.seeds)
+    if args.task != "arithmetic" and args.experiment != "coupling":
+        raise ValueError(f"--task {args.task}: only repro coupling runs another task than the arithmetic one")
+    options = {"task": args.task} if args.experiment == "coupling" else {}
+    report = run(out, quick=args.quick, seeds=args.seeds, **options)
     for line in report.get("findings", [report.get("finding")]):
         print(f"repro {args.experiment}: {line.removeprefix('- ')}")
     print(f"repro {args.experiment}: report {out}/report.md ({report['seconds']:.0f} s)")
@@ -118,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import AVERAGES, run_eval
 
     config = _load_config(args)
-    results = run_eval(config)
+    results = run_eval(config, force=args.force)
     averages = "".join(f"; {name} average {100 * results[f'{key}_average']:.1f}%"
                        for key, name in AVERAGES.items() if results[f"{key}_average"] is not None)
     print(f"eval: results {config.output_dir}/results.json{averages} (grader: reward.kind={results['grader']})")
@@ -159,18 +178,55 @@ def _quiet_cpu_only_start(command: str) -> None:
     """Keep installed accelerator plugins (libtpu, jax-cuda12-plugin: the ``aot`` extra) from probing for
     hardware that is not there: on a host without a TPU or GPU, or for ``compile`` (which needs no
     accelerator backend, only the topology API), default ``JAX_PLATFORMS`` to ``cpu``. An explicit
-    ``JAX_PLATFORMS`` (or ``JAX_FORCE_TPU_INIT``) wins; a host with a TPU or GPU is left alone."""
+    ``JAX_PLATFORMS`` (or ``JAX_FORCE_TPU_INIT``) wins; a host with a TPU or GPU is left alone. A CPU-only
+    start imports JAX with the CUDA plugin's load-time log lines filtered out
+    (:func:`_import_jax_without_plugin_noise`)."""
     import os
 
-    if "jax" in sys.modules or "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
+    if "jax" in sys.modules or "JAX_FORCE_TPU_INIT" in os.environ:
         return
-    if command == "compile" or not _has_accelerator():
+    if "JAX_PLATFORMS" not in os.environ and (command == "compile" or not _has_accelerator()):
         os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # the CUDA plugin's "no CUDA drivers" INFO line
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TSL's INFO lines, where a library logs through TSL
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+        _import_jax_without_plugin_noise()
+
+
+# What the CUDA plugin's libraries print to stderr as they load on a host without CUDA (C++ logging that no
+# environment variable turns off): dropped while JAX is imported and its plugins are discovered.
+_PLUGIN_NOISE = ("cudart_stub.cc", "All log messages before absl::InitializeLog() is called")
+
+
+def _import_jax_without_plugin_noise() -> None:
+    """Import JAX and discover its plugins (what its first use would do) with the process's stderr (file
+    descriptor 2, where C++ logs go) captured, then pass on everything but :data:`_PLUGIN_NOISE` lines.
+    No backend is created, so ``jax.distributed.initialize`` may still follow."""
+    import os
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import jax  # noqa: F401
+            from jax._src import xla_bridge
+
+            discover = getattr(xla_bridge, "_discover_and_register_pjrt_plugins", None)  # JAX's own start-up step
+            if discover is not None:
+                discover()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not any(noise in line for noise in _PLUGIN_NOISE)))
+            sys.stderr.flush()
 
 
 def _config_command(sub, name: str, run, *, help: str, description: str, example: str,
-                    resume_help: str | None = None) -> None:
+                    resume_help: str | None = None) -> argparse.ArgumentParser:
     """A subcommand that takes ``--config FILE`` plus dotted ``key=value`` overrides (and maybe ``--resume``)."""
     p = sub.add_parser(name, help=help, description=description + " Config keys: docs/config.md.")
     p.add_argument("--config", help="YAML config file")
@@ -181,6 +237,7 @@ def _config_command(sub, name: str, run, *, help: str, description: str, example
                             "seed, optimizer, algorithm) differ from the run's config.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
     p.set_defaults(func=run)
+    return p
 
 
 def _add_convert_command(sub) -> None:
@@ -190,7 +247,9 @@ def _add_convert_command(sub) -> None:
                                    "and an orbax checkpoint (config.json + params/). The direction is "
                                    "detected from SRC unless --to is given.")
     p.add_argument("src", help="source directory")
-    p.add_argument("dst", help="destination directory")
+    p.add_argument("dst", help="destination directory (new or empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a destination that is not empty (replacing the model files there)")
     p.add_argument("--to", choices=["orbax", "hf"], help="target format (default: the other one)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (default: float32 from HF; the saved dtype from orbax)")
@@ -237,6 +296,8 @@ def _add_offline_commands(sub) -> None:
     p.add_argument("--out", help="report folder (default runs/repro_<experiment>)")
     p.add_argument("--quick", action="store_true", help="a tiny version (one seed, a few steps) to check the set-up")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: bugs 3, coupling 2, mixed 2)")
+    p.add_argument("--task", choices=["arithmetic", "cola"], default="arithmetic",
+                   help="coupling: the demo's arithmetic task (default) or the CoLA-like acceptability task, Paper B's")
     p.set_defaults(func=cmd_repro)
 
 
@@ -278,6 +339,32 @@ def _add_split_command(sub) -> None:
     p.set_defaults(func=cmd_split)
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.cola import cola_rows, write_rows
+
+    rows, skipped = cola_rows(args.src, split=args.split)
+    if not rows:
+        raise ValueError(f"{args.src} (split {args.split}): no labelled CoLA rows ({skipped['bad_rows']} bad rows)")
+    write_rows(rows, args.out)
+    print(f"prepare {args.task}: {len(rows)} rows from {args.src} (split {args.split}) -> {args.out}; "
+          f"{skipped['bad_rows']} skipped")
+    return 0
+
+
+def _add_prepare_command(sub) -> None:
+    """``prepare``: a task's raw data as the rows SFT and RL read."""
+    p = sub.add_parser("prepare", help="turn a task's raw data into SFT/RL rows (cola: CoLA acceptability)",
+                       description="Write OUT (.parquet or .jsonl) with one row per labelled example of SRC in the "
+                                   "layout SFT and RL both read (prompt, target, reward_model.ground_truth), so one "
+                                   "file feeds both stages. cola: SRC is tfds:glue/cola/SPLIT, the hub's "
+                                   "nyu-mll/glue (config cola) or a local file of {sentence, label, idx} rows.")
+    p.add_argument("task", choices=["cola"], help="the task")
+    p.add_argument("src", help="the raw data: a file, tfds:NAME/CONFIG/SPLIT or a hub id")
+    p.add_argument("--split", default="train", help="split to read (hub ids, directories; default train)")
+    p.add_argument("--out", required=True, help="output file (.parquet or .jsonl)")
+    p.set_defaults(func=cmd_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sftrl-jax`` parser: one subcommand per entry point, listed in this order in ``--help``."""
     parser = argparse.ArgumentParser(prog="sftrl-jax", description=__doc__)
@@ -285,11 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_command(sub)
     _add_training_commands(sub)
     _add_offline_commands(sub)
-    _config_command(sub, "eval", cmd_eval, help="evaluate a model on reasoning benchmarks", example="sampling.n=4",
-                    description="Generate with the in-JAX sampler and grade with math-verify. Resumes from "
-                                "output_dir/generations.jsonl.")
+    eval_parser = _config_command(sub, "eval", cmd_eval, help="evaluate a model on reasoning benchmarks",
+                                  example="sampling.n=4",
+                                  description="Generate with the in-JAX sampler and grade with math-verify. Resumes "
+                                              "from output_dir/generations.jsonl.")
+    eval_parser.add_argument("--force", action="store_true",
+                             help="reuse output_dir/generations.jsonl even when its settings file is missing or "
+                                  "names other settings, model files or data")
     _add_compile_command(sub)
     _add_split_command(sub)
+    _add_prepare_command(sub)
     return parser
 
 
@@ -302,8 +394,16 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src"):  # per-save orbax chatter; our own loggers report progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .signals import Stopped
+
     try:
         return args.func(args)
+    except Stopped as err:  # SIGTERM / SIGINT: the run stopped cleanly (sftrl_jax.signals)
+        print(f"sftrl-jax {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # SIGINT outside a run's loop (loading, converting, ...)
+        print(f"sftrl-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, FileExistsError, KeyError, ValueError, FloatingPointError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"sftrl-jax {args.command}: error: {message}", file=sys.stderr)

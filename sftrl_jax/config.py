@@ -177,7 +177,7 @@ def check_range(value: Any, spec: str, tp, key: str) -> None:
         return
     low, low_in, high, high_in = _parse_range(spec)
     inside = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
-    if not inside:  # NaN fails every comparison, so it is refused too
+    if not inside or not math.isfinite(value):  # NaN and inf fail every range, even "> -inf" or "<= inf"
         raise ConfigError(f"config key {key!r}: expected {_describe(tp, spec)}, got {value!r}")
 
 
@@ -218,6 +218,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             kwargs[name] = _convert(value, hints[name], dotted)
             if name in ranges:
                 check_range(kwargs[name], ranges[name], hints[name], dotted)
+            elif isinstance(kwargs[name], float) and not math.isfinite(kwargs[name]):
+                # NaN or inf: no setting means that (a NaN reward would train on NaN advantages)
+                raise ConfigError(f"config key {dotted!r}: expected a finite number, got {kwargs[name]!r}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {dotted!r} ({_describe(hints[name])})")
     try:
@@ -232,7 +235,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); fix it, or quote it "
+                          f"to pass a string ({key.strip()}='...')") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
@@ -290,10 +299,15 @@ def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(f"config file not found: {file}" + (f" (the base of {_chain[-1]})" if _chain else ""))
+    if file.is_dir():
+        raise ConfigError(f"{file}: a directory, not a config file; give the YAML file itself (--config FILE)")
     if file.resolve() in _chain:
         raise ConfigError(f"{file}: 'base:' includes form a cycle: {' -> '.join(map(str, (*_chain, file)))}")
     try:
-        data = yaml.load(file.read_text(), Loader=_UniqueKeyLoader) or {}
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{file}: not a UTF-8 text file (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                          "a config is a YAML text file") from None
     except _DuplicateKeyError as err:
         raise ConfigError(f"{file}: {err}") from None
     except yaml.YAMLError as err:
@@ -316,6 +330,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     expected = getattr(cls, "kind", None)
+    if "kind" in data and not (isinstance(data["kind"], str) and data["kind"]):
+        raise ConfigError(f"{path or 'config'}: config key 'kind': expected a command name"
+                          f"{f' ({expected!r}) or no kind: line' if expected else ''}, got {data['kind']!r}")
     if isinstance(expected, str) and expected and data.get("kind", expected) != expected:
         raise ConfigError(f"{path or 'config'}: a {data['kind']!r} config (kind: {data['kind']}), not {expected!r}; "
                           f"run it with `sftrl-jax {data['kind']}`")
@@ -329,7 +346,9 @@ def config_kind(path: str | os.PathLike) -> str | None:
 
 
 def save_config(obj, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False))
+    from .run_folder import write_text_atomic  # imported here: run_folder is not needed to read configs
+
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False))
 
 
 # ------------------------------------------------------------------ sections shared by every stage
@@ -343,7 +362,9 @@ class SamplingOptions:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None  # None: train.seed for RL rollouts, 0 for evaluation and the probe
-    batch_size: int = layout(64)  # prompts per compiled generation batch
+    # prompts per compiled generation batch; not a layout setting: each batch draws its own random key, so
+    # another batch size gives other samples (a resume must keep it)
+    batch_size: int = 64
 
     _ranges = {"n": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0",
                "seed": ">= 0", "batch_size": ">= 1"}

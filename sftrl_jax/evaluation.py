@@ -41,7 +41,8 @@ from .data.prompts import PromptDataOptions, PromptItem, load_prompt_items
 from .distributed import barrier, initialize, map_rows_across_processes
 from .layout import layout, layout_keys, not_layout
 from .metrics import is_writer, read_jsonl
-from .run_folder import owned_folder
+from .run_folder import owned_folder, write_text_atomic
+from .signals import Stopped, agreed, requested, signal_name, stop_requests
 
 log = logging.getLogger("sftrl_jax.eval")
 
@@ -61,7 +62,9 @@ class EvalConfig(RunConfig):
     # which benchmarks the math average is over (the generations do not depend on it)
     math_benchmarks: list[str] = layout(default_factory=lambda: list(MATH_BENCHMARKS))
     ood_benchmarks: list[str] = layout(default_factory=lambda: list(OOD_BENCHMARKS))  # ... and the OOD average
-    chunk_size: int = layout(256)  # prompts generated and graded between two appends to generations.jsonl
+    # prompts generated and graded between two appends to generations.jsonl; each chunk is sampled from its own
+    # seed (sampling.seed + its first prompt id), so the generations depend on it
+    chunk_size: int = 256
     output_dir: str = layout("runs/eval")
 
     _ranges = {"chunk_size": ">= 1"}
@@ -164,46 +167,130 @@ def read_generations(path: Path) -> list[dict]:
                       and isinstance(r["prompt_id"], int) and isinstance(r["sample"], int))
 
 
-def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress: bool = True) -> dict:
-    """Evaluate as configured; returns the results written to ``results.json``.
+def run_eval(config: EvalConfig, *, generator: Generator | None = None, progress: bool = True,
+             force: bool = False) -> dict:
+    """Evaluate as configured; returns the results written to ``results.json``. ``force`` reuses the
+    generations of ``output_dir`` even where they cannot be shown to match the settings
+    (:func:`check_generation_settings`).
 
     With several processes every process generates (one SPMD program per batch) and grades its
     share of each chunk; process 0 alone writes the files.
     """
     initialize(config.distributed)
-    with owned_folder(config.output_dir, command="sftrl-jax eval", writer=is_writer()) as out:
+    with stop_requests(), owned_folder(config.output_dir, command="sftrl-jax eval", writer=is_writer()) as out:
         if is_writer():
-            check_generation_settings(out, config)
+            check_generation_settings(out, config, force=force)
             save_config(config, out / "config.yaml")
         return _evaluate(config, out, generator=generator, progress=progress)
 
 
+# Model-folder files that do not shape the output (documentation, licences); names starting with "." are
+# skipped too (.git, caches)
+_UNREAD_MODEL_FILES = ("README", "LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
+_FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones (the weights) are sampled
+_SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _sampled_digest(path: Path) -> str:
+    """A cheap digest of a large file: its size and modification time, a safetensors file's whole header
+    (every tensor's name, dtype, shape and offsets), and ``_SAMPLES`` blocks of ``_SAMPLE_BYTES`` spread
+    evenly over the file, the last block included. Reads about 4 MB whatever the size: a re-export or
+    another model changes the sampled bytes, an edit in place changes the modification time, and a
+    same-size copy with the old time (``cp -p``) changes the sampled bytes unless it differs only between
+    them."""
+    import hashlib
+
+    stat = path.stat()
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with path.open("rb") as f:
+        if path.suffix == ".safetensors":
+            head = f.read(8)
+            digest.update(head)
+            if len(head) == 8:
+                digest.update(f.read(min(int.from_bytes(head, "little"), stat.st_size)))
+        for k in range(_SAMPLES):
+            f.seek(max(0, (stat.st_size - _SAMPLE_BYTES) * k // (_SAMPLES - 1)))
+            digest.update(f.read(_SAMPLE_BYTES))
+    return f"sampled:{digest.hexdigest()}"
+
+
+def model_fingerprint(model_dir: str | Path) -> dict[str, str]:
+    """A digest of every file of the model folder that can shape generations (the weights, ``config.json``,
+    ``generation_config.json``, the tokenizer files, ``chat_template.jinja``, ...): every top-level file
+    except documentation and licences (``_UNREAD_MODEL_FILES``) and hidden ones. Files up to 64 MiB are
+    hashed whole (SHA-256); larger ones, the weights, by :func:`_sampled_digest`, so a 15 GB model costs
+    milliseconds rather than a full read."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name.upper().startswith(_UNREAD_MODEL_FILES) or not path.is_file():
+            continue
+        out[path.name] = _sha256(path) if path.stat().st_size <= _FULL_HASH_BYTES else _sampled_digest(path)
+    return out
+
+
+def data_fingerprint(files: Sequence[str]) -> dict[str, str]:
+    """The SHA-256 of every local file ``files`` names (globs expanded, directories walked), by path; a hub
+    dataset id or ``tfds:`` name stands for itself. Hashing reads each file once (about 1 GB/s)."""
+    import glob
+    import os
+
+    out = {}
+    for spec in files:
+        expanded = os.path.expanduser(str(spec))
+        if os.path.isdir(expanded):
+            paths = sorted(p for p in Path(expanded).rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            paths = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+        if not paths:
+            out[str(spec)] = "(not a local file)"
+        for path in paths:
+            out[str(path)] = _sha256(path)
+    return out
+
+
 def generation_settings(config: EvalConfig) -> dict:
-    """What the generations in ``generations.jsonl`` depend on: the config, and the model's files
-    (name, size, modification time), so a re-exported model in the same directory counts as another."""
-    model_dir = Path(config.model.path)
-    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.json"))
-    fingerprint = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
+    """What the generations in ``generations.jsonl`` depend on: the config, the content of the data files
+    (:func:`data_fingerprint`: the same path with other rows counts as other data) and of the model folder
+    (:func:`model_fingerprint`: weights, config, tokenizer and chat template files)."""
     # how prompt ids are assigned: over-long prompts are kept (scored 0), so every data row keeps its id;
     # generations made where they were skipped (other ids) lack this entry and are refused
-    return {**dataclasses.asdict(config), "model_files": fingerprint, "prompts_too_long": "scored 0"}
+    return {**dataclasses.asdict(config), "model_files": model_fingerprint(config.model.path),
+            "data_files": data_fingerprint(config.data.files), "prompts_too_long": "scored 0"}
 
 
-def check_generation_settings(out: Path, config: EvalConfig) -> None:
-    """Refuse to reuse generations made with another model, sampling or data settings (naming them). The
-    config's layout settings (:func:`~sftrl_jax.layout.layout_keys`: where, how fast, which averages are
-    shown) may differ."""
+def check_generation_settings(out: Path, config: EvalConfig, *, force: bool = False) -> None:
+    """Refuse to reuse generations made with another model, model files, data content, sampling or data
+    settings (naming them), or whose settings file is missing (they cannot be checked); ``force`` reuses
+    them anyway, with a warning. The config's layout settings (:func:`~sftrl_jax.layout.layout_keys`:
+    where, how fast, which averages are shown) may differ."""
     from .run_folder import RunFolderError, changed_settings
 
     key_file, current = out / "generation_settings.json", generation_settings(config)
     generations = out / "generations.jsonl"
-    if generations.exists() and generations.stat().st_size and key_file.exists():
-        changes = changed_settings(json.loads(key_file.read_text()), json.loads(json.dumps(current)),
-                                   ignore=layout_keys(type(config)))
-        if changes:
-            raise RunFolderError(f"{out}: generations.jsonl was made with other settings ({'; '.join(changes)}); "
-                                 "use a new output_dir, or delete generations.jsonl to start over")
-    key_file.write_text(json.dumps(current, indent=1) + "\n")
+    if generations.exists() and generations.stat().st_size:
+        if not key_file.exists():
+            problem = (f"{generations} has no {key_file.name} beside it, so the model, data and sampling it was "
+                       "made with cannot be checked")
+        else:
+            changes = changed_settings(json.loads(key_file.read_text()), json.loads(json.dumps(current)),
+                                       ignore=layout_keys(type(config)))
+            problem = f"{generations} was made with other settings ({'; '.join(changes)})" if changes else None
+        if problem and force:
+            log.warning("--force: reusing generations that may be stale: %s", problem)
+        elif problem:
+            raise RunFolderError(f"{problem}; use a new output_dir, delete generations.jsonl to start over, or add "
+                                 "--force to reuse them")
+    write_text_atomic(key_file, json.dumps(current, indent=1) + "\n")
 
 
 def _evaluate(config: EvalConfig, out: Path, *, generator: Generator | None, progress: bool) -> dict:
@@ -211,6 +298,7 @@ def _evaluate(config: EvalConfig, out: Path, *, generator: Generator | None, pro
 
     tokenizer = load_tokenizer(config.model.path)  # the model's own chat template
     items, skipped = load_prompt_items(config.data, tokenizer, keep_too_long=True)
+    _require_usable_prompts(config, items, skipped)
     problems = problem_ids(items)
     records = resume_generations(out / "generations.jsonl", len(items), config.sampling.n)
     for r in records:  # records without problem_id / prompt_too_long fields
@@ -223,6 +311,7 @@ def _evaluate(config: EvalConfig, out: Path, *, generator: Generator | None, pro
              len(items), len(done), too_long, config.sampling.n)
     if todo:
         if generator is None and not all(item.prompt_too_long for item in todo):
+            _require_positions_for(config, todo)
             generator = _load_generator(config, tokenizer)
         records.extend(_generate_and_grade(config, generator, todo, out / "generations.jsonl", total=len(items),
                                            problems=problems, progress=progress))
@@ -232,10 +321,38 @@ def _evaluate(config: EvalConfig, out: Path, *, generator: Generator | None, pro
                    max_prompt_length=config.data.max_prompt_length, samples_per_prompt=config.sampling.n,
                    sampling=dataclasses.asdict(config.sampling), model=config.model.path)
     if is_writer():
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
         print_table(results)
         plot_results(results, out / "accuracy.png")
     return results
+
+
+def _require_usable_prompts(config: EvalConfig, items: Sequence[PromptItem], skipped: dict[str, int]) -> None:
+    """Refuse data with no prompt to generate from: no usable row, none within ``data.max_prompt_length`` (all
+    would score 0), or none that tokenises to anything; the files and the skip counts are named."""
+    files = ", ".join(map(str, config.data.files))
+    if not items:
+        raise ValueError(f"data.files ({files}): no usable prompts ({skipped['bad_rows']} bad rows); nothing to "
+                         "evaluate")
+    too_long = sum(item.prompt_too_long for item in items)
+    if too_long == len(items):
+        raise ValueError(f"data.files ({files}): all {len(items)} prompts are longer than data.max_prompt_length="
+                         f"{config.data.max_prompt_length} tokens ({skipped['bad_rows']} bad rows besides); nothing "
+                         "to evaluate")
+    if not any(item.prompt_ids for item in items):
+        raise ValueError(f"data.files ({files}): all {len(items)} prompts tokenise to no tokens with the tokenizer "
+                         f"of {config.model.path} (are its tokenizer.json / tokenizer_config.json missing?)")
+
+
+def _require_positions_for(config: EvalConfig, items: Sequence[PromptItem]) -> None:
+    """Refuse to generate past the model's ``max_position_embeddings``: the longest prompt that is generated
+    plus ``sampling.max_new_tokens`` must fit (over-long prompts are not generated)."""
+    from .models.config import require_positions
+    from .models.hf_io import read_config
+
+    longest = max(len(item.prompt_ids) for item in items if not item.prompt_too_long)
+    require_positions(read_config(config.model.path), longest + config.sampling.max_new_tokens,
+                      f"the longest prompt ({longest} tokens) + sampling.max_new_tokens")
 
 
 def resume_generations(path: Path, num_items: int, n: int) -> list[dict]:
@@ -252,7 +369,7 @@ def resume_generations(path: Path, num_items: int, n: int) -> list[dict]:
     records = [r for r in unique.values() if counts[r["prompt_id"]] == n]
     barrier("sftrl_jax.eval.read_generations")  # every process has read the file before it is rewritten
     if is_writer():
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -284,6 +401,11 @@ def _generate_and_grade(config: EvalConfig, generator: Generator | None, todo: S
             return np.stack([result.scores, result.timed_out], axis=1)
 
         for start in range(0, len(todo), config.chunk_size):
+            signum = agreed(requested())  # SIGTERM/SIGINT: stop between chunks, every finished one kept
+            if signum is not None:
+                bar.close()
+                raise Stopped(signum, f"stopped by {signal_name(signum)} after {total - len(todo) + start} of "
+                                      f"{total} prompts (kept in {path}); to continue, rerun the same command")
             chunk = todo[start:start + config.chunk_size]
             fitting = [item for item in chunk if not item.prompt_too_long]
             generated: dict[int, list[tuple[Completion, np.ndarray]]] = {}
@@ -320,6 +442,7 @@ def _generate_and_grade(config: EvalConfig, generator: Generator | None, todo: S
 
 def print_table(results: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"evaluation (grader: reward.kind={results['grader']})")
@@ -334,7 +457,7 @@ def print_table(results: dict) -> None:
         metrics = {**metrics, "avg@k": metrics.get(f"avg@{metrics.get('attempts')}")}
         cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, ""))
                  for c in columns + extra]
-        table.add_row(name, *cells)
+        table.add_row(escape(name), *cells)  # a benchmark name is data: "[bold" is text, not markup
     for key, name in AVERAGES.items():
         if results[f"{key}_average"] is not None:
             table.add_row(f"{name} average", "", "", "", f"{results[f'{key}_average']:.3f}")

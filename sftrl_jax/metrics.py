@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jax
 
+from .run_folder import write_text_atomic
+
 log = logging.getLogger("sftrl_jax.metrics")
 
 
@@ -63,7 +65,7 @@ class MetricsWriter:
                 # fresh file.
                 kept = [record for record in read_jsonl(self.path)
                         if truncate_after_step > 0 and record.get("step", 0) <= truncate_after_step]
-                self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+                write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         if not is_writer():

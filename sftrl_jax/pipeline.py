@@ -35,9 +35,10 @@ from .metrics import is_writer, plot_curves, read_jsonl
 from .models import load_tokenizer
 from .probe import CrossStageProbe, ProbeOptions
 from .rl import run_rl
-from .run_folder import check_continuity, owned_folder
+from .run_folder import check_continuity, owned_folder, write_text_atomic
 from .sft import run_sft
 from .sharding import make_mesh
+from .signals import Stopped, agreed, requested, signal_name, stop_requests
 
 log = logging.getLogger("sftrl_jax.pipeline")
 
@@ -96,12 +97,13 @@ def stage_dir(config: PipelineConfig, index: int) -> Path:
     return Path(config.output_dir) / f"stage{index + 1}_{config.stages[index].kind}"
 
 
-def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool = True, reward_fn=None,
+def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool | None = None, reward_fn=None,
                  on_step: Callable[[int, int, dict], None] | None = None, force: bool = False) -> dict:
     """Run the stages in order; with ``resume``, skip finished stages and continue inside the unfinished one
-    (refusing changed settings unless ``force``, as :func:`sftrl_jax.training.run_loop` does)."""
+    (refusing changed settings unless ``force``, as :func:`sftrl_jax.training.run_loop` does). ``progress``
+    overrides ``logging.progress`` (None: the config's)."""
     initialize(config.distributed)
-    with owned_folder(config.output_dir, command="sftrl-jax pipeline", writer=is_writer()) as out:
+    with stop_requests(), owned_folder(config.output_dir, command="sftrl-jax pipeline", writer=is_writer()) as out:
         return _run_stages(config, out, resume=resume, progress=progress, reward_fn=reward_fn, on_step=on_step,
                            force=force)
 
@@ -133,6 +135,10 @@ def _run_stages(config: PipelineConfig, out: Path, *, resume, progress, reward_f
             if index in done:
                 model_path = str(directory / "final")
                 continue
+            signum = agreed(requested())  # SIGTERM/SIGINT during the previous stage's export: stop here
+            if signum is not None:
+                raise Stopped(signum, f"stopped by {signal_name(signum)} before stage {index + 1}; to continue, "
+                                      "rerun the same command with --resume")
             stage_cfg = stage_config(config, index, model_path)
             stage_resume = resume and (directory / "checkpoints").exists()
             log.info("stage %d/%d: %s from %s%s", index + 1, len(config.stages), stage.kind, model_path,
@@ -143,7 +149,7 @@ def _run_stages(config: PipelineConfig, out: Path, *, resume, progress, reward_f
             model_path = str(result.final_dir)
             done.append(index)
             if is_writer():
-                state_file.write_text(json.dumps({"completed": done}))
+                write_text_atomic(state_file, json.dumps({"completed": done}))
     finally:
         probe.close()
         resources.close()
@@ -166,8 +172,8 @@ def summarize_pipeline(config: PipelineConfig) -> dict:
         offset += last
         boundaries.append(offset)
     if is_writer():
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (out / "boundaries.json").write_text(json.dumps(table, indent=2) + "\n")
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        write_text_atomic(out / "boundaries.json", json.dumps(table, indent=2) + "\n")
         probe_records = [r for r in records if "probe_sft_loss" in r or "probe_reward" in r]
         plot_curves(probe_records, ["probe_sft_loss", "probe_reward"], out / "cross_stage.png", x="global_step",
                     title=" -> ".join(s.kind.upper() for s in config.stages), boundaries=boundaries[:-1],

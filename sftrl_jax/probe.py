@@ -83,9 +83,15 @@ class ProbeOptions:
     sampling: SamplingOptions = dataclasses.field(default_factory=lambda: SamplingOptions(temperature=0.0,
                                                                                          max_new_tokens=1024),
                                                   metadata=not_layout("batch_size"))
+    # also the reward of one sample per prompt at this temperature (probe_reward_sampled; mean@1 sampled beside
+    # the greedy probe_reward); null: greedy only
+    sampled_temperature: float | None = None
+    # refuse a prompt file whose distinct (prompt, ground truth) pairs are fewer than this share of its rows (a
+    # file of repeats measures few problems); the probe measures each distinct pair once
+    min_distinct_share: float = 0.5
 
     _ranges = {"every": ">= 1", "sft_limit": ">= 1", "max_length": ">= 2", "prompt_limit": ">= 1",
-               "max_prompt_length": ">= 1"}
+               "max_prompt_length": ">= 1", "sampled_temperature": "> 0", "min_distinct_share": "[0, 1]"}
 
 
 PROBE_ROWS_PER_SHARD = 4  # held-out rows per data-parallel shard in one probe evaluation batch
@@ -109,12 +115,17 @@ class CrossStageProbe:
             examples, _ = tokenize_sft(load_rows(options.sft_files, split="test"), tokenizer,
                                        SFTDataOptions(max_length=options.max_length))
             self.examples = examples[:options.sft_limit]
-        self.reward = None
+        self.reward = self.sampled = None
         if options.prompt_files:
             items, _ = load_prompt_items(PromptDataOptions(files=options.prompt_files,
                                                            max_prompt_length=options.max_prompt_length), tokenizer)
-            self.reward = HeldOutReward(items[:options.prompt_limit], tokenizer=tokenizer, sampling=options.sampling,
-                                        reward=reward, reward_fn=reward_fn)
+            items = distinct_items(items, options)[:options.prompt_limit]
+            self.reward = HeldOutReward(items, tokenizer=tokenizer, sampling=options.sampling, reward=reward,
+                                        reward_fn=reward_fn)
+            if options.sampled_temperature is not None:
+                sampled = dataclasses.replace(options.sampling, temperature=options.sampled_temperature, n=1)
+                self.sampled = HeldOutReward(items, tokenizer=tokenizer, sampling=sampled, reward=reward,
+                                             reward_fn=reward_fn)
         self._eval_steps: dict = {}
 
     def measure(self, graphdef, params) -> dict[str, float]:
@@ -128,11 +139,33 @@ class CrossStageProbe:
                                                  sharding=rows_sharding(self.mesh, 2))
         if self.reward is not None:
             out["probe_reward"] = float(np.mean(self.reward.rewards(graphdef, params)))
+        if self.sampled is not None:
+            out["probe_reward_sampled"] = float(np.mean(self.sampled.rewards(graphdef, params)))
         return out
 
     def close(self) -> None:
-        if self.reward is not None:
-            self.reward.close()
+        for reward in (self.reward, self.sampled):
+            if reward is not None:
+                reward.close()
+
+
+def distinct_items(items: list[PromptItem], options: ProbeOptions) -> list[PromptItem]:
+    """``items`` with each (prompt, ground truth) pair once, in order of first appearance; refuses a file set where
+    fewer than ``probe.min_distinct_share`` of the rows are distinct, and logs the probe's size."""
+    seen, distinct = set(), []
+    for item in items:
+        key = (item.prompt_text, str(item.ground_truth))
+        if key not in seen:
+            seen.add(key)
+            distinct.append(item)
+    files = ", ".join(map(str, options.prompt_files))
+    if items and len(distinct) < options.min_distinct_share * len(items):
+        raise ValueError(f"probe.prompt_files ({files}): only {len(distinct)} of {len(items)} rows are distinct "
+                         f"(prompt, ground truth) pairs, below probe.min_distinct_share={options.min_distinct_share}; "
+                         "a probe of repeats measures few problems: choose a file of distinct problems")
+    log.info("probe reward set: %d distinct (prompt, ground truth) pairs of %d rows in %s; measuring the first %d",
+             len(distinct), len(items), files, min(len(distinct), options.prompt_limit))
+    return distinct
 
 
 BEST_DIR, BEST_RECORD = "best", "validation.json"

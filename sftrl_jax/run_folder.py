@@ -11,6 +11,9 @@
   optimizer or algorithm settings -- naming each, unless forced. The config's layout settings
   (:mod:`sftrl_jax.layout`: where it writes, how it logs, checkpoints and lays out devices and kernels)
   may change.
+- :func:`owned_folder` puts these together, and refuses a folder holding a symbolic link (a run would write
+  through it) or another command's run (its ``config.yaml`` records another ``kind:``).
+- :func:`write_text_atomic` is how a run rewrites a record file: a kill leaves the old file or the new one.
 """
 
 from __future__ import annotations
@@ -48,6 +51,53 @@ def writable_folder(path: str | os.PathLike, key: str = "output_dir") -> Path:
     except OSError as err:
         raise RunFolderError(f"{key} {folder}: cannot write there ({err.strerror or err})") from None
     return folder
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path``'s content with ``text`` all at once: written to a temporary file in the same folder,
+    flushed, then renamed over ``path``. A kill at any moment leaves the old file or the new one, never a
+    truncated one; a symbolic link at ``path`` is replaced by the file, never written through."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+# Folders inside a run folder that other tools manage, symbolic links included (wandb's ``latest-run``).
+_FOREIGN_FOLDERS = frozenset({"wandb"})
+
+
+def refuse_links(folder: str | os.PathLike, key: str = "output_dir") -> None:
+    """Refuse a run folder holding a symbolic link: a run appends to and rewrites its files in place, so a
+    planted link (``metrics.jsonl`` -> a file elsewhere) would make it write outside the folder."""
+    folder = Path(folder)
+    for root, dirs, files in os.walk(folder):
+        if Path(root) == folder:
+            dirs[:] = [d for d in dirs if d not in _FOREIGN_FOLDERS]
+        for name in (*dirs, *files):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise RunFolderError(f"{key} {folder}: {path} is a symbolic link, and a run never writes through "
+                                     "one; remove it or choose another output_dir")
+
+
+def recorded_kind(folder: Path) -> str | None:
+    """The ``kind:`` of the run whose record (``config.yaml``) ``folder`` holds, or None."""
+    import yaml
+
+    try:
+        record = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    kind = record.get("kind") if isinstance(record, dict) else None
+    return kind if isinstance(kind, str) and kind else None
 
 
 def pid_alive(pid: int) -> bool:
@@ -113,12 +163,18 @@ class RunLock:
 @contextlib.contextmanager
 def owned_folder(folder: str | os.PathLike, *, command: str, writer: bool = True):
     """``with owned_folder(output_dir, command=...) as out:`` -- the run's folder, created, checked writable
-    and locked for the block on the writing process (``writer``); other processes only get the path."""
+    and locked for the block on the writing process (``writer``); other processes only get the path. A folder
+    holding a symbolic link, or another command's run (its ``config.yaml`` has another ``kind:``), is refused."""
     if not writer:
         yield Path(folder)
         return
     out = writable_folder(folder)
+    refuse_links(out)
     with RunLock(out, command=command):
+        kind, theirs = command.split()[-1], recorded_kind(out)
+        if theirs is not None and theirs != kind:  # e.g. an evaluation would overwrite a training run's record
+            raise RunFolderError(f"output_dir {out} holds a `sftrl-jax {theirs}` run (its config.yaml says kind: "
+                                 f"{theirs}); {command} would overwrite its record: choose another output_dir")
         yield out
 
 
@@ -153,11 +209,25 @@ def check_continuity(record: Path, config, *, force: bool = False) -> None:
 
     if not record.exists():
         return
+    state = None  # what is wrong with the record, if anything
     try:
-        before = yaml.safe_load(record.read_text()) or {}
+        before = yaml.safe_load(record.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise RunFolderError(f"{record}: the run's record is not valid YAML ({err}); cannot check continuity") \
+        problem = " ".join(str(err).split())  # YAML's message spans lines: one line
+        raise RunFolderError(f"{record}: the run's record is not valid YAML ({problem}); cannot check continuity") \
             from None
+    except UnicodeDecodeError:
+        before, state = None, "not UTF-8 text"
+    if state is None and not (isinstance(before, dict) and before):
+        state = "empty" if not before else f"not a mapping of settings (a YAML {type(before).__name__})"
+    if state is not None:
+        # an empty or damaged record holds no settings to compare: one line, not every setting as a change
+        if force:
+            log.warning("--force: resuming without checking settings (%s is %s)", record, state)
+            return
+        raise RunFolderError(f"{record}: the run's record of its settings is {state}, so --resume cannot check "
+                             "that this is the same run; restore the file, or add --force to resume without "
+                             "the check")
     changes = changed_settings(before, dataclasses.asdict(config), ignore=layout_keys(type(config)))
     if not changes:
         return

@@ -144,6 +144,35 @@ def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, 
     return tokens, logprobs, steps
 
 
+def _memory_limit(devices) -> tuple[int, str]:
+    """Bytes the sampler's buffers may take on ``devices`` together, and what bounds them: the devices'
+    own memory where they report it (GPU, TPU), else the host's physical memory (CPU devices share it)."""
+    stats = [getattr(d, "memory_stats", lambda: None)() or {} for d in devices]
+    if stats and all(s.get("bytes_limit") for s in stats):
+        return sum(s["bytes_limit"] for s in stats), f"the {len(devices)} devices' memory"
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's memory"
+
+
+def check_generation_size(model: Decoder, rows: int, prompt_len: int, max_new_tokens: int, n: int) -> None:
+    """Refuse a generation batch whose KV cache and token buffers alone exceed the memory there is, before
+    anything is allocated (XLA would abort the process instead). ``rows`` prompts of ``prompt_len`` tokens,
+    ``n`` samples each, ``max_new_tokens`` new tokens."""
+    config = model.config
+    total = rows * n
+    length = prompt_len + max_new_tokens
+    cache = 2 * config.num_layers * total * config.num_kv_heads * length * config.head_dim
+    needed = cache * jnp.dtype(model.dtype).itemsize + total * length + total * max_new_tokens * 8
+    devices = list(model.mesh.devices.flat) if model.mesh is not None else jax.local_devices()[:1]
+    limit, what = _memory_limit(devices)
+    if needed > limit:
+        raise ValueError(f"sampling.max_new_tokens ({max_new_tokens}): generating {total} rows of up to {length} "
+                         f"tokens needs {needed / 2**30:.1f} GiB for the KV cache and token buffers alone, more "
+                         f"than {what} ({limit / 2**30:.1f} GiB); lower sampling.max_new_tokens (or "
+                         "sampling.batch_size / sampling.n)")
+
+
 def generation_rows(batch_size: int, num_prompts: int, shards: int) -> int:
     """Prompts per compiled generation batch: ``batch_size`` (or fewer when there are fewer prompts)
     rounded up to a power of two and to a multiple of the data-parallel ``shards``."""
@@ -217,6 +246,7 @@ def generate(
     mesh = model.mesh
     graphdef, params = nnx.split(model)
     batch_prompts = generation_rows(batch_size, len(prompt_ids), data_parallel_size(mesh) if mesh is not None else 1)
+    check_generation_size(model, batch_prompts, max(map(len, prompt_ids)), max_new_tokens, n)
     samples: list[Sample] = []
     starts = range(0, len(prompt_ids), batch_prompts)
     for batch_index, start in enumerate(tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True)):

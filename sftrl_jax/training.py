@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -32,8 +33,9 @@ from .jitted import abstract, placed
 from .metrics import MetricSinks, is_writer
 from .models import load_pretrained, load_tokenizer, save_pretrained
 from .optim import init_opt_state, make_optimizer
-from .run_folder import check_continuity, owned_folder
+from .run_folder import RunFolderError, check_continuity, owned_folder, write_text_atomic
 from .sharding import data_parallel_size, make_mesh, shardings_on
+from .signals import Stopped, agreed, requested, signal_name, stop_requests
 
 log = logging.getLogger("sftrl_jax.training")
 
@@ -118,9 +120,78 @@ def open_checkpoints(out: Path, options: CheckpointOptions, state, *, resume: bo
             log.info("--resume: no checkpoint in %s, starting from step 0", checkpointer.directory)
         return checkpointer, state, None
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, meta = checkpointer.restore(latest, abstract)
-    log.info("resumed from step %d (%s)", latest, checkpointer.directory / str(latest))
-    return checkpointer, state, meta
+    skipped = []
+    for step in checkpointer.all_steps():  # newest first; a damaged one is skipped for the one before
+        try:
+            restored, meta = checkpointer.restore(step, abstract)
+            if not isinstance(meta, dict) or int(meta.get("step", -1)) != step:
+                raise ValueError(f"its meta item does not record step {step}")
+        except Exception as err:  # noqa: BLE001 - whatever the damage, the reason is logged and the next tried
+            reason = _one_line(err)
+            log.warning("skipping checkpoint %s: it does not restore (%s)", checkpointer.directory / str(step),
+                        reason)
+            skipped.append((step, reason))
+            continue
+        if skipped:
+            aside = checkpointer.set_aside([s for s, _ in skipped])
+            log.warning("moved the damaged checkpoint(s) of step %s to %s", ", ".join(str(s) for s, _ in skipped),
+                        aside)
+        log.info("resumed from step %d (%s)", step, checkpointer.directory / str(step))
+        return checkpointer, restored, meta
+    raise RuntimeError(f"no checkpoint in {checkpointer.directory} restores ("
+                       + "; ".join(f"step {s}: {reason}" for s, reason in skipped)
+                       + "); start a new output_dir, or move the checkpoints folder away to start this one afresh")
+
+
+DATA_RECORD = "data_fingerprint.json"  # in output_dir: the SHA-256 of each training data file, by config key
+
+
+def data_record(files: dict[str, list[str]]) -> dict[str, dict[str, str]]:
+    """``{config key: {file: SHA-256}}`` of an algorithm's :meth:`Algorithm.data_files` (a hub id or ``tfds:``
+    name stands for itself)."""
+    from .evaluation import data_fingerprint
+
+    return {key: data_fingerprint(specs) for key, specs in files.items() if specs}
+
+
+def check_data_unchanged(record: Path, files: dict[str, list[str]], *, force: bool = False) -> None:
+    """Refuse to resume when a training file's content differs from the run's ``record`` (one line naming the
+    file), unless ``force``. A folder without a record (an older run) is not checked."""
+    if not record.exists():
+        return
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError):
+        log.warning("%s: unreadable; the training data cannot be checked against the run's", record)
+        return
+    now = data_record(files)
+    changes = [f"{key} {path}: {what}" for key in sorted(set(before) | set(now))
+               for path, what in _file_changes(before.get(key, {}), now.get(key, {}))]
+    if not changes:
+        return
+    text = "; ".join(changes)
+    if force:
+        log.warning("--force: resuming with other training data (%s)", text)
+        return
+    raise RunFolderError(f"{record.parent}: --resume with training data that differ from the run's ({text}); the "
+                         "saved data position would be applied to other rows. Use a new output_dir, or add --force")
+
+
+def _file_changes(before: dict, now: dict):
+    for path in sorted(set(before) | set(now)):
+        if path not in now:
+            yield path, "no longer read"
+        elif path not in before:
+            yield path, "not read before"
+        elif before[path] != now[path]:
+            yield path, "content changed"
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """``err`` as ``Type: first line``, cut to ``limit`` characters."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def stop_on_nonfinite(step: int, detail: str, checkpointer: TrainCheckpointer):
@@ -181,6 +252,11 @@ class Algorithm(abc.ABC):
         """What besides the train state a checkpoint needs to resume exactly (data position, counters)."""
         return {}
 
+    def data_files(self) -> dict[str, list[str]]:
+        """The files whose rows the data position counts, by config key: a resume refuses other content at
+        the same paths (:func:`check_data_unchanged`)."""
+        return {}
+
     def load_state_dict(self, meta: dict) -> None:  # noqa: B027 - optional: an algorithm without state
         """Restore from a checkpoint's meta (what :meth:`state_dict` returned)."""
 
@@ -231,12 +307,14 @@ def run_loop(config, algorithm: Algorithm, *, resume: bool = False, hooks: Seque
     ``on_step(step, record)`` runs after every step with that step's metrics; ``progress`` overrides
     ``logging.progress`` (the progress bar). The run holds ``output_dir/.lock`` throughout; a resumed
     run whose settings differ from the folder's ``config.yaml`` in ways that break continuity stops
-    naming them, unless ``force``.
+    naming them, unless ``force``. SIGTERM and SIGINT stop the run cleanly after the step under way, with
+    a checkpoint of that step (:mod:`sftrl_jax.signals`): :class:`~sftrl_jax.signals.Stopped` is raised.
     """
     if progress is not None:
         config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, progress=progress))
     initialize(config.distributed)
-    with owned_folder(config.output_dir, command=f"sftrl-jax {config.kind}", writer=is_writer()) as out:
+    with stop_requests(), owned_folder(config.output_dir, command=f"sftrl-jax {config.kind}",
+                                       writer=is_writer()) as out:
         return _run(config, algorithm, out, resume=resume, hooks=hooks, on_step=on_step, force=force)
 
 
@@ -256,10 +334,12 @@ def _run(config, algorithm, out, *, resume, hooks, on_step, force) -> TrainResul
     if meta is not None:
         if is_writer():
             check_continuity(out / "config.yaml", config, force=force)
+            check_data_unchanged(out / DATA_RECORD, algorithm.data_files(), force=force)
         algorithm.load_state_dict(meta)
         start = int(meta["step"])
     if is_writer():  # the run's record, written once the folder is known to be this run's
         save_config(config, out / "config.yaml")
+        write_text_atomic(out / DATA_RECORD, json.dumps(data_record(algorithm.data_files()), indent=1) + "\n")
     sinks = MetricSinks(config.logging, out, resume_step=start, plot_name=algorithm.plot_name,
                         plot_keys=algorithm.plot_keys, title=algorithm.plot_title, config=dataclasses.asdict(config))
     try:
@@ -286,9 +366,12 @@ def _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step):
             sinks.write({"step": 0, **first})
     bar = tqdm(total=total, initial=start, desc=algorithm.name, dynamic_ncols=True,
                disable=not (logging_options.progress and is_writer()))
-    step = start
+    step, saved = start, start
     try:
         while step < total:
+            signum = agreed(requested())  # at a step boundary, the same on every process
+            if signum is not None:
+                _stop(ctx, signum, step, saved, state, algorithm, checkpointer, sinks)
             tick = time.perf_counter()
             state, metrics = algorithm.train_step(state, step)
             step += 1
@@ -304,7 +387,8 @@ def _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step):
                 record.update(hook.fn(ctx.graphdef, state["params"], step) or {})
             if step % logging_options.log_every == 0 or due or last:
                 sinks.write(record)
-            checkpointer.save(step, state, {"step": step, **algorithm.state_dict()}, force=last)
+            if checkpointer.save(step, state, {"step": step, **algorithm.state_dict()}, force=last):
+                saved = step
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.4g}" for k in algorithm.postfix_keys if k in metrics})
             if on_step is not None:
@@ -313,11 +397,28 @@ def _steps(ctx, algorithm, state, start, checkpointer, sinks, hooks, on_step):
                 log.info("train.max_flops=%.3g reached at step %d; stopping", ctx.config.train.max_flops, step)
                 break
         final = algorithm.finish(state, step)
-        if final:
+        # a resumed run that was already finished has these records from the session that finished it
+        recorded = {k for r in sinks.history() if r.get("step") == step for k in r} if step == start else set()
+        if final and not set(final) <= recorded:
             sinks.write({"step": step, **final})
     finally:
         bar.close()
     return state, step
+
+
+def _stop(ctx, signum, step, saved, state, algorithm, checkpointer, sinks):
+    """Stop on signal ``signum`` after ``step`` finished steps: checkpoint ``step`` unless the last checkpoint
+    is of it, flush the metrics and raise :class:`Stopped` with the one line the command line prints."""
+    if step > saved:
+        checkpointer.save(step, state, {"step": step, **algorithm.state_dict()}, force=True)
+    checkpointer.wait()
+    sinks.close()
+    where = ctx.out if ctx.out is not None else "output_dir"
+    if step == 0:
+        raise Stopped(signum, f"stopped by {signal_name(signum)} before the first step; to continue, rerun the "
+                              "same command with --resume")
+    raise Stopped(signum, f"stopped by {signal_name(signum)} after step {step} (checkpoint step {step} in "
+                          f"{where}/checkpoints); to continue, rerun the same command with --resume")
 
 
 def _budget_spent(max_flops: float | None, metrics: dict) -> bool:

@@ -150,6 +150,25 @@ def test_repro_coupling_quick_writes_the_boundary_table(tmp_path):
 
 
 @pytest.mark.slow
+def test_repro_coupling_quick_runs_the_cola_task(tmp_path, capsys):
+    out = tmp_path / "coupling_cola"
+    assert main(["repro", "coupling", "--task", "cola", "--quick", "--out", str(out)]) == 0
+    assert "repro coupling: SFT after RL lowers the held-out reward" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["task"] == "cola" and report["settings"]["rl"]["reward"]["kind"] == "label"
+    assert [r["kind"] for r in report["boundaries"]] == ["sft", "rl", "sft"]
+    assert all(-1.0 <= r["end_probe_reward"]["mean"] <= 1.0 for r in report["boundaries"])  # correct 1 / wrong -1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("probe_reward_sampled" in r for r in records)
+    assert "CoLA-like" in (out / "report.md").read_text()
+    page = _import_and_render(tmp_path, "repro-coupling-cola", out / "report.json")
+    assert "greedy (and sampled, temperature 1) reward" in page and report["findings"][1] in page
+    with pytest.raises(SystemExit, match="import it with --import-repro-coupling-cola"):  # not the arithmetic block
+        render_docs.main(["--root", str(tmp_path / "docs_copy"), "--import-repro-coupling", str(out / "report.json"),
+                          "--allow-quick"])
+
+
+@pytest.mark.slow
 def test_repro_mixed_quick_compares_the_methods_at_matched_flops(tmp_path, capsys):
     out = tmp_path / "mixed"
     assert main(["repro", "mixed", "--quick", "--out", str(out)]) == 0

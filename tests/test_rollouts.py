@@ -78,9 +78,12 @@ def test_a_mixed_policy_group_is_n_minus_1_samples_and_the_demonstration():
 def test_a_mixed_method_needs_a_group_of_two():
     from sftrl_jax.rl.rollouts import check_batch_sizes
 
+    config = _config("rl.method=chord", "rl.expert_source=group", "rl.mini_batches_per_step=1")
+    config.sampling.n = 1  # past the config's own check
     with pytest.raises(ValueError, match=r"sampling.n \(1\) must be at least 2"):
-        check_batch_sizes(_config("rl.method=chord", "rl.expert_source=group", "sampling.n=1",
-                                  "rl.mini_batches_per_step=1"), 1)
+        check_batch_sizes(config, 1)
+    with pytest.raises(ValueError, match=r"config key 'sampling.n'"):  # a config loaded from a file
+        _config("rl.method=chord", "rl.expert_source=group", "sampling.n=1", "rl.mini_batches_per_step=1")
 
 
 def test_chord_expert_rows_follow_whole_groups_of_samples():

@@ -119,13 +119,14 @@ def test_eval_resume_refuses_generations_of_another_model_or_sampling(workdir, t
         run_eval(config("sampling.temperature=1.0"), generator=generator, progress=False)
     with pytest.raises(RunFolderError, match=r"model.path: .* -> "):
         run_eval(config(f"model.path={tmp_path}"), generator=generator, progress=False)
-    (workdir[1] / "config.json").touch()  # the same directory, re-exported weights
+    config_json = workdir[1] / "config.json"  # the same directory, re-exported: another file content
+    config_json.write_text(config_json.read_text() + "\n")
     with pytest.raises(RunFolderError, match=r"model_files.config.json"):
         run_eval(config(), generator=generator, progress=False)
     (tmp_path / "eval" / "generations.jsonl").unlink()  # starting over is allowed
     run_eval(config(), generator=generator, progress=False)
     # settings that do not change the generations are accepted on resume
-    results = run_eval(config("chunk_size=2", "sampling.batch_size=8"), generator=generator, progress=False)
+    results = run_eval(config("reward.num_workers=2", "math_benchmarks=[p]"), generator=generator, progress=False)
     assert results["benchmarks"]["p"]["prompts"] == 4
 
 
@@ -168,12 +169,13 @@ _TRAINING_LAYOUT = {"output_dir", "checkpoint", "logging", "distributed", "mesh"
                     *_MODEL_LAYOUT}
 LAYOUT = {
     "sft": _TRAINING_LAYOUT,
-    "rl": _TRAINING_LAYOUT | {"reward.num_workers", "reward.timeout_s", "sampling.batch_size"},
+    "rl": _TRAINING_LAYOUT | {"reward.num_workers", "reward.timeout_s"},
     "pipeline": {"output_dir", "logging", "distributed", "mesh", "reward.num_workers", "reward.timeout_s",
                  *_MODEL_LAYOUT},
     # reward.timeout_s decides which responses score 0, so it is not ignored by the evaluation's resume
-    "eval": {"output_dir", "mesh", "distributed", "chunk_size", "math_benchmarks", "ood_benchmarks",
-             "sampling.batch_size", "reward.num_workers", *_MODEL_LAYOUT},
+    # sampling.batch_size and chunk_size decide each generation batch's random key, so they are settings too
+    "eval": {"output_dir", "mesh", "distributed", "math_benchmarks", "ood_benchmarks", "reward.num_workers",
+             *_MODEL_LAYOUT},
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .cost import _cost, _hlo_text, _refused_temp_bytes, loop_scaled_counts
-from .topology import Topology, mesh_for, parse_topology, topology_devices
+from .topology import AotError, Topology, mesh_for, parse_topology, topology_devices
 
 
 def device_bytes(tree) -> int:
@@ -196,6 +196,34 @@ def kept_inputs(lowered) -> tuple[str, ...]:
     return tuple(re.findall(r'loc\("([^"]+)"\)', signature))
 
 
+def weight_count(model) -> int:
+    """A lower bound on a model's parameter count from its config alone: the embedding (and an untied output
+    head), and each layer's attention and MLP matrices (biases and norms left out)."""
+    attention = model.hidden_size * model.head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)
+    mlp = 3 * model.hidden_size * model.intermediate_size
+    embeddings = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
+    return embeddings + model.num_layers * (attention + mlp)
+
+
+def refuse_oversized_model(config, topology: Topology, devices: int) -> None:
+    """Refuse, before anything is traced, a model whose weights alone exceed the HBM of every chip of the
+    topology together: no sharding can hold it, and XLA would spend minutes on its enormous shapes first."""
+    import numpy as np
+
+    from ..models.config import ModelConfig
+    from ..models.hf_io import read_json
+
+    config_file = Path(config.model.path) / "config.json"
+    model = ModelConfig.from_hf_dict(read_json(config_file), source_dir=str(config.model.path))
+    weights = weight_count(model) * np.dtype(config.model.dtype).itemsize
+    hbm = devices * topology.chip.hbm_bytes * topology.chip.usable_fraction
+    if weights > hbm:
+        raise AotError(f"{config_file}: the model's weights alone take at least {weights / 1e9:,.0f} GB "
+                       f"({model.num_layers:,} layers, hidden_size {model.hidden_size:,}), more than the "
+                       f"{hbm / 1e9:,.0f} GB of HBM of all {devices} devices of {topology.name}; check the config, "
+                       "or choose a larger topology")
+
+
 def compile_run(config_path, topology_name: str, overrides=(), *, kind: str | None = None,
                 log: Callable[[str], None] | None = None) -> dict:
     """Compile every jitted function of the run ``config_path`` describes for ``topology_name``.
@@ -207,6 +235,7 @@ def compile_run(config_path, topology_name: str, overrides=(), *, kind: str | No
     topology = parse_topology(topology_name)
     kind, config = load_run_config(config_path, overrides, kind)
     devices = topology_devices(topology)
+    refuse_oversized_model(config, topology, len(devices))
     mesh = mesh_for(config.mesh, devices, topology)
     compiler = Compiler(topology, devices, log=log)
     start = time.perf_counter()

@@ -53,7 +53,7 @@ class PromptItem:
     prompt_id: int
     benchmark: str
     prompt_text: str
-    ground_truth: str
+    ground_truth: str | tuple[str, ...]  # a tuple holds alternatives: matching any one is correct
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
     # longer than max_prompt_length, kept only by ``load_prompt_items(..., keep_too_long=True)``: not generated
     prompt_too_long: bool = False
@@ -118,6 +118,34 @@ def _ground_truth(row: dict, field: str | None):
     return row.get("answer")
 
 
+def _truth_text(value) -> str:
+    """One ground truth as text: a string as it is, a number in its usual form (``5``, ``2.5``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"ground truth {value!r:.60} ({type(value).__name__}) is not a string or a number")
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            raise ValueError(f"ground truth {value!r} is not a finite number")
+        return repr(float(value))
+    return str(int(value))
+
+
+def ground_truth_value(truth) -> str | tuple[str, ...]:
+    """A row's ground truth as the graders take it: a string, or a tuple of alternative strings (a response
+    that matches any of them is correct) from a list, tuple or array of strings and numbers. Numbers become
+    their string form; a dict, a bool, None, a nested or empty list is refused (a ``ValueError``: a bad row)."""
+    if isinstance(truth, (list, tuple, np.ndarray)):
+        values = list(truth.tolist() if isinstance(truth, np.ndarray) else truth)
+        if not values:
+            raise ValueError("ground truth is an empty list")
+        alternatives = tuple(_truth_text(value) for value in values)
+        if any(not text.strip() for text in alternatives):
+            raise ValueError(f"ground truth {values!r:.60} holds an empty alternative")
+        return alternatives[0] if len(alternatives) == 1 else alternatives
+    return _truth_text(truth)
+
+
 def templated_prompt(message, tokenizer, options: PromptDataOptions) -> str:
     """A row's prompt (chat messages or text) as the model sees it: through the chat template with
     ``options``' system-prompt handling, then ``options.prompt_suffix``; RL prompts, their demonstrations and
@@ -162,6 +190,7 @@ def load_prompt_items(options: PromptDataOptions, tokenizer, *, keep_too_long: b
                 message, truth = row.get(options.prompt_field), _ground_truth(row, options.answer_field)
             if truth is None or (isinstance(truth, str) and not truth.strip()):
                 raise ValueError("no ground truth (reward_model.ground_truth or answer)")
+            truth = ground_truth_value(truth)
             prompt = templated_prompt(message, tokenizer, options)
         except Exception as err:  # a malformed row is skipped with its location
             skipped["bad_rows"] += 1
@@ -174,7 +203,7 @@ def load_prompt_items(options: PromptDataOptions, tokenizer, *, keep_too_long: b
             continue
         kept_too_long += too_long
         per_benchmark[benchmark] += 1
-        items.append(PromptItem(len(items), benchmark, prompt, str(truth), ids, prompt_too_long=too_long))
+        items.append(PromptItem(len(items), benchmark, prompt, truth, ids, prompt_too_long=too_long))
     if skipped["prompt_too_long"]:
         log.warning("%d prompts longer than data.max_prompt_length=%d tokens were skipped",
                     skipped["prompt_too_long"], options.max_prompt_length)

@@ -17,8 +17,11 @@ EOS; and the last token kept is always the EOS, also when the response was cut t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -317,7 +320,7 @@ def _render(messages: list[dict], tokenizer, remove_system_prompt: bool, *, gene
         messages = [m for m in messages if m["role"] != "system"]
         if not messages:
             raise _BadRow("only system messages, and remove_system_prompt is set")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = apply_chat_template(tokenizer, messages, generation_prompt=generation_prompt)
     if remove_system_prompt:
         injected, keep = _injected_system_block(tokenizer)
         if injected and text.startswith(injected):
@@ -326,6 +329,47 @@ def _render(messages: list[dict], tokenizer, remove_system_prompt: bool, *, gene
 
 
 _INJECTED_CACHE: dict[tuple, tuple[str, str]] = {}
+
+# How long one rendering of a chat template may take. An ordinary template renders a conversation in well
+# under a millisecond; one that loops for minutes (nested ``range`` loops) is stopped at this limit.
+TEMPLATE_TIME_LIMIT_S = 10.0
+
+
+class ChatTemplateTimeout(RuntimeError):
+    """A chat template that did not finish rendering within :data:`TEMPLATE_TIME_LIMIT_S`."""
+
+
+def apply_chat_template(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
+    """``tokenizer.apply_chat_template`` (text, not ids) with a time limit: a template still rendering after
+    :data:`TEMPLATE_TIME_LIMIT_S` seconds stops with a :class:`ChatTemplateTimeout` naming the model folder."""
+    with _time_limit(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+@contextlib.contextmanager
+def _time_limit(tokenizer):
+    """A real-time timer (``SIGALRM``) that interrupts the rendering. Jinja renders in Python, so the signal
+    handler's exception lands inside the template's loops. Signals reach the main thread only, and an
+    interval timer someone else set is left alone: there the rendering runs without a limit."""
+    if (not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+    limit = TEMPLATE_TIME_LIMIT_S
+
+    def expired(signum, frame):
+        folder = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ChatTemplateTimeout(f"{folder}: its chat template did not finish rendering within {limit:g} s "
+                                  "(a loop that never ends?); fix chat_template in its tokenizer_config.json "
+                                  "or chat_template.jinja")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _injected_system_block(tokenizer) -> tuple[str, str]:
@@ -344,12 +388,14 @@ def _injected_system_block(tokenizer) -> tuple[str, str]:
         return _INJECTED_CACHE[key]
 
     def render(messages):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        return apply_chat_template(tokenizer, messages, generation_prompt=False)
 
     system, user = {"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": _PROBE_USER}
     result = ("", "")
     try:
         system_only, with_system, without = render([system]), render([system, user]), render([user])
+    except ChatTemplateTimeout:
+        raise
     except Exception as error:  # a template that refuses a probe: nothing we can safely strip
         logger.warning("cannot probe the chat template for a default system prompt (%s); not stripping one", error)
         _INJECTED_CACHE[key] = result

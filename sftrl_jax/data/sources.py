@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,15 @@ from typing import Any
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 TFDS_PREFIX = "tfds:"
 _GLOB_CHARS = frozenset("*?[")
+# A line of a JSON-lines file longer than this is a bad row, skipped without being parsed: reading a 50 MB
+# line (``datasets``, then the tokenizer) took about 10 GB of memory before any length check dropped it.
+MAX_ROW_BYTES = 4 << 20
+# A file name extension: a dot and a letter first (hub ids may end in a version, ``AI-MO/NuminaMath-1.5``).
+_FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")
+
+
+class ExtraNotInstalled(ImportError, RuntimeError):
+    """A source needs an optional extra that is not installed (the message names the pip command)."""
 
 Row = tuple[str, int, "dict | UnreadableRow"]
 
@@ -35,7 +45,8 @@ def load_rows(spec: str | os.PathLike | Sequence[str | os.PathLike], *, split: s
       ``datasets.load_dataset(dir, split=split)`` (a local clone of a hub dataset repository).
     - ``tfds:NAME[/SPLIT]``: a TensorFlow Datasets dataset (``pip install 'sftrl-jax[tfds]'``);
       without ``/SPLIT`` the ``split`` argument is used. Bytes are decoded to ``str``.
-    - anything else: a Hugging Face dataset id, ``datasets.load_dataset(id, split=split)``.
+    - anything else: a Hugging Face dataset id, ``datasets.load_dataset(id, split=split)``; ``ID:CONFIG``
+      names one of its configurations (``nyu-mll/glue:cola``).
 
     Sources are opened lazily, in order, so a later source's errors surface only when reached.
     An empty or unreadable file is a ``ValueError`` naming it; a line of a JSON(L) file that is not
@@ -57,13 +68,15 @@ def load_rows(spec: str | os.PathLike | Sequence[str | os.PathLike], *, split: s
 def _is_local(spec: str) -> bool:
     """A spec is a local path if it exists, is a glob, names a data file or cannot be a hub id.
 
-    Hub ids are ``name`` or ``owner/name``; a spec with a supported extension, glob characters, an
-    absolute/relative/home prefix or more than one ``/`` is a path, so a typo in a path gives
-    "no such file" rather than a confusing hub lookup error.
+    Hub ids are ``name`` or ``owner/name``; a spec with a supported extension, a ``/`` and any file
+    extension, glob characters, an absolute/relative/home prefix or more than one ``/`` is a path, so a
+    typo in a path gives "no such file" rather than a confusing hub lookup error.
     """
     if os.path.exists(spec) or _GLOB_CHARS & set(spec):
         return True
     if Path(spec).suffix.lower() in FILE_BUILDERS:
+        return True
+    if "/" in spec and _FILE_EXTENSION.search(spec):  # "data/train.parqet": a path with a mistyped extension
         return True
     return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
 
@@ -71,6 +84,10 @@ def _is_local(spec: str) -> bool:
 def _local_rows(spec: str, split: str) -> Iterator[Row]:
     expanded = os.path.expanduser(spec)
     if os.path.isdir(expanded):
+        scripts = sorted(Path(expanded).glob("*.py"))
+        if scripts:  # a loading script: code from the folder, which is never run
+            raise ValueError(f"{spec}: the data folder holds a loading script ({scripts[0].name}); sftrl-jax runs "
+                             "no code from a data folder: point data at its .parquet / .jsonl / .json files")
         yield from _dataset_rows(spec, _load_dataset(expanded, split=split))
         return
     if _GLOB_CHARS & set(expanded):
@@ -78,7 +95,9 @@ def _local_rows(spec: str, split: str) -> Iterator[Row]:
     else:
         files = [expanded] if os.path.isfile(expanded) else []
     if not files:
-        raise FileNotFoundError(f"no data file matches {spec!r}")
+        if _GLOB_CHARS & set(expanded):
+            raise FileNotFoundError(f"no data file matches {spec!r}")
+        raise FileNotFoundError(f"{spec}: no such file (a local path; check its spelling)")
     for path in files:  # check every extension before reading anything
         if Path(path).suffix.lower() not in FILE_BUILDERS:
             raise ValueError(f"{path}: unsupported data file extension {Path(path).suffix!r} "
@@ -94,11 +113,15 @@ def _file_rows(path: str) -> Iterator[Row]:
     ``datasets`` cannot read (a malformed line, bytes that are not UTF-8, rows whose types disagree)
     is read again line by line: good lines are rows as usual and each bad line is yielded as an
     :class:`UnreadableRow` naming its line, which the row consumers report or skip like any other
-    bad row (``on_bad_row``).
+    bad row (``on_bad_row``). A JSON-lines file with a line over ``MAX_ROW_BYTES`` is read line by line
+    from the start, that line yielded as an :class:`UnreadableRow` without being held in memory.
     """
     builder = FILE_BUILDERS[Path(path).suffix.lower()]
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty file (0 bytes), no rows to read")
+    if builder == "json" and _has_oversized_line(path):  # read line by line: the long lines are skipped unread
+        yield from _json_rows(path)
+        return
     try:
         dataset = _load_dataset(builder, data_files=str(path), split="train", cache_dir=_content_cache_dir(path))
     except Exception as err:  # noqa: BLE001 - re-raised below with the file named
@@ -151,7 +174,12 @@ def _json_rows(path: str) -> Iterator[Row]:
         return
     index = 0
     with open(path, "rb") as file:
-        for number, raw in enumerate(file, start=1):
+        for number, raw in enumerate(_bounded_lines(file), start=1):
+            if isinstance(raw, int):  # the size of a line over MAX_ROW_BYTES, which was never held in memory
+                yield path, index, UnreadableRow(f"line {number} is {raw} bytes, over the {MAX_ROW_BYTES} bytes "
+                                                 "a row may have (not parsed)")
+                index += 1
+                continue
             if not raw.strip():
                 continue
             try:
@@ -171,6 +199,42 @@ def _json_rows(path: str) -> Iterator[Row]:
             index += 1
 
 
+def _bounded_lines(file) -> Iterator[bytes | int]:
+    """The lines of binary ``file``, each read into memory only up to ``MAX_ROW_BYTES``: a longer line is
+    read past in 1 MiB pieces and yielded as its size in bytes (an ``int``) instead of its content."""
+    while raw := file.readline(MAX_ROW_BYTES + 1):
+        if len(raw) <= MAX_ROW_BYTES or raw.endswith(b"\n"):
+            yield raw
+            continue
+        size = len(raw)
+        while piece := file.readline(1 << 20):
+            size += len(piece)
+            if piece.endswith(b"\n"):
+                break
+        yield size
+
+
+def _has_oversized_line(path: str) -> bool:
+    """Whether a JSON-lines file has a line longer than ``MAX_ROW_BYTES`` (a JSON array file, whose rows may
+    share one line, never does). One pass in 1 MiB blocks, counting the bytes since the last newline."""
+    with open(path, "rb") as file:
+        if file.read(4096).lstrip().lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+            return False
+        file.seek(0)
+        run = 0
+        while block := file.read(1 << 20):
+            last = block.rfind(b"\n")
+            if last < 0:
+                run += len(block)
+            else:
+                if run + block.find(b"\n") > MAX_ROW_BYTES:
+                    return True
+                run = len(block) - last - 1
+            if run > MAX_ROW_BYTES:
+                return True
+    return False
+
+
 def _json_array_rows(path: str) -> Iterator[Row]:
     raw = Path(path).read_bytes()
     try:
@@ -188,7 +252,10 @@ def _json_array_rows(path: str) -> Iterator[Row]:
 
 
 def _hub_rows(dataset_id: str, split: str) -> Iterator[Row]:
-    yield from _dataset_rows(dataset_id, _load_dataset(dataset_id, split=split))
+    """``ID`` or ``ID:CONFIG`` (a dataset with several configurations, e.g. ``nyu-mll/glue:cola``)."""
+    name, _, config = dataset_id.partition(":")
+    args = (name, config) if config else (name,)
+    yield from _dataset_rows(dataset_id, _load_dataset(*args, split=split))
 
 
 def _content_cache_dir(path: str) -> str:
@@ -226,7 +293,8 @@ def _tfds_rows(spec: str, split: str) -> Iterator[Row]:
     try:
         import tensorflow_datasets as tfds
     except ImportError as error:
-        raise ImportError(f"{spec!r} needs tensorflow-datasets: pip install 'sftrl-jax[tfds]'") from error
+        raise ExtraNotInstalled(f"{spec!r} needs tensorflow-datasets, which is not installed: "
+                                f"pip install 'sftrl-jax[tfds]'") from error
     body = spec[len(TFDS_PREFIX):]
     name, _, explicit_split = body.rpartition("/")
     if not name:

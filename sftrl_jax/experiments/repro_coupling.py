@@ -1,6 +1,7 @@
 """``sftrl-jax repro coupling``: Paper B's non-decoupling of SFT and RL at small scale.
 
-One pipeline per seed, SFT → RL → SFT, on the demo's task and random base model, run by
+One pipeline per seed, SFT → RL → SFT, on an embedded task (``--task arithmetic``, the demo's, or ``cola``, the
+CoLA-like acceptability task of :mod:`.cola_task`, Paper B's kind) and a random base model, run by
 :func:`sftrl_jax.pipeline.run_pipeline` with its cross-stage probe (held-out SFT loss on held-out
 teacher traces; held-out greedy reward on held-out prompts) every ``probe.every`` steps:
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from ..config import from_dict
 from ..metrics import plot_curves
 from ..pipeline import PipelineConfig, run_pipeline
+from . import cola_task, task as arithmetic
 from .demo import demo_settings
 from .workspace import MODEL_OPTIONS, TASK_SEED, begin, mean, spread, with_compilation_cache
 
@@ -37,20 +39,41 @@ EXTRA = {"full": {"splits": {"heldout": 256, "probe": 128}, "seeds": [0, 1], "pr
                    "first_sft_steps": 40, "second_sft_steps": 4, "second_sft_lr": 5e-4}}
 
 
-def _settings(quick: bool) -> dict:
+# The CoLA-like task's differences from the arithmetic one: Paper B's label reward on its correct 1 / wrong -1
+# scale, and a sampled mean@1 (temperature 1, the RL stage's) beside the greedy one
+TASKS = {"arithmetic": {"module": arithmetic, "reward": {}, "probe": {}},
+         "cola": {"module": cola_task, "reward": {"kind": "label", "correct": 1.0, "wrong": -1.0},
+                  "probe": {"sampled_temperature": 1.0}}}
+
+
+# each task in the report's words: what it is, and what RL learns beyond the teacher
+TASK_TEXT = {"arithmetic": ("the demo's arithmetic task",
+                            "carry out the third operation the teacher skips half the time"),
+             "cola": ("the CoLA-like acceptability task (generated sentences; label reward, correct 1 / wrong -1)",
+                      "check the word order the teacher skips half the time")}
+
+
+def _settings(quick: bool, task: str = "arithmetic") -> dict:
     settings = demo_settings(quick)
     extra = copy.deepcopy(EXTRA["quick" if quick else "full"])
     settings["splits"].update(extra.pop("splits"))
     settings.update(extra)
+    settings["task"] = task
+    settings["rl"]["reward"] = {**settings["rl"].get("reward", {}), **TASKS[task]["reward"]}
     return settings
 
 
 @with_compilation_cache
 def run_repro_coupling(out: str | Path = "runs/repro_coupling", *, quick: bool = False,
-                       seeds: list[int] | None = None, progress: bool = True, reward_fn=None) -> dict:
+                       seeds: list[int] | None = None, progress: bool = True, reward_fn=None,
+                       task: str = "arithmetic") -> dict:
+    """Paper B's two experiments per seed on ``task`` (``arithmetic``: the demo's task; ``cola``: the CoLA-like
+    acceptability task of :mod:`.cola_task`)."""
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     start = time.time()
-    settings = _settings(quick)
-    out, seeds, work = begin(out, settings, seeds)
+    settings = _settings(quick, task)
+    out, seeds, work = begin(out, settings, seeds, task=TASKS[task]["module"])
     heldout_sft = work.sft_rows_file("heldout", out / "data")
 
     sft = copy.deepcopy(settings["sft"])
@@ -74,7 +97,7 @@ def run_repro_coupling(out: str | Path = "runs/repro_coupling", *, quick: bool =
             "probe": {"every": settings["probe_every"], "sft_files": [str(heldout_sft)], "max_length": 128,
                       "prompt_files": [str(work.prompt_files["probe"])], "prompt_limit": settings["splits"]["probe"],
                       "sft_limit": settings["splits"]["heldout"],
-                      "sampling": {"temperature": 0.0, "max_new_tokens": 40}},
+                      "sampling": {"temperature": 0.0, "max_new_tokens": 40}, **TASKS[task]["probe"]},
             "mesh": {"data": 1, "fsdp": -1}, "output_dir": str(out / f"seed{seed}")})
         tick = time.time()
         summary = run_pipeline(config, progress=progress, reward_fn=reward_fn)
@@ -134,10 +157,14 @@ def _report(out: Path, settings: dict, seeds: list[int], runs: list[dict], secon
     table = "\n".join(f"| {row['stage']} | {row['kind'].upper()} | {row['steps']} | {cell(row, 'start_probe_sft_loss')} | "
                       f"{cell(row, 'end_probe_sft_loss')} | {cell(row, 'start_probe_reward')} | "
                       f"{cell(row, 'end_probe_reward')} |" for row in rows)
+    sampled = ""
+    if any("probe_reward_sampled" in record for run in runs for record in run["records"]):
+        sampled = ("\n\nThe probe also measures a sampled mean@1 (temperature 1): `probe_reward_sampled` in "
+                   "`metrics.jsonl`.")
     text = f"""# sftrl-jax repro coupling
 
-Paper B's non-decoupling of SFT and RL at small scale: SFT → RL → SFT on the demo's task (seed
-{TASK_SEED}; imperfect teacher, see the demo report) from the random base model, {len(seeds)} seed(s)
+Paper B's non-decoupling of SFT and RL at small scale: SFT → RL → SFT on {TASK_TEXT[settings['task']][0]} (seed
+{TASK_SEED}; imperfect teacher) from the random base model, {len(seeds)} seed(s)
 ({', '.join(map(str, seeds))}). Stages 1-2 are the SFT → RL pipeline; stages 2-3 the RL → SFT pipeline,
 which starts from the stage-1 SFT model because the random base model scores 0 (Paper B starts it
 from pretrained Qwen3-0.6B). Every {settings['probe_every']} steps the probe measures the SFT loss on
@@ -156,8 +183,8 @@ What this run found:
 
 Paper B (Qwen3-0.6B, GRPO) reports the reward falling from mean@1 0.385 to 0.343 when SFT follows RL,
 and the SFT loss rising when RL follows SFT. Here the mechanism is visible in the task itself: RL
-learns to carry out the third operation the teacher skips half the time, which the teacher's traces
-(and so the SFT loss) penalise; SFT on those traces brings the skip, and the lost reward, back.
+learns to {TASK_TEXT[settings['task']][1]}, which the teacher's traces (and so the SFT loss) penalise; SFT
+on those traces brings the skip, and the lost reward, back.{sampled}
 
 Files: `cross_stage.png` (both probes over the three stages, one line per seed, boundaries
 dashed), `boundaries.json`, `metrics.jsonl` (probe values on the global step axis), `report.json`,

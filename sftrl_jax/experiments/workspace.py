@@ -10,21 +10,13 @@ import inspect
 import logging
 import statistics
 from pathlib import Path
+from types import ModuleType
 
 from ..config import from_dict
 from ..evaluation import EvalConfig, read_generations, run_eval
+from . import task as arithmetic
 from .assets import build_base_model, build_tokenizer
-from .task import (
-    BENCHMARK,
-    TEACHER_SKIP_RATE,
-    Problem,
-    corpus,
-    make_splits,
-    prompt_row,
-    sft_row,
-    trace_stats,
-    write_jsonl,
-)
+from .task import BENCHMARK, Problem, trace_stats, write_jsonl
 
 log = logging.getLogger("sftrl_jax.demo")
 
@@ -41,29 +33,32 @@ class Workspace:
     sft_file: Path  # teacher traces (LUFFY SFT schema) of the "sft" split
     prompt_files: dict[str, Path]  # prompt/answer rows of every other split
     base: Path  # tokenizer + random base model, HF format
+    task: ModuleType = arithmetic  # the task's module: make_splits, sft_row, prompt_row, corpus, BENCHMARK
 
     def sft_rows_file(self, split: str, directory: Path) -> Path:
         """Teacher traces of another split (e.g. a held-out SFT set for the probe)."""
-        return write_jsonl([sft_row(p) for p in self.splits[split]], directory / f"{split}_sft.jsonl")
+        return write_jsonl([self.task.sft_row(p) for p in self.splits[split]], directory / f"{split}_sft.jsonl")
 
 
-def build_workspace(out: Path, sizes: dict[str, int], model: dict, *, ops: tuple[int, int] = (2, 3),
-                    skip_rate: float = TEACHER_SKIP_RATE) -> Workspace:
+def build_workspace(out: Path, sizes: dict[str, int], model: dict, *, task: ModuleType = arithmetic,
+                    **task_options) -> Workspace:
     """Write the task's splits under ``out/data`` and the tokenizer + base model under ``out/base_model``.
 
-    ``sizes`` must contain ``"sft"``; every split (including ``"sft"``) is also written as prompts.
+    ``task`` is the task's module (the arithmetic one, :mod:`.task`, or the CoLA-like one, :mod:`.cola_task`),
+    ``task_options`` its ``make_splits`` options. ``sizes`` must contain ``"sft"``; every split (including
+    ``"sft"``) is also written as prompts.
     """
-    splits = make_splits(TASK_SEED, sizes, ops=ops, skip_rate=skip_rate)
+    splits = task.make_splits(TASK_SEED, sizes, **task_options)
     data = out / "data"
-    sft_file = write_jsonl([sft_row(p) for p in splits["sft"]], data / "sft.jsonl")
-    prompt_files = {name: write_jsonl([prompt_row(p) for p in problems], data / f"{name}.jsonl")
+    sft_file = write_jsonl([task.sft_row(p) for p in splits["sft"]], data / "sft.jsonl")
+    prompt_files = {name: write_jsonl([task.prompt_row(p) for p in problems], data / f"{name}.jsonl")
                     for name, problems in splits.items() if name != "sft"}
     base = out / "base_model"
-    tokenizer = build_tokenizer(corpus(splits["sft"]), base)
+    tokenizer = build_tokenizer(task.corpus(splits["sft"]), base)
     build_base_model(base, tokenizer, **model)
-    log.info("task: %s problems (%d-%d operations); tokenizer %d tokens; base model %s",
-             {k: len(v) for k, v in splits.items()}, ops[0], ops[1], len(tokenizer), base)
-    return Workspace(splits, sft_file, prompt_files, base)
+    log.info("task %s: %s examples %s; tokenizer %d tokens; base model %s", task.BENCHMARK,
+             {k: len(v) for k, v in splits.items()}, task_options or "", len(tokenizer), base)
+    return Workspace(splits, sft_file, prompt_files, base, task)
 
 
 def begin(out: str | Path, settings: dict, seeds: list[int] | None, **workspace_options) -> tuple[Path, list[int],

@@ -40,6 +40,8 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
+# The files a tokenizer's vocabulary comes from (a folder with none of them has no tokenizer).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # Checkpoint entries that carry no parameters of their own.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -286,19 +288,42 @@ def load_pretrained(source: ModelOptions | str | os.PathLike, mesh: Mesh | None 
 
     model = abstract_model(config, options, mesh, rules=rules)
     params = dict(param_items(model))
+    finite: list[tuple[str, jax.Array]] = []  # (tensor name, whether all its values are finite), checked at the end
     for spec in specs:
         var = params[spec.path]
         sharding = param_sharding(var, mesh, rules)
         if not spec.layered:
-            var.set_value(place(spec.to_ours(reader.get(spec.hf_name)).astype(param_dtype), sharding))
+            value = place(spec.to_ours(reader.get(spec.hf_name)).astype(param_dtype), sharding)
+            finite.append((spec.hf_name, _all_finite(value)))
+            var.set_value(value)
             continue
         layer_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
         stacked = jax.jit(lambda shape=var.shape: jnp.zeros(shape, param_dtype), out_shardings=sharding)()
         for i, name in enumerate(spec.hf_names(config.num_layers)):
             value = place(spec.to_ours(reader.get(name)).astype(param_dtype), layer_sharding)
+            finite.append((name, _all_finite(value)))
             stacked = _write_layer(stacked, value, i)
         var.set_value(stacked)
+    _require_finite(finite, reader, param_dtype)
     return model, config
+
+
+@jax.jit
+def _all_finite(value: jax.Array) -> jax.Array:
+    """Whether every value of ``value`` is finite: one reduction on the devices, a replicated bool."""
+    return jnp.isfinite(value).all()
+
+
+def _require_finite(finite: list[tuple[str, jax.Array]], reader: SafetensorsReader, dtype) -> None:
+    """Stop at the first tensor with a NaN or infinity (as loaded, in ``dtype``), naming it and its file. The
+    flags were computed on the devices as the tensors were placed; one transfer reads them all."""
+    flags = jax.device_get([flag for _, flag in finite])
+    bad = [name for (name, _), ok in zip(finite, flags) if not ok]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ValueError(f"{reader.file_of[bad[0]]}: tensor {bad[0]!r} holds non-finite values (NaN or infinity) "
+                         f"when loaded as {np.dtype(dtype).name}{more}; the weights are damaged (or overflow "
+                         f"{np.dtype(dtype).name}): re-download or re-export them")
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -407,6 +432,10 @@ def load_tokenizer(path: str | os.PathLike):
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+    if not any((directory / name).is_file() for name in VOCABULARY_FILES):
+        # transformers would build a 1-token tokenizer, or ask for sentencepiece to convert files that are not there
+        raise FileNotFoundError(f"{directory}: no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); copy "
+                                "the tokenizer files of the model it came from into the folder")
     from transformers import AutoTokenizer
 
     try:

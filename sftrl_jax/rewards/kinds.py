@@ -121,8 +121,13 @@ def applies_require_think(kind: str, require_think: bool) -> bool:
 def grade(scorer: Scorer, response, ground_truth, require_think: bool) -> tuple[float, str | None]:
     """``(score, error)`` of one response: the rules every kind shares (module docstring) around ``scorer``.
 
-    ``error`` is None, or a one-line description of the scorer's exception or bad return value.
+    ``error`` is None, or a one-line description of the scorer's exception or bad return value. A tuple or
+    list ``ground_truth`` holds alternatives: the response scores the best of its grades against each.
     """
+    if isinstance(ground_truth, (tuple, list)):
+        graded = [grade(scorer, response, truth, require_think) for truth in ground_truth]
+        best = max(graded, key=lambda result: result[0], default=(0.0, None))
+        return best if best[0] > 0 else next((g for g in graded if g[1] is not None), best)
     if not isinstance(response, str) or ground_truth is None:
         return 0.0, None
     answer = _answer_part(response, require_think)

@@ -48,7 +48,16 @@ class Reward:
                     token_ids: Sequence[Sequence[int]] | None = None) -> ScoreResult:
         """The scores of ``responses`` (``token_ids``: their token ids, read only by a caller's ``reward_fn``)."""
         if self.reward_fn is not None:
-            scores = [float(s) for s in self.reward_fn(responses, ground_truths, token_ids)]
+            scores = list(self.reward_fn(responses, ground_truths, token_ids))
+            name = getattr(self.reward_fn, "__qualname__", None) or repr(self.reward_fn)
+            name = f"{getattr(self.reward_fn, '__module__', None) or '?'}.{name}"
+            if len(scores) != len(responses):
+                raise ValueError(f"reward_fn {name} returned {len(scores)} scores for {len(responses)} responses; "
+                                 "it must return one score per response, in order")
+            try:
+                scores = [float(s) for s in scores]
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"reward_fn {name} returned a score that is not a number ({err})") from None
             return ScoreResult(scores, [False] * len(scores), 0)
         return self.pool.score_batch(responses, ground_truths, require_think=self.require_think)
 
@@ -60,9 +69,12 @@ class Reward:
         return result.scores
 
     def answer(self, response: str, ground_truth: str) -> str | None:
-        """The answer the kind's scorer reads from ``response`` (for records; None where the kind shows none)."""
+        """The answer the kind's scorer reads from ``response`` (for records; None where the kind shows none);
+        with alternative ground truths (a tuple), as read against the first."""
         if self.pool is None or not isinstance(response, str):
             return None
+        if isinstance(ground_truth, (tuple, list)):
+            ground_truth = ground_truth[0] if ground_truth else ""
         extract = REWARD_KINDS[self.pool.kind].extract
         text = _answer_part(response, applies_require_think(self.pool.kind, self.require_think))
         return extract(text, ground_truth) if extract is not None and text is not None else None

@@ -158,6 +158,22 @@ class RLConfig(TrainingRunConfig):
     validation: ValidationOptions = dataclasses.field(default_factory=ValidationOptions)
     output_dir: str = layout("runs/rl")
 
+    def __post_init__(self):
+        from ..config import ConfigError
+        from .methods import get_method
+        from .rollouts import demonstrations_in_groups
+
+        if not get_method(self.rl.method).group_relative:
+            return
+        if self.sampling.n < 2:
+            raise ConfigError(f"config key 'sampling.n': rl.method={self.rl.method} compares each response with "
+                              f"the others of its group; a group of {self.sampling.n} has zero advantages and "
+                              "trains on nothing: set sampling.n >= 2")
+        if self.sampling.temperature == 0 and not demonstrations_in_groups(self.rl):
+            raise ConfigError(f"config key 'sampling.temperature': 0 (greedy) samples sampling.n identical "
+                              f"responses per prompt, so rl.method={self.rl.method}'s group-relative advantages "
+                              "are all zero and nothing is trained: set sampling.temperature > 0")
+
     @property
     def rollout_seed(self) -> int:
         return self.sampling.seed if self.sampling.seed is not None else self.train.seed

@@ -263,6 +263,9 @@ class RLAlgorithm(Algorithm):
         self.flops["flops_train"] += sum(train_flops(model_config, len(p) + len(r)) / 3 * forward_passes
                                          for p, r in zip(batch.prompts, batch.responses))
 
+    def data_files(self) -> dict[str, list[str]]:
+        return {"data.files": list(self.config.data.files), "rl.expert_data": list(self.config.rl.expert_data)}
+
     def state_dict(self) -> dict:
         state = {"data": self.prompt_sampler.state_dict(), "flops": dict(self.flops)}
         if self.expert is not None:

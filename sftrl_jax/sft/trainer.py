@@ -170,6 +170,10 @@ class SFTAlgorithm(Algorithm):
         return [Hook(lambda _graphdef, params, step: {"eval_loss": self.evaluate(params)}
                      if step < self.total_steps else None, every=self.config.train.eval_every)]
 
+    def data_files(self) -> dict[str, list[str]]:
+        data = self.config.data
+        return {"data.train_files": list(data.train_files), "data.eval_files": list(data.eval_files)}
+
     def state_dict(self) -> dict:
         return {"data": self.batcher.state_dict(), "seed": self.config.train.seed, "flops_train": self.flops_train}
 

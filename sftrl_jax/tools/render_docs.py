@@ -154,10 +154,11 @@ def render_repro_coupling(result: dict) -> str:
 
     table = "\n".join(f"| {row['stage']} | {row['kind'].upper()} | {row['steps']} | {cell(i, row, 'probe_sft_loss')} | "
                       f"{cell(i, row, 'probe_reward')} |" for i, row in enumerate(report["boundaries"]))
-    return f"""{_provenance(result, "repro_coupling")}
+    sampled = " (and sampled, temperature 1)" if settings.get("task") == "cola" else ""
+    return f"""{_provenance(result, REPORTS_BY_FILE[result.get("kind", "repro-coupling")])}
 
 {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); probe every {settings['probe_every']} steps: SFT loss on {settings['splits']['heldout']} held-out teacher traces,
-greedy reward on {settings['splits']['probe']} held-out prompts.
+greedy{sampled} reward on {settings['splits']['probe']} held-out prompts.
 
 | stage | kind | steps | SFT loss start → end | reward start → end |
 |---|---|---|---|---|
@@ -191,12 +192,18 @@ REPORTS: dict[str, tuple[str, Callable[[dict], str], str]] = {
     "demo": ("demo.json", render_demo, "sftrl-jax demo"),
     "repro-bugs": ("repro_bugs.json", render_repro_bugs, "sftrl-jax repro bugs"),
     "repro-coupling": ("repro_coupling.json", render_repro_coupling, "sftrl-jax repro coupling"),
+    "repro-coupling-cola": ("repro_coupling_cola.json", render_repro_coupling, "sftrl-jax repro coupling --task cola"),
     "repro-mixed": ("repro_mixed.json", render_repro_mixed, "sftrl-jax repro mixed"),
 }
+# the task of each coupling report (its settings name it; reports written before the CoLA task have none)
+TASK_OF = {"repro-coupling": "arithmetic", "repro-coupling-cola": "cola"}
+# an imported result's kind -> its file's name under docs/results (for the provenance line)
+REPORTS_BY_FILE = {name: filename.removesuffix(".json") for name, (filename, _, _) in REPORTS.items()}
 REQUIRED = {"demo": ("base_accuracy", "runs", "accepted"), "repro-bugs": ("summary", "findings", "settings"),
-            "repro-coupling": ("boundaries", "findings", "settings"), "repro-mixed": ("methods", "finding", "settings")}
+            "repro-coupling": ("boundaries", "findings", "settings"),
+            "repro-coupling-cola": ("boundaries", "findings", "settings"), "repro-mixed": ("methods", "finding", "settings")}
 DEFAULT_OUT = {"demo": "runs/demo", "repro-bugs": "runs/repro_bugs", "repro-coupling": "runs/repro_coupling",
-               "repro-mixed": "runs/repro_mixed"}
+               "repro-coupling-cola": "runs/repro_coupling_cola", "repro-mixed": "runs/repro_mixed"}
 
 
 def render_block(name: str, results: Path) -> str:
@@ -320,6 +327,10 @@ def import_report(name: str, source: Path, *, root: Path = ROOT, command: str | 
     missing = [key for key in REQUIRED[name] if key not in report]
     if missing:
         raise SystemExit(f"{source}: not a `{REPORTS[name][2]}` report (no {', '.join(missing)})")
+    task = report.get("settings", {}).get("task", "arithmetic")
+    if name in TASK_OF and task != TASK_OF[name]:
+        raise SystemExit(f"{source}: a report of the {task} task; import it with --import-"
+                         f"{next(n for n, t in TASK_OF.items() if t == task)}")
     if report.get("quick") and not allow_quick:
         raise SystemExit(f"{source}: a --quick run is a set-up check, not a result; not imported "
                          "(--allow-quick imports it anyway)")

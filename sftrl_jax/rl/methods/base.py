@@ -57,6 +57,9 @@ class PolicyMethod:
     demonstrations: ClassVar[Literal["policy", "separate"] | None] = None
     # extra per-row float32 inputs of the update batch (values from :meth:`step_inputs`)
     row_inputs: ClassVar[tuple[str, ...]] = ()
+    # advantages relative to the group's other members (:meth:`advantages`): a group of one, or of identical
+    # greedy samples, has zero advantages and trains on nothing, so the config refuses them
+    group_relative: ClassVar[bool] = True
 
     def resolved_defaults(self) -> dict[str, Any]:
         return {**self.base_defaults, **self.defaults}
