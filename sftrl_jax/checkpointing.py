@@ -7,6 +7,7 @@ directly in its sharding on the current mesh, which may differ from the mesh tha
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from .models.options import ModelOptions
 from .sharding import DEFAULT_RULES, Rules, single_device_mesh
 
 PARAMS_DIR = "params"
+# free inodes a step checkpoint may need (orbax writes a few dozen files and folders per item)
+MIN_FREE_INODES = 256
 
 
 def is_orbax_model_dir(path: str | os.PathLike) -> bool:
@@ -70,6 +73,10 @@ def load_model(source: ModelOptions | str | os.PathLike, mesh: Mesh | None = Non
     return nnx.merge(nnx.graphdef(model), restored), config
 
 
+class NoRoomError(OSError, RuntimeError):
+    """The checkpoint folder's file system has no room for the next checkpoint (a one-line error)."""
+
+
 class TrainCheckpointer:
     """Step checkpoints of a training run with orbax's ``CheckpointManager``.
 
@@ -91,8 +98,25 @@ class TrainCheckpointer:
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
         if not force and (self.save_every <= 0 or step % self.save_every):
             return False
+        self.check_room(step, state)
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                meta=ocp.args.JsonSave(meta)), force=force)
+
+    def check_room(self, step: int, state) -> None:
+        """Refuse, in one line, a save the checkpoint folder's file system has no room for: fewer free bytes
+        than the state's size or fewer than :data:`MIN_FREE_INODES` free inodes. Orbax's writer threads fail
+        with pages of tracebacks (or wait on a folder they could not create) when the disk fills mid-save."""
+        stats = os.statvfs(self.directory)
+        free_bytes = stats.f_bavail * stats.f_frsize
+        need_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state) if hasattr(leaf, "nbytes"))
+        short = []
+        if free_bytes < need_bytes:
+            short.append(f"{free_bytes / 1e6:.1f} MB free, the checkpoint needs about {need_bytes / 1e6:.1f} MB")
+        if stats.f_files and stats.f_favail < MIN_FREE_INODES:  # file systems without inode counts report 0
+            short.append(f"{stats.f_favail} free inodes, a checkpoint needs up to {MIN_FREE_INODES}")
+        if short:
+            raise NoRoomError(errno.ENOSPC, f"{self.directory}: no room for the checkpoint of step {step} ("
+                          f"{'; '.join(short)}); free some space, then rerun with --resume")
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -228,12 +228,18 @@ def check_continuity(record: Path, config, *, force: bool = False) -> None:
         raise RunFolderError(f"{record}: the run's record of its settings is {state}, so --resume cannot check "
                              "that this is the same run; restore the file, or add --force to resume without "
                              "the check")
-    changes = changed_settings(before, dataclasses.asdict(config), ignore=layout_keys(type(config)))
+    refuse_resume(record.parent, changed_settings(before, dataclasses.asdict(config), ignore=layout_keys(type(config))),
+                  what="settings", consequence="the old position would be applied to a different run", force=force)
+
+
+def refuse_resume(folder: Path, changes: list[str], *, what: str, consequence: str, force: bool) -> None:
+    """Stop a resume of the run in ``folder`` whose ``what`` (settings, training data) show ``changes`` from the
+    run's record, naming them and ``consequence``; with ``force``, warn and go on."""
     if not changes:
         return
     text = "; ".join(changes)
     if force:
-        log.warning("--force: resuming with changed settings (%s)", text)
+        log.warning("--force: resuming with %s that differ from the run's (%s)", what, text)
         return
-    raise RunFolderError(f"{record.parent}: --resume with settings that differ from the run's ({text}); the old "
-                         "position would be applied to a different run. Use a new output_dir, or add --force")
+    raise RunFolderError(f"{folder}: --resume with {what} that differ from the run's ({text}); {consequence}. "
+                         "Use a new output_dir, or add --force")

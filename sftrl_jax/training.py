@@ -33,7 +33,7 @@ from .jitted import abstract, placed
 from .metrics import MetricSinks, is_writer
 from .models import load_pretrained, load_tokenizer, save_pretrained
 from .optim import init_opt_state, make_optimizer
-from .run_folder import RunFolderError, check_continuity, owned_folder, write_text_atomic
+from .run_folder import check_continuity, owned_folder, refuse_resume, write_text_atomic
 from .sharding import data_parallel_size, make_mesh, shardings_on
 from .signals import Stopped, agreed, requested, signal_name, stop_requests
 
@@ -167,14 +167,8 @@ def check_data_unchanged(record: Path, files: dict[str, list[str]], *, force: bo
     now = data_record(files)
     changes = [f"{key} {path}: {what}" for key in sorted(set(before) | set(now))
                for path, what in _file_changes(before.get(key, {}), now.get(key, {}))]
-    if not changes:
-        return
-    text = "; ".join(changes)
-    if force:
-        log.warning("--force: resuming with other training data (%s)", text)
-        return
-    raise RunFolderError(f"{record.parent}: --resume with training data that differ from the run's ({text}); the "
-                         "saved data position would be applied to other rows. Use a new output_dir, or add --force")
+    refuse_resume(record.parent, changes, what="training data",
+                  consequence="the saved data position would be applied to other rows", force=force)
 
 
 def _file_changes(before: dict, now: dict):

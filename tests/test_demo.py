@@ -162,7 +162,7 @@ def test_repro_coupling_quick_runs_the_cola_task(tmp_path, capsys):
     assert any("probe_reward_sampled" in r for r in records)
     assert "CoLA-like" in (out / "report.md").read_text()
     page = _import_and_render(tmp_path, "repro-coupling-cola", out / "report.json")
-    assert "greedy (and sampled, temperature 1) reward" in page and report["findings"][1] in page
+    assert "a sampled mean@1 at temperature 1" in page and report["findings"][1] in page
     with pytest.raises(SystemExit, match="import it with --import-repro-coupling-cola"):  # not the arithmetic block
         render_docs.main(["--root", str(tmp_path / "docs_copy"), "--import-repro-coupling", str(out / "report.json"),
                           "--allow-quick"])

@@ -119,6 +119,27 @@ DAMAGES = {
 }
 
 
+@pytest.mark.parametrize("free", [{"f_favail": 10}, {"f_bavail": 1}], ids=["inodes", "bytes"])
+def test_a_full_disk_stops_before_the_checkpoint_in_one_line(workdir, monkeypatch, free):
+    # orbax's writer threads fill pages with tracebacks (or wait on a folder they could not create) when the disk
+    # fills mid-save; the save is refused before it starts instead
+    import os
+
+    real = os.statvfs
+
+    def nearly_full(path):
+        stats = real(path)
+        fields = {name: getattr(stats, name) for name in ("f_bavail", "f_frsize", "f_files", "f_favail")}
+        fields.update(free, f_files=max(fields["f_files"], 1000))
+        return type("StatVFS", (), fields)()
+
+    monkeypatch.setattr(os, "statvfs", nearly_full)
+    with pytest.raises(OSError, match=r"checkpoints: no room for the checkpoint of step 1 \(.*\); free some space, "
+                                      r"then rerun with --resume"):
+        run_loop(_config(workdir, f"full_{next(iter(free))}", "checkpoint.save_every=1"), Countdown(3),
+                 progress=False)
+
+
 @pytest.fixture(scope="module")
 def reference(workdir):
     return run_loop(_config(workdir, "whole", "checkpoint.save_every=2"), Countdown(8), progress=False).params
@@ -291,7 +312,7 @@ def test_sft_resume_with_other_content_at_the_same_data_path_is_refused_naming_t
     assert not (root / "changed_data" / ".lock").exists()
     caplog.set_level(logging.WARNING, "sftrl_jax")
     assert run_sft(longer, resume=True, force=True).steps == 3
-    assert "--force: resuming with other training data" in caplog.text
+    assert "--force: resuming with training data that differ from the run's" in caplog.text
 
 
 # --- run records on resume ----------------------------------------------------------------------------------------

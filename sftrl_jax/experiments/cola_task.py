@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from ..data.cola import LABEL_WORDS, QUESTION
+from .task import deal_splits
 
 # (singular, plural) subjects, (singular, plural) verb forms, objects
 SUBJECTS = [("the dog", "the dogs"), ("the cat", "the cats"), ("the bird", "the birds"), ("the teacher", "the teachers"),
@@ -68,19 +69,11 @@ def make_judgement(rng: np.random.Generator, skip_rate: float = TEACHER_SKIP_RAT
 def make_splits(seed: int, sizes: dict[str, int], *, skip_rate: float = TEACHER_SKIP_RATE
                 ) -> dict[str, list[Judgement]]:
     """Disjoint splits (by sentence) of the requested sizes."""
-    rng = np.random.default_rng(seed)
-    seen: set[str] = set()
-    splits: dict[str, list[Judgement]] = {name: [] for name in sizes}
     capacity = len(SUBJECTS) * 2 * len(VERBS) * len(OBJECTS) * 3  # distinct sentences the grammar can make
     if sum(sizes.values()) > capacity // 2:
         raise ValueError(f"{sum(sizes.values())} sentences asked of a grammar with {capacity}")
-    for name, size in sizes.items():
-        while len(splits[name]) < size:
-            judgement = make_judgement(rng, skip_rate)
-            if judgement.question not in seen:
-                seen.add(judgement.question)
-                splits[name].append(judgement)
-    return splits
+    rng = np.random.default_rng(seed)
+    return deal_splits(sizes, lambda: make_judgement(rng, skip_rate))
 
 
 def sft_row(judgement: Judgement) -> dict:

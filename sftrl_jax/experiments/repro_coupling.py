@@ -126,8 +126,12 @@ def _effect(rows: list[dict], stage: int, key: str, expected: int, what: str) ->
     changes = [e - s for s, e in zip(start["per_seed"], end["per_seed"])]
     agree = sum(1 for c in changes if c * expected > 0)
     found = "reproduced" if agree == len(changes) else ("partly reproduced" if agree else "NOT reproduced")
+    # the mean change against the seeds' spread of it (the sample std; one seed has none)
+    change, wobble = mean(changes), spread(changes)
+    beyond = "" if len(changes) < 2 else \
+        f"; mean change {change:+.4f} ± {wobble:.4f}, {'beyond' if abs(change) > wobble else 'within'} the seed spread"
     return (f"- {what}: {key} {start['mean']:.4f} → {end['mean']:.4f} over stage {row['stage']} ({row['kind'].upper()}); "
-            f"change per seed {', '.join(f'{c:+.4f}' for c in changes)}: {found} ({agree}/{len(changes)} seeds).")
+            f"change per seed {', '.join(f'{c:+.4f}' for c in changes)}: {found} ({agree}/{len(changes)} seeds{beyond}).")
 
 
 def _report(out: Path, settings: dict, seeds: list[int], runs: list[dict], seconds: float, quick: bool) -> dict:
@@ -166,7 +170,7 @@ def _report(out: Path, settings: dict, seeds: list[int], runs: list[dict], secon
 Paper B's non-decoupling of SFT and RL at small scale: SFT → RL → SFT on {TASK_TEXT[settings['task']][0]} (seed
 {TASK_SEED}; imperfect teacher) from the random base model, {len(seeds)} seed(s)
 ({', '.join(map(str, seeds))}). Stages 1-2 are the SFT → RL pipeline; stages 2-3 the RL → SFT pipeline,
-which starts from the stage-1 SFT model because the random base model scores 0 (Paper B starts it
+which starts from the stage-1 SFT model because the random base model solves nothing (Paper B starts it
 from pretrained Qwen3-0.6B). Every {settings['probe_every']} steps the probe measures the SFT loss on
 {settings['splits']['heldout']} held-out teacher traces and the greedy reward on {settings['splits']['probe']}
 held-out prompts. Total time {seconds:.0f} s{' (quick mode)' if quick else ''}.

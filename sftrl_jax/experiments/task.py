@@ -69,14 +69,20 @@ def make_splits(seed: int, sizes: dict[str, int], *, ops: tuple[int, int] = (2, 
                 skip_rate: float = TEACHER_SKIP_RATE) -> dict[str, list[Problem]]:
     """Disjoint splits (by question text) of the requested sizes, e.g. ``{"sft": 2000, "rl": 1000, "test": 200}``."""
     rng = np.random.default_rng(seed)
+    return deal_splits(sizes, lambda: make_problem(rng, ops, skip_rate))
+
+
+def deal_splits(sizes: dict[str, int], make) -> dict[str, list]:
+    """Splits of the requested sizes from ``make()`` (an example with a ``question``), in order, each question
+    once across all splits."""
     seen: set[str] = set()
-    splits: dict[str, list[Problem]] = {name: [] for name in sizes}
+    splits: dict[str, list] = {name: [] for name in sizes}
     for name, size in sizes.items():
         while len(splits[name]) < size:
-            problem = make_problem(rng, ops, skip_rate)
-            if problem.question not in seen:
-                seen.add(problem.question)
-                splits[name].append(problem)
+            example = make()
+            if example.question not in seen:
+                seen.add(example.question)
+                splits[name].append(example)
     return splits
 
 

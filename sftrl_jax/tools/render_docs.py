@@ -154,11 +154,12 @@ def render_repro_coupling(result: dict) -> str:
 
     table = "\n".join(f"| {row['stage']} | {row['kind'].upper()} | {row['steps']} | {cell(i, row, 'probe_sft_loss')} | "
                       f"{cell(i, row, 'probe_reward')} |" for i, row in enumerate(report["boundaries"]))
-    sampled = " (and sampled, temperature 1)" if settings.get("task") == "cola" else ""
+    sampled = " (a sampled mean@1 at temperature 1 beside it in the run's metrics.jsonl)" \
+        if settings.get("task") == "cola" else ""
     return f"""{_provenance(result, REPORTS_BY_FILE[result.get("kind", "repro-coupling")])}
 
 {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); probe every {settings['probe_every']} steps: SFT loss on {settings['splits']['heldout']} held-out teacher traces,
-greedy{sampled} reward on {settings['splits']['probe']} held-out prompts.
+greedy reward on {settings['splits']['probe']} held-out prompts{sampled}.
 
 | stage | kind | steps | SFT loss start → end | reward start → end |
 |---|---|---|---|---|
