@@ -146,10 +146,13 @@ def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, 
 
 def _memory_limit(devices) -> tuple[int, str]:
     """Bytes the sampler's buffers may take on ``devices`` together, and what bounds them: the devices'
-    own memory where they report it (GPU, TPU), else the host's physical memory (CPU devices share it)."""
-    stats = [getattr(d, "memory_stats", lambda: None)() or {} for d in devices]
+    own memory where they report it (GPU, TPU; read from this process's devices, the others' taken as equal),
+    else the host's physical memory (CPU devices share it)."""
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    stats = [getattr(d, "memory_stats", lambda: None)() or {} for d in local]
     if stats and all(s.get("bytes_limit") for s in stats):
-        return sum(s["bytes_limit"] for s in stats), f"the {len(devices)} devices' memory"
+        per_device = min(s["bytes_limit"] for s in stats)
+        return per_device * len(devices), f"the {len(devices)} devices' memory"
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's memory"

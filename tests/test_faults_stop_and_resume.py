@@ -119,7 +119,8 @@ DAMAGES = {
 }
 
 
-@pytest.mark.parametrize("free", [{"f_favail": 10}, {"f_bavail": 1}], ids=["inodes", "bytes"])
+@pytest.mark.parametrize("free", [{"f_favail": 10}, pytest.param({"f_bavail": 1}, marks=pytest.mark.slow)],
+                         ids=["inodes", "bytes"])
 def test_a_full_disk_stops_before_the_checkpoint_in_one_line(workdir, monkeypatch, free):
     # orbax's writer threads fill pages with tracebacks (or wait on a folder they could not create) when the disk
     # fills mid-save; the save is refused before it starts instead
@@ -145,7 +146,9 @@ def reference(workdir):
     return run_loop(_config(workdir, "whole", "checkpoint.save_every=2"), Countdown(8), progress=False).params
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGES))
+# one damage in the fast tier, the others with the slow tests
+@pytest.mark.parametrize("damage", [pytest.param(d, marks=() if d == "truncated array file" else pytest.mark.slow)
+                                    for d in sorted(DAMAGES)])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(workdir, reference, damage, caplog):
     out = f"damaged_{damage.replace(' ', '_')}"
     config = _config(workdir, out, "checkpoint.save_every=2", "checkpoint.keep_last=5")
@@ -175,7 +178,7 @@ def test_no_checkpoint_that_restores_is_one_line_naming_each(workdir):
 # --- SIGTERM and SIGINT -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_in_the_loop_stops_after_the_step_with_a_checkpoint_then_resume_is_exact(workdir, reference,
                                                                                           signum):
     config = _config(workdir, f"signalled_{signum}", "checkpoint.save_every=0")  # no checkpoint due before the end
@@ -246,7 +249,7 @@ def cli_whole(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM])  # SIGINT takes the same path (in-process test above)
 def test_sft_cli_stops_cleanly_on_a_signal_and_resumes_bit_identical(workdir, cli_whole, signum):
     root = workdir[0]
     run, log = root / f"cli_{signum}", root / f"cli_{signum}.log"
@@ -318,6 +321,7 @@ def test_sft_resume_with_other_content_at_the_same_data_path_is_refused_naming_t
 # --- run records on resume ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_does_not_repeat_its_final_record(workdir):
     config = _config(workdir, "finished", "checkpoint.save_every=2")
     run_loop(config, Countdown(3), progress=False)
@@ -327,6 +331,7 @@ def test_resuming_a_finished_run_does_not_repeat_its_final_record(workdir):
     assert [r["step"] for r in records if "final_marker" in r] == [3]
 
 
+@pytest.mark.slow
 def test_the_pipeline_keeps_logging_progress_false(workdir, monkeypatch):
     import sftrl_jax.pipeline as pipeline
 

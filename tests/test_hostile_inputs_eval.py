@@ -102,6 +102,7 @@ def test_eval_refuses_generations_without_their_settings_file_unless_forced(mode
 # ------------------------------------------------------------------------- sample-changing settings
 
 
+@pytest.mark.slow  # samples with the tiny model four times
 def test_sampling_batch_size_and_eval_chunk_size_change_the_samples(hf_checkpoint, tokenizer):
     """Seeds are drawn per generation batch (sampler) and per chunk (evaluation): other sizes give other samples."""
     from sftrl_jax.config import SamplingOptions
