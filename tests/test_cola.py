@@ -82,7 +82,7 @@ def _cola_pipeline(name, model_dir, data, out, *extra):
         f"rl.data.files=[{data['train']}]", "rl.rl.prompts_per_step=4", "rl.rl.mini_batches_per_step=1",
         "rl.sampling.n=2", "rl.sampling.max_new_tokens=4", "rl.sampling.batch_size=8", "rl.train.micro_batch_size=1",
         "rl.train.max_steps=2", "rl.checkpoint.save_every=0",
-        f"probe.sft_files=[{data['validation']}]", f"probe.prompt_files=[{data['validation']}]", "probe.every=1",
+        f"probe.sft_files=[{data['validation']}]", f"probe.prompt_files=[{data['validation']}]", "probe.every=2",
         "probe.max_length=256", "probe.sampling.max_new_tokens=4", "probe.sampling.batch_size=8",
         "reward.num_workers=1", *extra])
 

@@ -149,12 +149,33 @@ def test_repro_coupling_quick_writes_the_boundary_table(tmp_path):
     assert "| 2 | RL |" in page and report["findings"][1] in page
 
 
+def test_repro_coupling_takes_the_task_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from sftrl_jax.experiments import repro_coupling
+
+    asked = []
+
+    def fake_run(out, **options):
+        asked.append(options)
+        return {"findings": ["- found"], "seconds": 1.0}
+
+    monkeypatch.setattr(repro_coupling, "run_repro_coupling", fake_run)
+    assert main(["repro", "coupling", "--task", "cola", "--quick", "--out", str(tmp_path)]) == 0
+    assert asked == [{"quick": True, "seeds": None, "task": "cola"}]
+    assert main(["repro", "bugs", "--task", "cola", "--out", str(tmp_path)]) != 0  # only coupling has tasks
+    assert "only repro coupling" in capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_repro_coupling_quick_runs_the_cola_task(tmp_path, capsys):
+def test_repro_coupling_quick_runs_the_cola_task(tmp_path):
+    from sftrl_jax.experiments.repro_coupling import run_repro_coupling
+    from sftrl_jax.rewards.kinds import label_score
+
+    def reward_fn(texts, truths, tokens):  # the label grader in-process (the worker pool is tested elsewhere)
+        return [label_score(t, g) for t, g in zip(texts, truths)]
+
     out = tmp_path / "coupling_cola"
-    assert main(["repro", "coupling", "--task", "cola", "--quick", "--out", str(out)]) == 0
-    assert "repro coupling: SFT after RL lowers the held-out reward" in capsys.readouterr().out
-    report = json.loads((out / "report.json").read_text())
+    report = run_repro_coupling(out, quick=True, progress=False, reward_fn=reward_fn, task="cola")
+    assert report["findings"][1].startswith("- SFT after RL lowers the held-out reward")
     assert report["settings"]["task"] == "cola" and report["settings"]["rl"]["reward"]["kind"] == "label"
     assert [r["kind"] for r in report["boundaries"]] == ["sft", "rl", "sft"]
     assert all(-1.0 <= r["end_probe_reward"]["mean"] <= 1.0 for r in report["boundaries"])  # correct 1 / wrong -1

@@ -2,21 +2,16 @@
 one that restores), changed data on resume (refused unless --force), degenerate GRPO settings (refused), and
 the run records a resume must not duplicate. Each test names the case."""
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from sft_fixtures import luffy_rows, make_model_dir, write_parquet
 from sftrl_jax.config import ConfigError, load_config
@@ -200,94 +195,6 @@ def test_a_signal_in_the_loop_stops_after_the_step_with_a_checkpoint_then_resume
     jax.tree.map(np.testing.assert_array_equal, result.params, reference)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
-
-
-def _sft_args(workdir, out, *extra):
-    root, model_dir, data = workdir
-    return ["sft", "--config", str(TINY), f"model.path={model_dir}", f"data.train_files=[{data}]",
-            f"output_dir={root / out}", "train.max_steps=8", "train.global_batch_size=8", "checkpoint.save_every=0",
-            "logging.progress=false", *extra]
-
-
-def _cli(args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sftrl_jax.cli", *args], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def _steps_logged(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    steps = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            steps.append(json.loads(line).get("step", 0))
-    return max(steps, default=0)
-
-
-def _signal_when(process: subprocess.Popen, signum: int, ready, timeout: float = 300) -> int:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert process.poll() is None, "the run ended before the signal could be sent"
-        assert time.monotonic() < deadline, "timed out waiting for the moment to signal"
-        time.sleep(0.01)
-    process.send_signal(signum)
-    return process.wait(timeout=300)
-
-
-def _weights(run: Path) -> dict:
-    out = {}
-    for file in sorted((run / "final").glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-@pytest.fixture(scope="module")
-def cli_whole(workdir):
-    root = workdir[0]
-    whole = _cli(_sft_args(workdir, "cli_whole"), root / "cli_whole.log")
-    assert whole.wait(timeout=600) == 0, (root / "cli_whole.log").read_text()[-3000:]
-    return _weights(root / "cli_whole")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM])  # SIGINT takes the same path (in-process test above)
-def test_sft_cli_stops_cleanly_on_a_signal_and_resumes_bit_identical(workdir, cli_whole, signum):
-    root = workdir[0]
-    run, log = root / f"cli_{signum}", root / f"cli_{signum}.log"
-    rc = _signal_when(_cli(_sft_args(workdir, run.name), log), signum, lambda: _steps_logged(run) >= 2)
-    text = log.read_text()
-    assert rc == 128 + signum, text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
-    last = text.strip().splitlines()[-1]
-    assert last.startswith(f"sftrl-jax sft: stopped by {signal.Signals(signum).name} after step ") \
-        and "--resume" in last, last
-    assert not (run / ".lock").exists() and not (run / "final").exists()
-    resumed = _cli(_sft_args(workdir, run.name, "--resume"), root / f"cli_{signum}_resume.log")
-    assert resumed.wait(timeout=600) == 0, (root / f"cli_{signum}_resume.log").read_text()[-3000:]
-    assert "stale lock" not in (root / f"cli_{signum}_resume.log").read_text()
-    reference, weights = cli_whole, _weights(run)
-    assert weights.keys() == reference.keys()
-    for key in reference:
-        np.testing.assert_array_equal(weights[key], reference[key], err_msg=key)
-
-
-@pytest.mark.slow
-def test_eval_cli_stops_cleanly_on_sigterm_between_chunks_and_resumes(workdir, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"what is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-                               for i in range(12)))
-    args = ["eval", "--config", str(ROOT / "configs" / "eval_luffy.yaml"), f"model.path={workdir[1]}",
-            f"data.files=[{prompts}]", f"output_dir={tmp_path / 'out'}", "sampling.temperature=0",
-            "sampling.max_new_tokens=6", "sampling.n=2", "chunk_size=1", "reward.num_workers=1"]
-    generations = tmp_path / "out" / "generations.jsonl"
-    rc = _signal_when(_cli(args, tmp_path / "eval.log"), signal.SIGTERM,
-                      lambda: generations.exists() and len(generations.read_text().splitlines()) >= 4)
-    text = (tmp_path / "eval.log").read_text()
-    assert rc == 143 and "Traceback" not in text, text[-3000:]
-    assert "sftrl-jax eval: stopped by SIGTERM after" in text.strip().splitlines()[-1]
-    assert not (tmp_path / "out" / ".lock").exists()
-    assert _cli(args, tmp_path / "resumed.log").wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
-    rows = [json.loads(line) for line in generations.read_text().splitlines()]
-    assert sorted((r["prompt_id"], r["sample"]) for r in rows) == [(p, s) for p in range(12) for s in range(2)]
 
 
 # --- changed data on resume ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Fault injection with real ``kill -9``: a training run killed between steps or while a
+"""Fault injection with real signals: a training run killed (``kill -9``) between steps or while a
 checkpoint is being written resumes to bit-identical final weights, and a killed evaluation resumes
-with every completion kept once and none lost."""
+with every completion kept once and none lost; SIGTERM stops a training run after its step (a checkpoint, the
+lock released, one line, exit 143) and an evaluation after its chunk, and both resume exactly."""
 
 import json
 import os
@@ -139,3 +140,49 @@ def test_kill_9_during_evaluation_then_resume_keeps_every_completion_once(workdi
     assert records("killed") == records("whole")  # none lost, none twice, the same completions
     assert json.loads((tmp_path / "killed" / "results.json").read_text())["benchmarks"] == \
         json.loads((tmp_path / "whole" / "results.json").read_text())["benchmarks"]
+
+
+def _signal_when(process: subprocess.Popen, signum: int, ready, timeout: float = 300) -> int:
+    """Send ``signum`` to ``process`` as soon as ``ready()`` is true; its exit code."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the run ended before the signal could be sent"
+        assert time.monotonic() < deadline, "timed out waiting for the moment to signal"
+        time.sleep(0.01)
+    process.send_signal(signum)
+    return process.wait(timeout=300)
+
+
+def test_sigterm_stops_training_after_the_step_and_resume_is_bit_identical(workdir, uninterrupted):
+    # SIGINT takes the same path (tests/test_faults_stop_and_resume.py, in-process)
+    root = workdir[0]
+    run, log = root / "sigterm", root / "sigterm.log"
+    rc = _signal_when(_start(_sft_args(workdir, run.name), log), signal.SIGTERM, lambda: _steps_logged(run) >= 2)
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("sftrl-jax sft: stopped by SIGTERM after step ") and "--resume" in last, last
+    assert not (run / ".lock").exists() and not (run / "final").exists()
+    _finish(_sft_args(workdir, run.name, "--resume"), root / "sigterm_resume.log")
+    assert "stale lock" not in (root / "sigterm_resume.log").read_text()
+    _assert_identical(_weights(run), uninterrupted)
+
+
+def test_sigterm_stops_evaluation_between_chunks_and_resumes(workdir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"what is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                               for i in range(12)))
+    args = ["eval", "--config", str(ROOT / "configs" / "eval_luffy.yaml"), f"model.path={workdir[1]}",
+            f"data.files=[{prompts}]", f"output_dir={tmp_path / 'out'}", "sampling.temperature=0",
+            "sampling.max_new_tokens=6", "sampling.n=2", "chunk_size=1", "reward.num_workers=1"]
+    generations = tmp_path / "out" / "generations.jsonl"
+    rc = _signal_when(_start(args, tmp_path / "eval.log"), signal.SIGTERM,
+                      lambda: generations.exists() and len(generations.read_text().splitlines()) >= 4)
+    text = (tmp_path / "eval.log").read_text()
+    assert rc == 143 and "Traceback" not in text, text[-3000:]
+    assert "sftrl-jax eval: stopped by SIGTERM after" in text.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / ".lock").exists()
+    _finish(args, tmp_path / "resumed.log")
+    rows = [json.loads(line) for line in generations.read_text().splitlines()]
+    assert sorted((r["prompt_id"], r["sample"]) for r in rows) == [(p, s) for p in range(12) for s in range(2)]

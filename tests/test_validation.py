@@ -61,51 +61,37 @@ def _validations(result):
     return {r["step"]: r for r in result.metrics if "val_score" in r}
 
 
-def test_validation_scores_per_benchmark_and_keeps_the_best(workdir):
+def test_validation_scores_per_benchmark_keeps_the_best_and_resumes_against_it(workdir):
     root, _ = workdir
-    # validations at steps 0 (at_start), 2, 4 and 5 (after the last): factors 0.9, 0.3, 0.6, 1.0
-    reward = ScriptedReward([0.9, 0.3, 0.6, 1.0])
-    result = run_rl(_config(workdir, "best_run", "train.max_steps=5", "validation.at_start=true"), progress=False,
-                    reward_fn=reward)
-    seen = _validations(result)
-    assert sorted(seen) == [0, 2, 4, 5]
-    for step, factor in zip([0, 2, 4, 5], [0.9, 0.3, 0.6, 1.0]):
-        # big: (1 + 1 + 0) / 3, small: 1; the score is their mean, not the pooled mean 3/4
-        expected = factor * (2 / 3 + 1) / 2
-        assert seen[step]["val_score"] == pytest.approx(expected)
-        assert seen[step]["val_score/big"] == pytest.approx(factor * 2 / 3)
-        assert seen[step]["val_score/small"] == pytest.approx(factor)
-    # step 0 and the final validation are not candidates (LUFFY's trainer): the best is step 4's
-    best = json.loads((root / "best_run" / "best" / "validation.json").read_text())
-    assert best["step"] == 4 and best["val_score"] == pytest.approx(0.6 * (2 / 3 + 1) / 2)
-    assert seen[5]["val_best_score"] == pytest.approx(best["val_score"])
-    # the kept parameters are step 4's: they differ from the final ones (training moved them at step 5)
-    kept = load_file(str(root / "best_run" / "best" / "model.safetensors"))
-    final = load_file(str(root / "best_run" / "final" / "model.safetensors"))
-    assert kept.keys() == final.keys()
-    assert any(not np.array_equal(kept[k], final[k]) for k in kept)
-    assert not (root / "best_run" / "best.partial").exists()
-
-
-def test_a_resumed_run_chooses_against_the_best_it_kept(workdir):
-    root, _ = workdir
-    config = _config(workdir, "resumed", "train.max_steps=6")
+    config = _config(workdir, "best_run", "train.max_steps=5", "validation.at_start=true")
 
     def interrupt(step, _record):
         if step == 3:
             raise KeyboardInterrupt
 
+    # validations at step 0 (at_start) and 2, then the run is interrupted after step 3
     with pytest.raises(KeyboardInterrupt):
-        run_rl(config, progress=False, reward_fn=ScriptedReward([0.8]), on_step=interrupt)
-    first = json.loads((root / "resumed" / "best" / "validation.json").read_text())
-    assert first["step"] == 2
-    # resumed at step 3: step 4 scores below the kept best (not saved), step 6 above it
-    result = run_rl(config, resume=True, progress=False, reward_fn=ScriptedReward([0.5, 0.9]))
+        run_rl(config, progress=False, reward_fn=ScriptedReward([0.9, 0.8]), on_step=interrupt)
+    kept = json.loads((root / "best_run" / "best" / "validation.json").read_text())
+    assert kept["step"] == 2  # step 0 (before training) is not a candidate, as in LUFFY's trainer
+    # resumed: step 4 scores below the kept best (not saved), step 5 is the final validation (never a candidate)
+    result = run_rl(config, resume=True, progress=False, reward_fn=ScriptedReward([0.5, 1.0]))
     seen = _validations(result)  # the run's records, those before the resume included
-    assert sorted(seen) == [2, 4, 6]
-    assert seen[4]["val_best_score"] == pytest.approx(first["val_score"])
-    best = json.loads((root / "resumed" / "best" / "validation.json").read_text())
-    assert best["step"] == 6
+    assert sorted(seen) == [0, 2, 4, 5]
+    for step, factor in zip([0, 2, 4, 5], [0.9, 0.8, 0.5, 1.0]):
+        # big: (1 + 1 + 0) / 3, small: 1; the score is their mean, not the pooled mean 3/4
+        assert seen[step]["val_score"] == pytest.approx(factor * (2 / 3 + 1) / 2)
+        assert seen[step]["val_score/big"] == pytest.approx(factor * 2 / 3)
+        assert seen[step]["val_score/small"] == pytest.approx(factor)
+    assert seen[4]["val_best_score"] == seen[5]["val_best_score"] == pytest.approx(kept["val_score"])
+    best = json.loads((root / "best_run" / "best" / "validation.json").read_text())
+    assert best == kept
+    # the kept parameters are step 2's: they differ from the final ones (training moved them since)
+    kept_weights = load_file(str(root / "best_run" / "best" / "model.safetensors"))
+    final = load_file(str(root / "best_run" / "final" / "model.safetensors"))
+    assert kept_weights.keys() == final.keys()
+    assert any(not np.array_equal(kept_weights[k], final[k]) for k in kept_weights)
+    assert not (root / "best_run" / "best.partial").exists()
 
 
 def test_validation_files_without_a_usable_prompt_are_refused(workdir, tmp_path):
