@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .checkpointing import TrainCheckpointer
 from .config import CheckpointOptions, ModelOptions, save_config
 from .distributed import initialize
+from .fingerprint import data_fingerprint
 from .flops import COUNTED_FLOPS
 from .jitted import abstract, placed
 from .metrics import MetricSinks, is_writer
@@ -149,7 +150,6 @@ DATA_RECORD = "data_fingerprint.json"  # in output_dir: the SHA-256 of each trai
 def data_record(files: dict[str, list[str]]) -> dict[str, dict[str, str]]:
     """``{config key: {file: SHA-256}}`` of an algorithm's :meth:`Algorithm.data_files` (a hub id or ``tfds:``
     name stands for itself)."""
-    from .evaluation import data_fingerprint
 
     return {key: data_fingerprint(specs) for key, specs in files.items() if specs}
 

@@ -68,7 +68,7 @@ def test_eval_resume_refuses_a_model_whose_chat_template_file_changed(model_dir,
 def test_model_fingerprint_covers_every_shaping_file_and_a_weight_changed_in_place(model_dir, tmp_path):
     import os
 
-    from sftrl_jax.evaluation import model_fingerprint
+    from sftrl_jax.fingerprint import model_fingerprint
 
     model = shutil.copytree(model_dir, tmp_path / "model")
     (model / "README.md").write_text("notes")

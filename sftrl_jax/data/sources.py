@@ -266,15 +266,11 @@ def _content_cache_dir(path: str) -> str:
     would be served from the old cache. Keying the folder on a hash of the content makes that
     impossible; an unchanged file still reuses its cache (hashing reads the file once, ~1 GB/s).
     """
-    import hashlib
-
     import datasets
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return str(Path(datasets.config.HF_DATASETS_CACHE) / "sftrl_jax-by-content" / digest.hexdigest()[:32])
+    from ..fingerprint import file_sha256
+
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "sftrl_jax-by-content" / file_sha256(path)[:32])
 
 
 def _load_dataset(*args: Any, **kwargs: Any):
