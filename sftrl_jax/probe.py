@@ -21,7 +21,6 @@ from .data.prompts import PromptDataOptions, PromptItem, load_prompt_items
 from .data.sft import SFTDataOptions, tokenize_sft
 from .data.sources import load_rows
 from .jitted import JitSpec
-from .layout import not_layout
 from .metrics import is_writer
 from .sampling import TextSampler
 from .sft import heldout_loss
@@ -79,10 +78,9 @@ class ProbeOptions:
     prompt_files: list[str] = dataclasses.field(default_factory=list)  # held-out prompts with ground truths
     prompt_limit: int = 128
     max_prompt_length: int = 1024
-    # every probe sampling setting, batch_size included, must match to resume a pipeline
+    # every probe sampling setting must match to resume a pipeline
     sampling: SamplingOptions = dataclasses.field(default_factory=lambda: SamplingOptions(temperature=0.0,
-                                                                                         max_new_tokens=1024),
-                                                  metadata=not_layout("batch_size"))
+                                                                                         max_new_tokens=1024))
     # also the reward of one sample per prompt at this temperature (probe_reward_sampled; mean@1 sampled beside
     # the greedy probe_reward); null: greedy only
     sampled_temperature: float | None = None

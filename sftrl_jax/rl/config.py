@@ -12,7 +12,7 @@ from typing import Literal
 
 from ..config import RewardOptions, SamplingOptions, TrainingRunConfig
 from ..data.prompts import PromptDataOptions
-from ..layout import layout, not_layout
+from ..layout import layout
 from ..optim import OptimizerOptions
 
 
@@ -133,8 +133,7 @@ class ValidationOptions:
     limit: int | None = None  # the first this many prompts (null: all)
     keep_best: bool = True  # save the parameters of the best val_score to output_dir/best
     # LUFFY: rollout.val_temperature=0.6, n_val=1, top_p 1, response length as training (its script: 8192)
-    sampling: SamplingOptions = dataclasses.field(default_factory=lambda: SamplingOptions(temperature=0.6),
-                                                  metadata=not_layout("batch_size"))
+    sampling: SamplingOptions = dataclasses.field(default_factory=lambda: SamplingOptions(temperature=0.6))
 
     _ranges = {"every": ">= 1", "limit": ">= 1"}
 
