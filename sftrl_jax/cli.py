@@ -125,7 +125,11 @@ def cmd_repro(args: argparse.Namespace) -> int:
         from .experiments.repro_mixed import run_repro_mixed as run
     if args.task != "arithmetic" and args.experiment != "coupling":
         raise ValueError(f"--task {args.task}: only repro coupling runs another task than the arithmetic one")
+    if args.base is not None and args.experiment != "mixed":
+        raise ValueError(f"--base {args.base}: only repro mixed takes a base model choice")
     options = {"task": args.task} if args.experiment == "coupling" else {}
+    if args.experiment == "mixed" and args.base is not None:
+        options["base"] = args.base
     report = run(out, quick=args.quick, seeds=args.seeds, **options)
     for line in report.get("findings", [report.get("finding")]):
         print(f"repro {args.experiment}: {line.removeprefix('- ')}")
@@ -290,14 +294,17 @@ def _add_offline_commands(sub) -> None:
                        description="bugs: SFT with the correct accumulation vs the emulated DeepSpeed-offload and "
                                    "OpenRLHF mean-of-means bugs (Paper A's staircase). coupling: SFT -> RL -> SFT "
                                    "with the cross-stage probe (Paper B's non-decoupling). mixed: SFT->RL (correct "
-                                   "and buggy SFT) vs LUFFY and CHORD at equal compute (Paper A's head-to-head). "
+                                   "SFT, each bug, truncated RL) vs LUFFY, CHORD and zero RL at equal compute from "
+                                   "a pretrained base (Paper A's head-to-head). "
                                    "All use the demo's embedded task and write a report folder.")
     p.add_argument("experiment", choices=["bugs", "coupling", "mixed"])
     p.add_argument("--out", help="report folder (default runs/repro_<experiment>)")
     p.add_argument("--quick", action="store_true", help="a tiny version (one seed, a few steps) to check the set-up")
-    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: bugs 3, coupling 2, mixed 2)")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: bugs 3, coupling 2, mixed 3)")
     p.add_argument("--task", choices=["arithmetic", "cola"], default="arithmetic",
                    help="coupling: the demo's arithmetic task (default) or the CoLA-like acceptability task, Paper B's")
+    p.add_argument("--base", choices=["pretrained", "random"], default=None,
+                   help="mixed: the base model, pretrained on the task's plain-text corpus (default) or random")
     p.set_defaults(func=cmd_repro)
 
 

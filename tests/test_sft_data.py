@@ -101,6 +101,25 @@ def test_plain_schema(tokenizer):
     assert split_text(example, tokenizer) == (user_prompt("what is 2+2?"), "4." + EOS)
 
 
+def test_plain_text_rows_train_every_token_without_a_template(tokenizer, caplog):
+    # data.text_field (TRL's dataset_text_field): pretraining text, no chat template, every token a target,
+    # then the EOS id (not response_end's " " + EOS); the other fields are not read
+    row = {"text": "3+4=7. q: 2+2? a: 4", "prompt": "not this", "response": "nor this"}
+    for response_end in ("openrlhf", "eos"):
+        example = one(row, tokenizer, text_field="text", response_end=response_end)
+        assert tokenizer.decode(example.input_ids.tolist()) == row["text"] + EOS
+        assert example.loss_mask.all()
+    cut = one(row, tokenizer, text_field="text", max_length=6)
+    assert tokenizer.decode(cut.input_ids.tolist()) == row["text"][:6]
+    with caplog.at_level(logging.WARNING, logger="sftrl_jax.data"):
+        examples, stats = tokenize_sft([("corpus.jsonl", 0, {"prompt": "q", "response": "a"}),
+                                        ("corpus.jsonl", 1, {"text": "  "})], tokenizer,
+                                       SFTDataOptions(text_field="text"))
+    assert not examples and stats.bad_rows == 2
+    assert "corpus.jsonl row 0: field 'text' must be a non-empty string, got nothing" in caplog.text
+    assert "corpus.jsonl row 1: field 'text' must be a non-empty string" in caplog.text
+
+
 def test_plain_string_prompt_is_one_user_message(tokenizer):
     assert build_prompt_text("hi", tokenizer) == build_prompt_text([{"role": "user", "content": "hi"}], tokenizer)
     assert build_prompt_text("hi", tokenizer) == user_prompt("hi")

@@ -13,6 +13,10 @@ includes it, so the template's end of turn (Qwen's ``<|im_end|>``, Llama-3's ``<
 supervised; trailing newlines are cut; ``" " + EOS`` is appended unless the text already ends with the
 EOS; and the last token kept is always the EOS, also when the response was cut to ``max_length``.
 ``"eos"`` supervises the response text and then the EOS id only.
+
+With ``text_field`` set (TRL's language-modelling datasets, ``dataset_text_field``) a row is plain text
+for next-token training, as in pretraining: no chat template, every token after the first is a target,
+and the EOS id ends it.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ class SFTDataOptions:
     # "eos": the response text, then the EOS id (a truncated response loses it).
     response_end: Literal["openrlhf", "eos"] = "openrlhf"
     eos_token: str | None = None  # the EOS of response_end; None = tokenizer.eos_token
+    # Plain-text language modelling (pretraining): the row's field of this name, as is (no chat template), every
+    # token a target, then the EOS id. The prompt/response fields, think_prefix and response_end are unused.
+    text_field: str | None = None
 
     def __post_init__(self):
         for name, allowed in (("overlong", ("truncate", "drop")), ("on_bad_row", ("skip", "error")),
@@ -163,7 +170,7 @@ def _flush(pending: list[tuple[str, int, str, str]], tokenizer, eos_id: int, opt
     """Tokenise the pending rows as one batch and append their examples (clears ``pending``)."""
     if not pending:
         return
-    openrlhf = options.response_end == "openrlhf"
+    openrlhf = options.response_end == "openrlhf" and not options.text_field
     # The longest prompt kept: "eos" needs room for one response token. OpenRLHF drops a prompt of
     # max_length - 2 tokens or more, whatever the response's length, so a kept row has room for at
     # least two response tokens before the EOS.
@@ -201,6 +208,12 @@ def _row_texts(row: Any, tokenizer, options: SFTDataOptions, eos_token: str) -> 
     for a conversation that does not render as the prompt followed by the response)."""
     if not isinstance(row, dict):
         raise _BadRow(f"row must be a dict, got {type(row).__name__}")
+    if options.text_field:
+        value = row.get(options.text_field)
+        if not isinstance(value, str) or not value.strip():
+            raise _BadRow(f"field {options.text_field!r} must be a non-empty string, got "
+                          f"{'nothing' if value is None else repr(value)[:40]}")
+        return "", value
     field = options.response_field or _auto_response_field(row)
     messages = _prompt_messages(row.get(options.prompt_field), options.prompt_field)
     response = content = _response_text(row.get(field), field)

@@ -108,6 +108,43 @@ def corpus(problems: list[Problem]) -> list[str]:
     return [p.question for p in problems] + [p.solution for p in problems]
 
 
+# The pretraining corpus of a base model for this task (``repro mixed``'s pretrained base): what a pretrained
+# model knows before any post-training. Documents are plain text of three kinds, in these shares: arithmetic
+# facts ("3+4=7"); word problems of 1-3 operations followed by their bare final answer in one of the
+# ANSWER_FORMS; and word problems alone. No document has the chat template, a <think> block, a \boxed{} answer
+# or a worked multi-step solution: those are what SFT teaches.
+PRETRAIN_SHARES = {"facts": 0.3, "answered": 0.6, "question": 0.1}
+ANSWER_FORMS = ["{q} {a}", "{q}\nAnswer: {a}", "Question: {q}\nAnswer: {a}", "{q} The answer is {a}.",
+                "Q: {q}\nA: {a}", "User: {q}\nAssistant: {a}"]
+FACTS_PER_DOCUMENT = 6
+MAX_FACT_OPERAND = 2 * MAX_OPERAND + 2  # the facts cover every sum and difference the problems need
+
+
+def pretrain_corpus(seed: int, documents: int, exclude: set[str]) -> list[str]:
+    """``documents`` plain-text pretraining documents (module constants above), generated from ``seed``; no
+    word problem whose question is in ``exclude`` (the held-out and post-training splits) is among them."""
+    rng = np.random.default_rng(seed)
+    kinds = list(PRETRAIN_SHARES)
+    shares = np.array([PRETRAIN_SHARES[k] for k in kinds])
+    texts = []
+    while len(texts) < documents:
+        kind = kinds[rng.choice(len(kinds), p=shares / shares.sum())]
+        if kind == "facts":
+            texts.append(" ".join(_fact(rng) for _ in range(FACTS_PER_DOCUMENT)))
+            continue
+        problem = make_problem(rng, ops=(1, 3), skip_rate=0.0)
+        if problem.question in exclude:
+            continue
+        form = ANSWER_FORMS[rng.integers(len(ANSWER_FORMS))]
+        texts.append(form.format(q=problem.question, a=problem.answer) if kind == "answered" else problem.question)
+    return texts
+
+
+def _fact(rng: np.random.Generator) -> str:
+    a, b = (int(x) for x in rng.integers(0, MAX_FACT_OPERAND + 1, size=2))
+    return f"{a}+{b}={a + b}." if rng.random() < 0.5 else f"{max(a, b)}-{min(a, b)}={max(a, b) - min(a, b)}."
+
+
 def teacher_accuracy(problems: list[Problem]) -> float:
     """Share of problems whose teacher trace boxes the true answer."""
     return sum(p.teacher_solution == p.solution for p in problems) / len(problems)

@@ -7,12 +7,14 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import json
 import logging
+import shutil
 import statistics
 from pathlib import Path
 from types import ModuleType
 
-from ..config import from_dict
+from ..config import deep_merge, from_dict
 from ..evaluation import EvalConfig, read_generations, run_eval
 from . import task as arithmetic
 from .assets import build_base_model, build_tokenizer
@@ -32,7 +34,7 @@ class Workspace:
     splits: dict[str, list[Problem]]
     sft_file: Path  # teacher traces (LUFFY SFT schema) of the "sft" split
     prompt_files: dict[str, Path]  # prompt/answer rows of every other split
-    base: Path  # tokenizer + random base model, HF format
+    base: Path  # tokenizer + base model (random, or pretrained on the task's corpus), HF format
     task: ModuleType = arithmetic  # the task's module: make_splits, sft_row, prompt_row, corpus, BENCHMARK
 
     def sft_rows_file(self, split: str, directory: Path) -> Path:
@@ -41,12 +43,13 @@ class Workspace:
 
 
 def build_workspace(out: Path, sizes: dict[str, int], model: dict, *, task: ModuleType = arithmetic,
-                    **task_options) -> Workspace:
+                    pretrain: dict | None = None, progress: bool = False, **task_options) -> Workspace:
     """Write the task's splits under ``out/data`` and the tokenizer + base model under ``out/base_model``.
 
     ``task`` is the task's module (the arithmetic one, :mod:`.task`, or the CoLA-like one, :mod:`.cola_task`),
     ``task_options`` its ``make_splits`` options. ``sizes`` must contain ``"sft"``; every split (including
-    ``"sft"``) is also written as prompts.
+    ``"sft"``) is also written as prompts. With ``pretrain`` (:func:`pretrain_base`'s settings) the random
+    model is pretrained on the task's plain-text corpus and the workspace's base is the result.
     """
     splits = task.make_splits(TASK_SEED, sizes, **task_options)
     data = out / "data"
@@ -54,11 +57,45 @@ def build_workspace(out: Path, sizes: dict[str, int], model: dict, *, task: Modu
     prompt_files = {name: write_jsonl([task.prompt_row(p) for p in problems], data / f"{name}.jsonl")
                     for name, problems in splits.items() if name != "sft"}
     base = out / "base_model"
-    tokenizer = build_tokenizer(task.corpus(splits["sft"]), base)
+    texts = task.corpus(splits["sft"])
+    if pretrain is not None:
+        exclude = {p.question for problems in splits.values() for p in problems}
+        documents = task.pretrain_corpus(TASK_SEED + 1, pretrain["documents"], exclude)
+        pretrain_file = write_jsonl([{"text": text} for text in documents], data / "pretrain.jsonl")
+        texts = texts + documents  # the tokenizer learns the corpus's words, as a real one does
+    tokenizer = build_tokenizer(texts, base)
     build_base_model(base, tokenizer, **model)
+    if pretrain is not None:
+        base = pretrain_base(base, pretrain_file, pretrain, out / "pretrain", progress=progress)
     log.info("task %s: %s examples %s; tokenizer %d tokens; base model %s", task.BENCHMARK,
              {k: len(v) for k, v in splits.items()}, task_options or "", len(tokenizer), base)
     return Workspace(splits, sft_file, prompt_files, base, task)
+
+
+def pretrain_base(init: Path, corpus_file: Path, settings: dict, out: Path, *, progress: bool = False) -> Path:
+    """The model at ``init`` pretrained on ``corpus_file``'s plain-text rows (next-token loss on every token,
+    ``data.text_field``); returns its final folder, ``out/final``.
+
+    ``settings`` holds ``documents`` (the corpus's size) and the run's ``sft`` config sections. The result is
+    reused while the corpus, the initial model and the settings are the same (``out/inputs.json``): every seed
+    and method of an experiment starts from one pretrained base.
+    """
+    from ..fingerprint import file_sha256, model_fingerprint
+    from ..sft import SFTConfig, run_sft
+
+    inputs = {"corpus": file_sha256(corpus_file), "init": model_fingerprint(init),
+              "settings": settings}
+    record = out / "inputs.json"
+    if (out / "final" / "config.json").exists() and record.exists() and json.loads(record.read_text()) == inputs:
+        log.info("pretrained base: reusing %s (same corpus, initial model and settings)", out / "final")
+        return out / "final"
+    shutil.rmtree(out, ignore_errors=True)
+    config = from_dict(SFTConfig, deep_merge({
+        "model": {"path": str(init), **MODEL_OPTIONS}, "output_dir": str(out),
+        "data": {"train_files": [str(corpus_file)], "text_field": "text"}, "mesh": {"fsdp": -1}}, settings["sft"]))
+    result = run_sft(config, progress=progress)
+    record.write_text(json.dumps(inputs, indent=2) + "\n")
+    return result.final_dir
 
 
 def begin(out: str | Path, settings: dict, seeds: list[int] | None, **workspace_options) -> tuple[Path, list[int],

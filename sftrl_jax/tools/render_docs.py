@@ -176,15 +176,18 @@ def render_repro_mixed(result: dict) -> str:
     report = result["report"]
     rows = "\n".join(f"| {row['label']} | {_pct(row['accuracy'])} | {', '.join(_pct(a) for a in row['per_seed'])} | "
                      f"{100 * row['spread']:.1f} | {row['flops']:.3g} |" for row in report["methods"].values())
-    return f"""{_provenance(result, "repro_mixed")}
+    base = f"; base model {_pct(report['base_accuracy'])}" if "base_accuracy" in report else ""
+    # a report from before the pretrained base states one finding, a later one a finding per claim
+    findings = "\n".join(report["findings"]) if "findings" in report else f"{report['finding']}."
+    return f"""{_provenance(result, REPORTS_BY_FILE[result.get("kind", "repro-mixed")])}
 
-{len(report['seeds'])} seed(s) ({', '.join(map(str, report['seeds']))}); {report['num_test_problems']} held-out problems, greedy.
+{len(report['seeds'])} seed(s) ({', '.join(map(str, report['seeds']))}); {report['num_test_problems']} held-out problems, greedy{base}.
 
 | method | held-out accuracy (mean) | per seed | seed spread (std, points) | counted FLOPs (mean) |
 |---|---|---|---|---|
 {rows}
 
-{report['finding']}.
+{findings}
 """
 
 
@@ -195,16 +198,23 @@ REPORTS: dict[str, tuple[str, Callable[[dict], str], str]] = {
     "repro-coupling": ("repro_coupling.json", render_repro_coupling, "sftrl-jax repro coupling"),
     "repro-coupling-cola": ("repro_coupling_cola.json", render_repro_coupling, "sftrl-jax repro coupling --task cola"),
     "repro-mixed": ("repro_mixed.json", render_repro_mixed, "sftrl-jax repro mixed"),
+    "repro-mixed-random-base": ("repro_mixed_random_base.json", render_repro_mixed,
+                                "sftrl-jax repro mixed --base random"),
 }
-# the task of each coupling report (its settings name it; reports written before the CoLA task have none)
-TASK_OF = {"repro-coupling": "arithmetic", "repro-coupling-cola": "cola"}
+# the variant each block shows: a report's settings name its task (coupling) and base model (mixed); reports
+# written before those choices existed have neither, and are of the first kind there was
+VARIANT_OF = {"repro-coupling": ("task", "arithmetic"), "repro-coupling-cola": ("task", "cola"),
+              "repro-mixed": ("base", "pretrained"), "repro-mixed-random-base": ("base", "random")}
+VARIANT_DEFAULT = {"task": "arithmetic", "base": "random"}
 # an imported result's kind -> its file's name under docs/results (for the provenance line)
 REPORTS_BY_FILE = {name: filename.removesuffix(".json") for name, (filename, _, _) in REPORTS.items()}
 REQUIRED = {"demo": ("base_accuracy", "runs", "accepted"), "repro-bugs": ("summary", "findings", "settings"),
             "repro-coupling": ("boundaries", "findings", "settings"),
-            "repro-coupling-cola": ("boundaries", "findings", "settings"), "repro-mixed": ("methods", "finding", "settings")}
+            "repro-coupling-cola": ("boundaries", "findings", "settings"),
+            "repro-mixed": ("methods", "verdicts", "settings"), "repro-mixed-random-base": ("methods", "settings")}
 DEFAULT_OUT = {"demo": "runs/demo", "repro-bugs": "runs/repro_bugs", "repro-coupling": "runs/repro_coupling",
-               "repro-coupling-cola": "runs/repro_coupling_cola", "repro-mixed": "runs/repro_mixed"}
+               "repro-coupling-cola": "runs/repro_coupling_cola", "repro-mixed": "runs/repro_mixed",
+               "repro-mixed-random-base": "runs/repro_mixed"}
 
 
 def render_block(name: str, results: Path) -> str:
@@ -328,10 +338,12 @@ def import_report(name: str, source: Path, *, root: Path = ROOT, command: str | 
     missing = [key for key in REQUIRED[name] if key not in report]
     if missing:
         raise SystemExit(f"{source}: not a `{REPORTS[name][2]}` report (no {', '.join(missing)})")
-    task = report.get("settings", {}).get("task", "arithmetic")
-    if name in TASK_OF and task != TASK_OF[name]:
-        raise SystemExit(f"{source}: a report of the {task} task; import it with --import-"
-                         f"{next(n for n, t in TASK_OF.items() if t == task)}")
+    if name in VARIANT_OF:
+        key = VARIANT_OF[name][0]
+        value = report.get("settings", {}).get(key, VARIANT_DEFAULT[key])
+        if value != VARIANT_OF[name][1]:
+            raise SystemExit(f"{source}: a report of the {value} {key}; import it with --import-"
+                             f"{next(n for n, v in VARIANT_OF.items() if v == (key, value))}")
     if report.get("quick") and not allow_quick:
         raise SystemExit(f"{source}: a --quick run is a set-up check, not a result; not imported "
                          "(--allow-quick imports it anyway)")
