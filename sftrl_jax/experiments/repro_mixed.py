@@ -295,7 +295,7 @@ def _plot(methods: dict, base_accuracy: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for index, row in enumerate(methods.values()):
         color = f"C{index}"
-        for seed_index, curve in enumerate(row["curve_per_seed"]):
+        for curve in row["curve_per_seed"]:
             if curve:
                 ax.plot([p[0] for p in curve], [100 * p[1] for p in curve], color=color, alpha=0.35, lw=1)
         ax.scatter(row["flops_per_seed"], [100 * a for a in row["per_seed"]], color=color, label=row["label"], s=30)
