@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from sftrl_jax.cli import main
-from sftrl_jax.experiments.task import make_problem, make_splits, trace_stats
+from sftrl_jax.experiments.task import make_problem, make_splits, pretrain_corpus, trace_stats
 from sftrl_jax.models import load_pretrained
 from sftrl_jax.rewards import RewardPool
 from sftrl_jax.tools import render_docs
@@ -48,6 +48,33 @@ def test_splits_are_disjoint_and_reference_solutions_score_1():
         problem = make_problem(rng)
         last_step = problem.solution.split("</think>")[0].strip().splitlines()[-1]
         assert eval(last_step.split("=")[0]) == problem.answer == int(last_step.split("=")[1])
+
+
+def test_pretraining_corpus_teaches_facts_and_bare_answers_but_not_the_solution_format():
+    held_out = make_splits(1234, {"test": 200})["test"]
+    documents = pretrain_corpus(1235, 3000, {p.question for p in held_out})
+    assert len(documents) == 3000 and documents == pretrain_corpus(1235, 3000, {p.question for p in held_out})
+    assert not any(marker in d for d in documents for marker in ("<think>", "</think>", "\\boxed", "<|im_start|>"))
+    # an excluded question is never in it: take some of its own questions and exclude them
+    some = {d.split("\n")[0].split(": ", 1)[-1].split(" now?")[0] + " now?" for d in documents[:400]
+            if "How many" in d}
+    assert len(some) > 100
+    assert not any(q in d for d in pretrain_corpus(1235, 3000, some) for q in some)
+    # every fact and every bare answer is right
+    facts = [f for d in documents if "How many" not in d for f in d.split()]
+    assert len(facts) > 1000 and all(eval(f.rstrip(".").split("=")[0]) == int(f.rstrip(".").split("=")[1])
+                                     for f in facts)
+    answered = [d for d in documents if "How many" in d and not d.endswith("now?")]
+    assert 0.5 < len(answered) / len(documents) < 0.7
+    for document in answered[:200]:
+        question = document[:document.index("now?") + 4].split(": ", 1)[-1]
+        problem_answer = int("".join(c for c in document[document.index("now?"):] if c.isdigit()))
+        value = None
+        for clause in question.removesuffix(" now?").split(". How many")[0].split(", "):
+            number = int("".join(c for c in clause if c.isdigit()))
+            gain = any(word in clause for word in ("buys", "finds", "gets"))
+            value = number if value is None else value + number if gain else value - number
+        assert problem_answer == value, document
 
 
 def test_trace_stats_counts_the_teachers_slip_and_wrong_steps():
