@@ -44,11 +44,14 @@ QUICK["rl"]["train"].update(max_steps=3)
 QUICK["rl"]["rl"].update(prompts_per_step=8, mini_batches_per_step=1, ppo_epochs=1)
 
 
-def demo_settings(quick: bool) -> dict:
-    """The run settings, with micro-batches sized to the local devices (one micro-step per update)."""
+def demo_settings(quick: bool, *, rl_prompts_per_step: int | None = None) -> dict:
+    """The run settings, with micro-batches sized to the local devices (one micro-step per update);
+    ``rl_prompts_per_step`` replaces the RL stage's prompts per step."""
     import jax
 
     settings = copy.deepcopy(QUICK if quick else FULL)
+    if rl_prompts_per_step is not None:
+        settings["rl"]["rl"]["prompts_per_step"] = rl_prompts_per_step
     devices = jax.device_count()
     train = settings["sft"]["train"]
     train["micro_batch_size"] = max(train["global_batch_size"] // devices, 1)

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import statistics
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -77,8 +78,9 @@ def pretrain_base(init: Path, corpus_file: Path, settings: dict, out: Path, *, p
     ``data.text_field``); returns its final folder, ``out/final``.
 
     ``settings`` holds ``documents`` (the corpus's size) and the run's ``sft`` config sections. The result is
-    reused while the corpus, the initial model and the settings are the same (``out/inputs.json``): every seed
-    and method of an experiment starts from one pretrained base.
+    reused while the corpus, the initial model and the settings are the same (``out/inputs.json``, which also
+    records how long the pretraining took): every seed and method of an experiment starts from one pretrained
+    base.
     """
     from ..fingerprint import file_sha256, model_fingerprint
     from ..sft import SFTConfig, run_sft
@@ -86,15 +88,17 @@ def pretrain_base(init: Path, corpus_file: Path, settings: dict, out: Path, *, p
     inputs = {"corpus": file_sha256(corpus_file), "init": model_fingerprint(init),
               "settings": settings}
     record = out / "inputs.json"
-    if (out / "final" / "config.json").exists() and record.exists() and json.loads(record.read_text()) == inputs:
+    if (out / "final" / "config.json").exists() and record.exists() \
+            and {k: v for k, v in json.loads(record.read_text()).items() if k != "seconds"} == inputs:
         log.info("pretrained base: reusing %s (same corpus, initial model and settings)", out / "final")
         return out / "final"
     shutil.rmtree(out, ignore_errors=True)
+    start = time.time()
     config = from_dict(SFTConfig, deep_merge({
         "model": {"path": str(init), **MODEL_OPTIONS}, "output_dir": str(out),
         "data": {"train_files": [str(corpus_file)], "text_field": "text"}, "mesh": {"fsdp": -1}}, settings["sft"]))
     result = run_sft(config, progress=progress)
-    record.write_text(json.dumps(inputs, indent=2) + "\n")
+    record.write_text(json.dumps({**inputs, "seconds": time.time() - start}, indent=2) + "\n")
     return result.final_dir
 
 
