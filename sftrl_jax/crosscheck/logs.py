@@ -300,8 +300,15 @@ def _markdown(result: dict) -> str:
     for name, c in result["candidates"].items():
         lines.append(f"| {name} | {fmt(c['loss_distance'], 3)} | {fmt(c['grad_norm_distance'], 3)} | "
                      f"{fmt(c['loss_max_distance'], 3)} | {fmt(c['grad_norm_max_distance'], 3)} |")
+    best_score = result["candidates"][result["best"]]["score"]
+    if result["margin"] is not None and result["margin"] < best_score:
+        lines += ["", f"The margin is smaller than the best score itself: {result['best']} and {result['second']} are "
+                  "about equally close, so the logs do not tell them apart (more steps, or the exact data order, "
+                  "would)."]
     lines += ["", "Distances are mean relative differences over the logged steps, mean |replay - reference| / "
-              "|reference|; a candidate's score is the larger of its loss and grad-norm distances.", "",
+              "|reference|; a candidate's score is the larger of its loss and grad-norm distances, and it matches "
+              "when that score is within the tolerance (`--tolerance`). A float32 reference replayed in float32 "
+              "agrees to about 1e-6; bfloat16 or other kernels add their rounding to every candidate alike.", "",
               "| step | loss (reference) | " + " | ".join(f"loss ({c})" for c in result["candidates"]) +
               " | grad norm (reference) | " + " | ".join(f"grad norm ({c})" for c in result["candidates"]) + " |",
               "|---" * (3 + 2 * len(result["candidates"])) + "|"]

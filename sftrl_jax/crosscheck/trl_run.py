@@ -92,8 +92,7 @@ def run_trl(config, examples: list, steps: int, out: Path) -> dict:
         max_grad_norm=options.max_grad_norm if options.max_grad_norm > 0 else _NO_CLIPPING, optim="adamw_torch",
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=not cuda, train_sampling_strategy="sequential",
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False, padding_free=False,
-        seed=train.seed, bf16=False, fp16=False, disable_tqdm=True, dataloader_num_workers=0,
-        gradient_checkpointing=False)
+        seed=train.seed, bf16=False, fp16=False, disable_tqdm=True, dataloader_num_workers=0)
     model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
     dataset = datasets.Dataset.from_list([{"input_ids": e.input_ids.astype(np.int64).tolist(), "labels": _labels(e)}
@@ -157,17 +156,16 @@ def run_crosscheck(config_path: str, *, steps: int | None = None, out: str | Pat
     out = Path(out)
     original = crosscheck_config(config_path, overrides)
     bug = original.train.emulate_bug
-    probe_examples = load_train_examples(original, load_tokenizer(original.model.path))
-    per_epoch = len(probe_examples) // original.train.global_batch_size
+    examples = load_train_examples(original, load_tokenizer(original.model.path))
+    per_epoch = len(examples) // original.train.global_batch_size
     if per_epoch < 1:
-        raise ValueError(f"data.train_files: {len(probe_examples)} examples, fewer than train.global_batch_size "
+        raise ValueError(f"data.train_files: {len(examples)} examples, fewer than train.global_batch_size "
                          f"({original.train.global_batch_size})")
     steps = steps if steps is not None else min(DEFAULT_STEPS, original.train.max_steps or per_epoch)
     if steps < 1:
         raise ValueError(f"--steps {steps}: at least 1")
     config = crosscheck_config(config_path, overrides, [f"train.max_steps={steps}", "train.emulate_bug=none"])
     hf_schedule(config.optimizer, steps)  # an unsupported schedule is refused before anything runs
-    examples = probe_examples
     consumed = [examples[i] for i in consumed_order(len(examples), config.train.global_batch_size, steps,
                                                     config.train.seed)]
     records, _ = run_ours(config, FixedExamplesSFT(examples), out / "sftrl_jax")
