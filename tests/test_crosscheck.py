@@ -172,12 +172,15 @@ def references(workdir):
 
 @pytest.fixture(scope="module")
 def logs_cli(workdir, references):
-    """``crosscheck logs`` on the mean-of-means reference: its report, and the four replays' curves it holds
-    (a loss logged every step is the replay's own loss), which the other references are compared with."""
+    """``crosscheck logs`` on the mean-of-means reference, with its data order given (the rows in file order, as
+    the Trainer's sequential sampler took them): the report, and the four replays' curves it holds (a loss logged
+    every step is the replay's own loss), which the other references are compared with."""
     root, config = workdir
     out = root / "logs_cli"
+    order = root / "order.json"
+    order.write_text(json.dumps(list(range(STEPS * GLOBAL))))
     argv = ["crosscheck", "logs", "--config", str(config), "--reference", str(references["mean_of_means"]),
-            "--layout", "1x4x4", "--out", str(out)]
+            "--layout", "1x4x4", "--order", str(order), "--out", str(out)]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     curves = {name: [{"step": r["step"], "loss": r[f"loss_{name}"], "grad_norm": r[f"grad_norm_{name}"]}
@@ -193,6 +196,7 @@ def test_logs_cli_writes_the_report(logs_cli):
     assert all({"loss_distance", "grad_norm_distance"} <= set(c) for c in report["candidates"].values())
     assert [r["step"] for r in report["steps"]] == list(range(1, STEPS + 1))
     assert report["layout"] == {"ranks": 1, "micro_steps": 4, "micro_batch_size": 4}
+    assert report["order"].endswith("order.json")
     markdown = (out / "report.md").read_text()
     assert "Verdict: openrlhf_mean_of_means" in markdown and "data order" in markdown and "2/N" in markdown
     assert (out / "curves.png").stat().st_size > 0
