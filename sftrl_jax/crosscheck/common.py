@@ -39,6 +39,10 @@ def crosscheck_config(path: str, overrides: Sequence[str], extra: Sequence[str] 
         raise ValueError("--config: an SFT config file is required")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
+    import jax
+
+    if jax.process_count() > 1:  # the replays read whole global batches on the host
+        raise ValueError("sftrl-jax crosscheck runs in one process (several devices are fine)")
     return load_config(SFTConfig, path, [*overrides, *FIXED_OVERRIDES, *extra])
 
 

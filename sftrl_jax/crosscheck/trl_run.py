@@ -243,7 +243,10 @@ def _markdown(result: dict, config) -> str:
         f"{result['trl_device']}: {trl_layout['processes']} process x {trl_layout['gradient_accumulation_steps']} "
         f"accumulation steps x {trl_layout['per_device_train_batch_size']} sequences. sftrl-jax: "
         f"{our_layout['data_parallel_shards']} data-parallel shards x {our_layout['micro_steps']} micro-steps x "
-        f"{our_layout['micro_batch_size']} sequences. Model dtype {config.model.dtype}.", "",
+        f"{our_layout['micro_batch_size']} sequences. Parameters in {config.model.dtype} on both sides"
+        + (f"; sftrl-jax's matmuls in {config.model.compute_dtype}, TRL's in {config.model.dtype} (expect rounding "
+           "differences of that size)" if config.model.compute_dtype not in (None, config.model.dtype) else "")
+        + ".", "",
         f"AdamW lr {opt.learning_rate:g}, betas ({opt.adam_b1:g}, {opt.adam_b2:g}), eps {opt.adam_eps:g}, weight "
         f"decay {opt.weight_decay:g}; schedule {opt.lr_schedule} (transformers "
         f"`{result['scheduler']['lr_scheduler_type']}`, {result['scheduler']['warmup_steps']} warmup steps); "
