@@ -83,6 +83,8 @@ def run_trl(config, examples: list, steps: int, out: Path) -> dict:
     if "train_sampling_strategy" not in fields:
         raise RuntimeError(f"transformers {transformers.__version__} has no train_sampling_strategy (a sequential "
                            "sampler); crosscheck run needs a newer transformers")
+    # TRL turns activation checkpointing on by default: the same numbers, recomputed; off, as on our side
+    recompute = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = TRLConfig(
         output_dir=str(out), per_device_train_batch_size=train.micro_batch_size,
         gradient_accumulation_steps=train.global_batch_size // train.micro_batch_size, max_steps=steps,
@@ -92,7 +94,7 @@ def run_trl(config, examples: list, steps: int, out: Path) -> dict:
         max_grad_norm=options.max_grad_norm if options.max_grad_norm > 0 else _NO_CLIPPING, optim="adamw_torch",
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=not cuda, train_sampling_strategy="sequential",
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False, padding_free=False,
-        seed=train.seed, bf16=False, fp16=False, disable_tqdm=True, dataloader_num_workers=0)
+        seed=train.seed, bf16=False, fp16=False, disable_tqdm=True, dataloader_num_workers=0, **{recompute: False})
     model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
     dataset = datasets.Dataset.from_list([{"input_ids": e.input_ids.astype(np.int64).tolist(), "labels": _labels(e)}
