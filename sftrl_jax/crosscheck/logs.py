@@ -175,8 +175,8 @@ def replay(config_path: str, overrides, *, layout: tuple[int, int, int], steps: 
     if size % (real_micro * shards):
         if size % shards:
             raise ValueError(f"a global batch of {size} sequences does not split over the mesh's {shards} "
-                             "data-parallel shards; choose a mesh (e.g. mesh.fsdp=1 mesh.data=1 on one device) "
-                             "whose data-parallel size divides it")
+                             "data-parallel shards; use a mesh whose data-parallel size (mesh.data x mesh.fsdp) "
+                             "divides it (e.g. give devices to mesh.tensor) or fewer devices")
         real_micro = size // shards
     curves = {}
     with _compilation_cache(out / "xla_cache"):
