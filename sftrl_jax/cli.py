@@ -358,6 +358,68 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crosscheck(args: argparse.Namespace) -> int:
+    out = args.out or f"runs/crosscheck_{args.action}"
+    if args.action == "run":
+        from .crosscheck.trl_run import run_crosscheck
+
+        result = run_crosscheck(args.config, steps=args.steps, out=out, overrides=args.overrides)
+        print(f"crosscheck run: {result['reference']} vs sftrl-jax over {len(result['steps'])} steps: largest "
+              f"relative difference loss {result['max_loss_rel_diff']:.3g}, grad norm "
+              f"{result['max_grad_norm_rel_diff']:.3g}, weights {result['max_weight_rel_diff']:.3g}")
+    else:
+        from .crosscheck.logs import run_logs
+
+        result = run_logs(args.config, args.reference, layout=args.layout, order_path=args.order, out=out,
+                          steps=args.steps, tolerance=args.tolerance, overrides=args.overrides)
+        best = result["candidates"][result["best"]]
+        nan = float("nan")
+        print(f"crosscheck logs: verdict {result['verdict']} (closest {result['best']}: loss distance "
+              f"{best['loss_distance']:.3g}, grad-norm distance "
+              f"{best['grad_norm_distance'] if best['grad_norm_distance'] is not None else nan:.3g}; "
+              f"margin {result['margin'] if result['margin'] is not None else nan:.3g})")
+    print(f"crosscheck {args.action}: report {out}/report.md")
+    return 0
+
+
+def _add_crosscheck_command(sub) -> None:
+    """``crosscheck run|logs``: a PyTorch SFT run next to sftrl-jax's."""
+    from .crosscheck import DEFAULT_TOLERANCE
+
+    p = sub.add_parser("crosscheck", help="compare a PyTorch SFT run with sftrl-jax (side by side with TRL, or logs)",
+                       description="Put a PyTorch SFT run next to sftrl-jax's. Both actions write report.md, "
+                                   "report.json and curves.png to --out.")
+    actions = p.add_subparsers(dest="action", required=True)
+    run = actions.add_parser("run", help="the same SFT with TRL's SFTTrainer and with sftrl-jax, step by step",
+                             description="Train the SFT of CONFIG with TRL's SFTTrainer (PyTorch; pip install -e "
+                                         "'.[crosscheck]') and with sftrl-jax on the same tokens, order and "
+                                         "optimizer settings; compare per-step loss and gradient norm and the "
+                                         "final weights.")
+    logs = actions.add_parser("logs", help="which accumulation semantics a run's logged loss and grad norm match",
+                              description="Replay the first steps of a run whose per-step log is FILE "
+                                          "(trainer_state.json, JSONL of {step, loss, grad_norm}, or a W&B CSV "
+                                          "export) in JAX under the correct accumulation and the DeepSpeed-offload "
+                                          "and OpenRLHF mean-of-means bugs, and say which it matches.")
+    for p in (run, logs):
+        p.add_argument("--config", required=True, help="SFT config file (model, data, optimizer, batch sizes)")
+    run.add_argument("--steps", type=int, help="optimizer steps (default: 10, or train.max_steps if fewer)")
+    run.add_argument("--out", help="report folder (default runs/crosscheck_run)")
+    logs.add_argument("--reference", required=True, metavar="FILE", help="the reference run's per-step log")
+    logs.add_argument("--layout", metavar="RANKSxMICROSxBATCH",
+                      help="the reference's data-parallel ranks x micro-steps x sequences per rank per micro-step, "
+                           "e.g. 8x8x1 (their product is train.global_batch_size; default: train.emulate_ranks or 1 "
+                           "x N x train.emulate_micro_batch_size or train.micro_batch_size)")
+    logs.add_argument("--order", metavar="FILE", help="JSON list of the row indices of data.train_files in the order "
+                                                      "the reference consumed them (default: file order)")
+    logs.add_argument("--steps", type=int, help="replay only the reference's first N steps")
+    logs.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                      help=f"largest distance a matching semantics may have (default {DEFAULT_TOLERANCE:g})")
+    logs.add_argument("--out", help="report folder (default runs/crosscheck_logs)")
+    for p in (run, logs):
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. mesh.fsdp=1")
+        p.set_defaults(func=cmd_crosscheck)
+
+
 def _add_prepare_command(sub) -> None:
     """``prepare``: a task's raw data as the rows SFT and RL read."""
     p = sub.add_parser("prepare", help="turn a task's raw data into SFT/RL rows (cola: CoLA acceptability)",
@@ -389,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_command(sub)
     _add_split_command(sub)
     _add_prepare_command(sub)
+    _add_crosscheck_command(sub)
     return parser
 
 

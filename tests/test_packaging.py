@@ -19,7 +19,8 @@ DISTRIBUTION = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "math_verify": "m
                 "tensorflow_datasets": "tensorflow-datasets", "jaxlib": "jax"}
 # imported lazily inside a function, from the named extra only
 LAZY_FROM_EXTRA = {"tensorflow-datasets": "tfds", "libtpu": "aot", "jax-cuda12-plugin": "aot",
-                   "tensorboardx": "tensorboard", "wandb": "wandb"}  # metric sinks named in logging.sinks
+                   "tensorboardx": "tensorboard", "wandb": "wandb",  # metric sinks named in logging.sinks
+                   "torch": "crosscheck", "trl": "crosscheck"}  # `sftrl-jax crosscheck run`
 
 
 def _name(requirement: str) -> str:

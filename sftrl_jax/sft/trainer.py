@@ -124,7 +124,7 @@ class SFTAlgorithm(Algorithm):
                      "(train.emulate_ranks / train.emulate_micro_batch_size)", ranks, micro_steps, micro)
             weights = functools.partial(_example_weights, emulate_bug=train.emulate_bug, ranks=ranks,
                                         micro_batch_size=micro)
-        self.train_examples, self.eval_examples = load_examples(config, ctx.tokenizer)
+        self.train_examples, self.eval_examples = self.load_examples(config, ctx.tokenizer)
         self.batcher = SFTBatcher(self.train_examples, global_batch_size=train.global_batch_size,
                                   micro_batch_size=train.micro_batch_size, shards=ctx.shards,
                                   max_length=config.data.max_length, pack=config.data.pack, seed=train.seed,
@@ -135,6 +135,11 @@ class SFTAlgorithm(Algorithm):
         log.info("%d steps: global batch %d = %d micro-steps x %d shards x %d sequences", self.total_steps,
                  train.global_batch_size, self.batcher.micro_steps, ctx.shards, train.micro_batch_size)
         return self.total_steps
+
+    def load_examples(self, config: SFTConfig, tokenizer) -> tuple[list, list]:
+        """The tokenised training examples, in the order the batcher walks them (shuffled or not as
+        ``data.shuffle`` says), and the held-out ones (:func:`load_examples`)."""
+        return load_examples(config, tokenizer)
 
     def build(self, ctx: LoopContext, state: dict) -> None:
         self.ctx = ctx
