@@ -9,8 +9,10 @@ a sharding or a donated buffer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -60,3 +62,30 @@ def abstract(tree):
 def without_params(state: dict) -> dict:
     """The train state's other parts (optimizer state, step): resident while a function reads only the params."""
     return {k: v for k, v in state.items() if k != "params"}
+
+
+@contextlib.contextmanager
+def compilation_cache(directory: Path):
+    """Keep compiled XLA programs in ``directory`` while the block runs (JAX's persistent cache).
+
+    A command that runs several trainings of the same shapes in one process (the experiments' seeds,
+    crosscheck's replays) compiles the same programs again, since each ``run_sft`` / ``run_rl`` builds
+    its own jitted step; with the cache the later runs load them instead. A cache the user configured
+    (``JAX_COMPILATION_CACHE_DIR``) is left as it is.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+        cache.reset_cache()

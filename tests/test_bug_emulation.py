@@ -11,7 +11,7 @@ from flax import nnx
 from sft_fixtures import luffy_rows, make_model_dir, write_parquet
 from sftrl_jax import sharding, training
 from sftrl_jax.config import ConfigError, load_config
-from sftrl_jax.experiments.workspace import compilation_cache
+from sftrl_jax.jitted import compilation_cache
 from sftrl_jax.models import load_pretrained
 from sftrl_jax.sft import SFTConfig, run_sft
 

@@ -20,7 +20,7 @@ from sftrl_jax.crosscheck.common import crosscheck_config, load_train_examples  
 from sftrl_jax.crosscheck.logs import compare, logged_loss  # noqa: E402
 from sftrl_jax.crosscheck.references import read_reference  # noqa: E402
 from sftrl_jax.crosscheck.trl_run import hf_schedule  # noqa: E402
-from sftrl_jax.experiments.workspace import compilation_cache  # noqa: E402
+from sftrl_jax.jitted import compilation_cache  # noqa: E402
 from sftrl_jax.models import load_tokenizer  # noqa: E402
 
 STEPS = 4

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..jitted import compilation_cache
 from ..models import load_tokenizer
 from ..sft.step import sequence_nll, virtual_layout
 from ..sharding import data_parallel_size, make_mesh
@@ -179,7 +180,7 @@ def replay(config_path: str, overrides, *, layout: tuple[int, int, int], steps: 
                              "divides it (e.g. give devices to mesh.tensor) or fewer devices")
         real_micro = size // shards
     curves = {}
-    with _compilation_cache(out / "xla_cache"):
+    with compilation_cache(out / "xla_cache"):  # the replays compile the same programs
         for name in semantics:
             extra = [f"train.global_batch_size={size}", f"train.max_steps={steps}",
                      f"train.micro_batch_size={real_micro}", f"train.emulate_bug={SEMANTICS[name]}"]
@@ -193,13 +194,6 @@ def replay(config_path: str, overrides, *, layout: tuple[int, int, int], steps: 
             curves[name] = [{"step": r["step"], "loss": r["loss_logged"], "grad_norm": r["grad_norm"],
                              "true_loss": r["loss"]} for r in records]
     return curves
-
-
-def _compilation_cache(directory: Path):
-    """JAX's persistent compilation cache in ``directory``: the replays compile the same programs."""
-    from ..experiments.workspace import compilation_cache
-
-    return compilation_cache(directory)
 
 
 def compare(reference: list[dict], curves: dict[str, list[dict]], *, tolerance: float = DEFAULT_TOLERANCE,

@@ -3,7 +3,6 @@ config merging, and held-out evaluation through ``run_eval``."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -17,6 +16,7 @@ from types import ModuleType
 
 from ..config import deep_merge, from_dict
 from ..evaluation import EvalConfig, read_generations, run_eval
+from ..jitted import compilation_cache
 from . import task as arithmetic
 from .assets import build_base_model, build_tokenizer
 from .task import BENCHMARK, Problem, trace_stats, write_jsonl
@@ -125,32 +125,6 @@ def evaluate(model_path: Path, test_file: Path, out: Path, *, max_new_tokens: in
 def answer_stats(problems: list[Problem], out: Path) -> dict:
     """:func:`trace_stats` of the greedy answers :func:`evaluate` wrote to ``out/generations.jsonl``."""
     return trace_stats(problems, {r["prompt_id"]: r["response"] for r in read_generations(out / "generations.jsonl")})
-
-
-@contextlib.contextmanager
-def compilation_cache(directory: Path):
-    """Keep compiled XLA programs in ``directory`` while the block runs (JAX's persistent cache).
-
-    Every seed of an embedded-task run compiles the same programs again (each ``run_sft`` /
-    ``run_rl`` builds its own jitted step); with the cache the second and later seeds load them
-    instead. A cache the user configured (``JAX_COMPILATION_CACHE_DIR``) is left as it is.
-    """
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cache
-
-    if jax.config.jax_compilation_cache_dir:
-        yield
-        return
-    min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    cache.reset_cache()
-    try:
-        yield
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
-        cache.reset_cache()
 
 
 def with_compilation_cache(run):
