@@ -46,6 +46,6 @@ def test_repro_mixed_quick_compares_the_methods_at_matched_flops(tmp_path, capsy
         assert line in (out / "report.md").read_text() and line.removeprefix("- ") in printed
     page = _import_and_render(tmp_path, "repro-mixed", out / "report.json")
     assert "LUFFY" in page and report["findings"][1] in page
-    with pytest.raises(SystemExit, match="import it with --import-repro-mixed-random-base"):
+    with pytest.raises(SystemExit, match="a report of the pretrained base; import it with --import-repro-mixed$"):
         render_docs.main(["--root", str(tmp_path / "docs_copy"), "--import-repro-mixed-random-base",
                           str(out / "report.json"), "--allow-quick"])
