@@ -125,16 +125,18 @@ def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int
     rows_sharding = named_sharding(("batch", "length"), mesh)
     ids = sds((rows, length), jnp.int32, rows_sharding)
     mask = sds((rows, length), jnp.int32, rows_sharding)
-    live = sds((rows,), jnp.bool_, named_sharding(("batch",), mesh))
+    limits = sds((rows,), jnp.int32, named_sharding(("batch",), mesh))
     key_shape = jax.eval_shape(lambda: jax.random.key(0))
     key = sds(key_shape.shape, key_shape.dtype, named_sharding((), mesh))
+    first_sample = sds((), jnp.int32, named_sharding((), mesh))
     resident = resident if resident is not None else {}
     if relaid:
         resident = _compile_relayout(compiler, ctx, prefix=prefix, resident=resident)
     note = f"{rows} prompts x {n} samples, prompt {length} + {max_new_tokens} new tokens"
     compiler.compile(
         f"{prefix}generate",
-        lambda: _generate_batch.lower(ctx.graphdef, params, ids, mask, live, key, n=n, max_new_tokens=max_new_tokens,
+        lambda: _generate_batch.lower(ctx.graphdef, params, ids, mask, limits, key, first_sample, n=n,
+                                      max_new_tokens=max_new_tokens,
                                       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                                       eos_ids=eos_ids, pad_id=0, cache_dtype=cache_dtype, split_layers=False),
         resident=resident,
