@@ -329,6 +329,16 @@ def engine_stats(samples: Sequence[Sample], *, seconds: float, decode_steps: int
             "max_pages_in_use": int(max_pages_in_use), "kv_bytes_read": float(kv_bytes_read)}
 
 
+def generation_metrics(stats: dict, prefix: str = "") -> dict:
+    """The figures of :func:`engine_stats` that RL logs and evaluation reports: useful tokens per second,
+    slot utilisation (useful tokens / (slots x decode steps)) and the paged engine's peak pages in use."""
+    if not stats:
+        return {}
+    return {f"{prefix}useful_tokens_per_s": float(stats["useful_tokens_per_s"]),
+            f"{prefix}slot_utilisation": float(stats["slot_utilisation"]),
+            f"{prefix}max_pages_in_use": int(stats["max_pages_in_use"])}
+
+
 def finish_sample(prompt_index: int, tokens: np.ndarray, logprobs: np.ndarray, limit: int,
                   eos_ids: Sequence[int]) -> Sample:
     """The sample from a row of generated ``tokens``: up to and including its first stop id, else its
