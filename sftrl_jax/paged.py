@@ -57,7 +57,9 @@ def check_paged_settings(max_slots: int, page_size: int, num_pages: int | None, 
 
 
 class PagePool:
-    """The host's record of which pages are free (page 0, the scratch page, never is)."""
+    """The free pages, a stack (page 0, the scratch page, is never free). The host takes pages for prompts
+    and gives pages back; a decode chunk takes sequences' pages from the top of the stack on the device
+    (:meth:`stack`, then :meth:`taken_down_to`)."""
 
     def __init__(self, num_pages: int):
         self.num_pages = num_pages
@@ -75,6 +77,17 @@ class PagePool:
 
     def give_back(self, pages: Sequence[int]) -> None:
         self.free.extend(reversed(pages))
+
+    def stack(self) -> np.ndarray:
+        """The free pages as a ``[num_pages]`` array (the top last; the tail unused)."""
+        out = np.zeros(self.num_pages, np.int32)
+        out[:len(self.free)] = self.free
+        return out
+
+    def taken_down_to(self, count: int) -> None:
+        """The device took the pages above the first ``count``."""
+        del self.free[count:]
+        self.peak = max(self.peak, self.in_use)
 
 
 def _pages(tokens: int, page_size: int) -> int:
@@ -163,55 +176,69 @@ def decode_step(model: Decoder, layer_weights, pool_k, pool_v, tokens, *, positi
     return model.logits(model.final_hidden(x))[:, 0], tuple(new_k), tuple(new_v)
 
 
+def _needs_page(active, gen_base, count, page_size):
+    """Slots whose pending token opens a page of their own (its cache index is at a page start)."""
+    return active & ((gen_base + count - 1) % page_size == 0)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "bound", "temperature", "top_k", "top_p",
                                              "eos_ids", "pad_id"),
                    donate_argnames=("pool_k", "pool_v"))
-def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, prompt_len, gen_base, count, tokens,
-                  limits, active, sample_ids, key, refill_at, *, chunk, bound, temperature, top_k, top_p, eos_ids,
-                  pad_id):
-    """Up to ``chunk`` decode steps of every ``active`` slot; stops early once ``refill_at`` slots have ended.
+def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, free_pages, free_count, prompt_len,
+                  gen_base, count, tokens, limits, active, sample_ids, key, refill_at, *, chunk, bound, temperature,
+                  top_k, top_p, eos_ids, pad_id):
+    """Up to ``chunk`` decode steps of every ``active`` slot; stops early once ``refill_at`` slots have ended,
+    or before a step whose new pages the free pages cannot cover.
 
     Per slot: ``tokens`` the pending token (generated, not yet in the cache), ``count`` the tokens
     generated so far (the pending one included), ``prompt_len``, ``gen_base`` (the cache index of its
     first generated token), ``limits`` its token limit, ``page_table [S, pages]`` its pages (the first
-    ``bound`` are read). Returns the pools, the ``[S, chunk]`` tokens and log-probs drawn, the new
-    ``count``/``tokens``/``active`` and the steps run.
+    ``bound`` are read). A slot takes a page when its pending token opens one, from the top of the stack
+    ``free_pages[:free_count]``. Returns the pools, the page table, the free count, the ``[S, chunk]``
+    tokens and log-probs drawn, the new ``count``/``tokens``/``active`` and the steps run.
     """
     model = nnx.merge(graphdef, params)
     weights = _layer_weights(model, layer_weights)
     slots = tokens.shape[0]
     page_size = pool_k[0].shape[2]
-    read_pages = page_table[:, :bound]
     index = jnp.arange(bound * page_size, dtype=jnp.int32)[None, :]
     eos = jnp.asarray(eos_ids, jnp.int32)
     keys = sample_keys(key, sample_ids)
 
     def cond(carry):
-        step, ended, _, _, _, active, _, _, _ = carry
-        return (step < chunk) & jnp.any(active) & (ended < refill_at)
+        step, ended, _, _, table, free_count, count, active, _, _, _ = carry
+        needed = jnp.sum(_needs_page(active, gen_base, count, page_size), dtype=jnp.int32)
+        return (step < chunk) & jnp.any(active) & (ended < refill_at) & (needed <= free_count)
 
     def body(carry):
-        step, ended, pool_k, pool_v, count, active, tokens, out_tokens, out_logprobs = carry
+        step, ended, pool_k, pool_v, table, free_count, count, active, tokens, out_tokens, out_logprobs = carry
         slot = gen_base + count - 1  # cache index of the pending token
-        write_page = jnp.where(active, jnp.take_along_axis(page_table, (slot // page_size)[:, None], axis=1)[:, 0],
-                               SCRATCH_PAGE)
+        opens = _needs_page(active, gen_base, count, page_size)
+        rank = jnp.cumsum(opens, dtype=jnp.int32) - 1
+        taken = free_pages[jnp.clip(free_count - 1 - rank, 0, free_pages.shape[0] - 1)]
+        column = slot // page_size
+        current = jnp.take_along_axis(table, column[:, None], axis=1)[:, 0]
+        table = table.at[jnp.arange(slots), column].set(jnp.where(opens, taken, current))
+        free_count = free_count - jnp.sum(opens, dtype=jnp.int32)
+        write_page = jnp.where(active, jnp.where(opens, taken, current), SCRATCH_PAGE)
         valid = (index < prompt_len[:, None]) | ((index >= gen_base[:, None]) & (index <= slot[:, None]))
         logits, pool_k, pool_v = decode_step(model, weights, pool_k, pool_v, tokens,
                                              positions=prompt_len + count - 1, write_page=write_page,
-                                             write_offset=slot % page_size, read_pages=read_pages, valid=valid)
+                                             write_offset=slot % page_size, read_pages=table[:, :bound], valid=valid)
         token, logprob = pick(logits, keys, count, temperature, top_k, top_p)
         out_tokens = out_tokens.at[:, step].set(jnp.where(active, token, pad_id))
         out_logprobs = out_logprobs.at[:, step].set(jnp.where(active, logprob, 0.0))
         count = count + active.astype(jnp.int32)
         ends = active & (jnp.any(token[:, None] == eos[None, :], axis=-1) | (count >= limits))
         tokens = jnp.where(active, token, tokens)
-        return (step + 1, ended + jnp.sum(ends, dtype=jnp.int32), pool_k, pool_v, count, active & ~ends, tokens,
-                out_tokens, out_logprobs)
+        return (step + 1, ended + jnp.sum(ends, dtype=jnp.int32), pool_k, pool_v, table, free_count, count,
+                active & ~ends, tokens, out_tokens, out_logprobs)
 
-    carry = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), pool_k, pool_v, count, active, tokens,
-             jnp.full((slots, chunk), pad_id, jnp.int32), jnp.zeros((slots, chunk), jnp.float32))
-    steps, _, pool_k, pool_v, count, active, tokens, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, carry)
-    return pool_k, pool_v, out_tokens, out_logprobs, count, tokens, active, steps
+    carry = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), pool_k, pool_v, page_table, free_count, count,
+             active, tokens, jnp.full((slots, chunk), pad_id, jnp.int32), jnp.zeros((slots, chunk), jnp.float32))
+    (steps, _, pool_k, pool_v, page_table, free_count, count, active, tokens, out_tokens,
+     out_logprobs) = jax.lax.while_loop(cond, body, carry)
+    return pool_k, pool_v, page_table, free_count, out_tokens, out_logprobs, count, tokens, active, steps
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -278,13 +305,13 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
     max_pages = prompt_pages + own_pages(longest_limit)
     table = np.zeros((slots, max_pages), np.int32)
     slot_sample = np.full(slots, -1, np.int64)
-    slot_pages: list[list[int]] = [[] for _ in range(slots)]
+    admitted = np.zeros(slots, np.int64)  # admission order (the latest is preempted first)
     prompt_len = np.zeros(slots, np.int32)
     gen_base = np.zeros(slots, np.int32)
     count = np.zeros(slots, np.int32)
     pending = np.zeros(slots, np.int32)
     slot_limit = np.ones(slots, np.int32)
-    decode_steps = 0
+    decode_steps = admissions = 0
     kv_bytes = 0.0
     bar = tqdm(total=len(queue), desc="generate", disable=not progress, dynamic_ncols=True)
 
@@ -296,9 +323,15 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
             prompt.pages = None
         bar.update(1)
 
+    def free_slot(slot: int) -> None:
+        own = table[slot, gen_base[slot] // page_size:]
+        pool.give_back(own[own != SCRATCH_PAGE].tolist())
+        table[slot] = SCRATCH_PAGE
+        slot_sample[slot] = -1
+
     def prefill() -> None:
         """Prefill the not yet prefilled prompts of the queued samples that could take a slot now, as many
-        as the free pages hold with one sample of each."""
+        as the free pages hold with a first page for one sample of each."""
         free_slots = int(np.sum(slot_sample < 0))
         chosen, pages_left = [], len(pool.free)
         for sample in list(queue)[:max(free_slots, 1)]:
@@ -306,11 +339,11 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
             prompt = prompts[index]
             if prompt.pages is not None or index in chosen:
                 continue
-            need = _pages(len(prompt.ids), page_size) + own_pages(limits[index])
-            if need > pages_left:
+            need = _pages(len(prompt.ids), page_size)
+            if need + 1 > pages_left:
                 break
             chosen.append(index)
-            pages_left -= need - own_pages(limits[index])
+            pages_left -= need
         if not chosen:
             return
         rows = bucket_length(len(chosen), maximum=max(slots, 1), minimum=1)
@@ -341,7 +374,9 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
             prompts[index].first_logprobs = first_logprobs[row]
 
     def admit() -> None:
-        """Fill free slots from the queue, in order, while pages last."""
+        """Fill free slots from the queue, in order, while a first page for each is free (beyond a reserve of
+        one page per two busy slots, for the pages the busy slots will open)."""
+        nonlocal admissions
         while queue and np.any(slot_sample < 0):
             sample = queue[0]
             index, j = divmod(sample, n)
@@ -351,33 +386,41 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
                 if prompt.pages is None:
                     return  # not enough free pages for the prompt yet
             token, logprob = int(prompt.first_tokens[j]), float(prompt.first_logprobs[j])
-            tokens_of[sample].append(token)
-            logprobs_of[sample].append(logprob)
             if token in eos_ids or limits[index] == 1:  # ended at its first token: no slot needed
                 queue.popleft()
+                tokens_of[sample], logprobs_of[sample] = [token], [logprob]
                 end_sample(sample)
                 continue
-            need = own_pages(limits[index])
-            if need > len(pool.free):
-                tokens_of[sample].clear()
-                logprobs_of[sample].clear()
+            if len(pool.free) < 1 + int(np.sum(slot_sample >= 0)) // 2:
                 return
             queue.popleft()
+            tokens_of[sample], logprobs_of[sample] = [token], [logprob]
             slot = int(np.flatnonzero(slot_sample < 0)[0])
             slot_sample[slot] = sample
-            slot_pages[slot] = pool.take(need)
+            admitted[slot] = admissions = admissions + 1
             table[slot] = SCRATCH_PAGE
-            prompt_pages_here = len(prompt.pages)
-            table[slot, :prompt_pages_here] = prompt.pages
-            table[slot, prompt_pages_here:prompt_pages_here + need] = slot_pages[slot]
+            table[slot, :len(prompt.pages)] = prompt.pages
             prompt_len[slot] = len(prompt.ids)
-            gen_base[slot] = prompt_pages_here * page_size
+            gen_base[slot] = len(prompt.pages) * page_size
             count[slot] = 1
             pending[slot] = token
             slot_limit[slot] = limits[index]
 
+    def pages_wanted() -> int:
+        """Pages the busy slots' next step opens."""
+        busy = slot_sample >= 0
+        return int(np.sum(busy & ((gen_base + count - 1) % page_size == 0)))
+
     while True:
         admit()
+        while pages_wanted() > len(pool.free):  # preempt the latest admitted; it starts again from the queue
+            busy = np.flatnonzero(slot_sample >= 0)
+            if len(busy) == 1:
+                raise ValueError(f"sampling.num_pages ({num_pages}) is too small: one sequence cannot grow while "
+                                 "the prompts of queued samples hold the other pages")
+            slot = int(busy[np.argmax(admitted[busy])])
+            queue.appendleft(int(slot_sample[slot]))
+            free_slot(slot)
         busy = slot_sample >= 0
         if not busy.any():
             if queue:
@@ -388,15 +431,19 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
         reach = np.where(busy, gen_base + np.minimum(count - 1 + chunk, slot_limit - 1), 0)
         bound = min(bucket_length(_pages(int(reach.max()), page_size), maximum=max_pages, minimum=1), max_pages)
         refill_at = min(max(1, slots // 16), len(queue)) if queue else slots + 1
-        arrays = (table, prompt_len, gen_base, count, pending, slot_limit, busy,
-                  np.where(busy, slot_sample, 0).astype(np.int32))
+        per_slot = (table, prompt_len, gen_base, count, pending, slot_limit, busy,
+                    np.where(busy, slot_sample, 0).astype(np.int32))
         if mesh is not None:
-            arrays = tuple(place(a, rows_sharding(mesh, a.ndim)) for a in arrays)
-        pool_k, pool_v, out_tokens, out_logprobs, new_count, new_pending, still, steps = _decode_chunk(
-            graphdef, params, layer_weights, pool_k, pool_v, *arrays, key, jnp.int32(refill_at), chunk=chunk,
-            bound=bound, eos_ids=eos_ids, pad_id=pad_id, **sampling)
+            per_slot = tuple(place(a, rows_sharding(mesh, a.ndim)) for a in per_slot)
+        table_arg, rest = per_slot[0], per_slot[1:]
+        (pool_k, pool_v, new_table, free_count, out_tokens, out_logprobs, new_count, new_pending, still,
+         steps) = _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, table_arg, pool.stack(),
+                                jnp.int32(len(pool.free)), *rest, key, jnp.int32(refill_at), chunk=chunk,
+                                bound=bound, eos_ids=eos_ids, pad_id=pad_id, **sampling)
         out_tokens, out_logprobs = to_host(out_tokens), to_host(out_logprobs)
         new_count, new_pending, still, steps = to_host(new_count), to_host(new_pending), to_host(still), int(steps)
+        table[:] = to_host(new_table)
+        pool.taken_down_to(int(free_count))
         decode_steps += steps
         kv_bytes += steps * slots * bound * page_bytes
         for slot in np.flatnonzero(busy):
@@ -405,9 +452,7 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
             tokens_of[sample].extend(out_tokens[slot, :drawn].tolist())
             logprobs_of[sample].extend(out_logprobs[slot, :drawn].tolist())
             if not still[slot]:
-                pool.give_back(slot_pages[slot])
-                slot_pages[slot] = []
-                slot_sample[slot] = -1
+                free_slot(slot)
                 end_sample(sample)
         count[:], pending[:] = new_count, new_pending
     bar.close()
@@ -418,4 +463,3 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
                for sample in range(len(tokens_of))]
     return samples, {"decode_steps": decode_steps, "slot_steps": decode_steps * slots,
                      "max_pages_in_use": pool.peak, "kv_bytes_read": kv_bytes}
-
