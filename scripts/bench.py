@@ -714,16 +714,18 @@ def cpu_rollout(args, model) -> dict:
                  "useful_tokens": int(lengths.sum()), "kv_budget_tokens": budget_tokens,
                  "kv_bytes_per_token": kv_bytes_per_token(model), "page_size": page_size, "num_pages": num_pages,
                  "static_batch": batch, "paged_slots": slots}
-    samples = {}
-    for name, kwargs in engines.items():
-        samples[name] = generate(model, prompts, **common, **kwargs)  # warm-up / compilation
+    # warm-up (compilation) on a share of the requests, one of them at the cap (the shapes the run compiles)
+    warm = min(requests, 2 * slots)
+    warm_limits = [cap] + lengths[1:warm].tolist()
+    for kwargs in engines.values():
+        generate(model, prompts[:warm], **{**common, "max_new_tokens": warm_limits}, **kwargs)
     repeats = 1 if smoke else args.gen_repeats
     runs = {name: [] for name in engines}
-    loads = []
+    samples, loads = {}, []
     for _ in range(repeats):  # the engines alternate, so load hits both alike
         for name, kwargs in engines.items():
             stats: dict = {}
-            generate(model, prompts, **common, **kwargs, stats=stats)
+            samples[name] = generate(model, prompts, **common, **kwargs, stats=stats)
             runs[name].append(stats)
         loads.append(load()[0])
     for name in engines:
@@ -793,9 +795,9 @@ def parse_args(argv=None):
     p.add_argument("--gen-prompt", type=int, default=64)
     p.add_argument("--gen-new", type=int, default=128)
     p.add_argument("--gen-repeats", type=int, default=3)
-    p.add_argument("--rollout-requests", type=int, default=128, help="rollout: requests (one sample each)")
+    p.add_argument("--rollout-requests", type=int, default=640, help="rollout: requests (one sample each)")
     p.add_argument("--rollout-prompt", type=int, default=64, help="rollout: prompt tokens")
-    p.add_argument("--rollout-cap", type=int, default=512, help="rollout: the response length cap")
+    p.add_argument("--rollout-cap", type=int, default=256, help="rollout: the response length cap")
     p.add_argument("--rollout-batch", type=int, default=16, help="rollout: static batch (sets the KV budget)")
     p.add_argument("--rollout-slots", type=int, default=32, help="rollout: the paged engine's slots")
     p.add_argument("--rollout-page-size", type=int, default=None, help="rollout: tokens per page (default 16)")

@@ -12,7 +12,11 @@ token limit) gives back its pages and its slot, which the next queued sample tak
 first if no sample of it has been admitted yet). The device work is two jitted functions of fixed shapes:
 :func:`_prefill` (a bucketed batch of prompts into their pages, and the first token of each of their
 samples) and :func:`_decode_chunk` (up to ``chunk`` decode steps of every slot, in a ``while_loop`` that
-returns early once enough slots have ended to refill). Each decode step attends over the pages a slot
+returns early once enough slots have ended to refill). A sequence takes a page of its own on the device
+when its next token opens one (from a stack of free pages passed into the chunk), so it holds only the
+pages it fills; when the free pages cannot cover the next step, the latest admitted sequence is
+preempted: its pages go back and it starts again from the queue, which gives the same tokens (its
+randomness is its own, :func:`sftrl_jax.sampling.pick`). Each decode step attends over the pages a slot
 holds up to a bound on the live lengths (a power of two of pages, so few shapes compile), masked to the
 slot's prompt and generated tokens.
 
@@ -288,12 +292,10 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
     pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
     pool_sharding = _pool_sharding(model, pool_shape)
 
-    def zeros():
-        pool = jnp.zeros(pool_shape, model.dtype)
-        return pool if pool_sharding is None else jax.device_put(pool, pool_sharding)
-
-    pool_k = tuple(zeros() for _ in range(config.num_layers))
-    pool_v = tuple(zeros() for _ in range(config.num_layers))
+    # made on the devices (every process of a multi-host mesh runs the same program)
+    zeros = jax.jit(lambda: tuple(jnp.zeros(pool_shape, model.dtype) for _ in range(config.num_layers)),
+                    out_shardings=None if pool_sharding is None else (pool_sharding,) * config.num_layers)
+    pool_k, pool_v = zeros(), zeros()
     pool = PagePool(num_pages)
     key = jax.random.key(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
