@@ -367,12 +367,13 @@ class SamplingOptions:
     # on it beyond floating-point rounding
     batch_size: int = 64
     # static: batches decoded until their longest response ends; paged: continuous batching over a paged KV
-    # cache (max_slots decode slots refilled as sequences end; the n samples of a prompt share its pages)
-    engine: Literal["static", "paged"] = "static"
-    max_slots: int | None = None  # paged: decode slots (default batch_size x n)
+    # cache (max_slots decode slots refilled as sequences end; the n samples of a prompt share its pages),
+    # the default: 2.7x the static engine's useful tokens/s at the same KV memory (docs/benchmarks.md)
+    engine: Literal["static", "paged"] = "paged"
+    max_slots: int | None = None  # paged: decode slots (default: the static engine's rows, batch_size x n)
     page_size: int | None = None  # paged: tokens per KV page (default 16)
     # paged: pages in the KV pool (default: enough for every slot to hold the longest prompt and
-    # max_new_tokens)
+    # max_new_tokens, the static engine's cache)
     num_pages: int | None = None
 
     _ranges = {"n": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0",

@@ -260,10 +260,10 @@ def generate(
 
     ``engine="static"``: batches of ``batch_size`` prompts (rounded to a power of two and to the
     data-parallel size), each decoded until its longest response ends. ``engine="paged"``
-    (:mod:`sftrl_jax.paged`): ``max_slots`` decode slots (default ``batch_size x n``) refilled from the
-    queue as sequences end, keys/values in a pool of ``num_pages`` pages of ``page_size`` tokens
-    (defaults :data:`sftrl_jax.paged.DEFAULT_PAGE_SIZE`; enough pages for every slot's longest
-    sequence). Both give the same samples.
+    (:mod:`sftrl_jax.paged`): ``max_slots`` decode slots (default: the static engine's rows, its
+    batch of prompts x ``n``) refilled from the queue as sequences end, keys/values in a pool of
+    ``num_pages`` pages of ``page_size`` tokens (defaults :data:`sftrl_jax.paged.DEFAULT_PAGE_SIZE`;
+    enough pages for every slot's longest sequence, the static engine's cache). Both give the same samples.
     ``split_layer_weights`` decodes from per-layer copies of the layer weights made once per batch
     (:func:`split_layer_weights`; same tokens and log-probs, one extra copy of the layer
     weights in memory); default: on a CPU mesh only, where slicing the stacked weights copies
@@ -291,7 +291,8 @@ def generate(
         samples, figures = generate_paged(
             model, prompt_ids, limits=limits, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
             eos_ids=eos_ids, seed=seed, n=n, pad_id=pad_token_id, split_layers=bool(split_layer_weights),
-            max_slots=max_slots if max_slots is not None else batch_size * n, page_size=page_size,
+            max_slots=max_slots if max_slots is not None else static_rows(model, batch_size, len(prompt_ids)) * n,
+            page_size=page_size,
             num_pages=num_pages, progress=progress)
     else:
         samples, figures = _generate_static(
@@ -301,6 +302,12 @@ def generate(
     if stats is not None:
         stats.update(engine_stats(samples, seconds=time.perf_counter() - tick, **figures))
     return samples
+
+
+def static_rows(model: Decoder, batch_size: int, prompts: int) -> int:
+    """Prompts per batch of the static engine for ``prompts`` prompts (:func:`generation_rows` on the model's
+    data-parallel size)."""
+    return generation_rows(batch_size, prompts, data_parallel_size(model.mesh) if model.mesh is not None else 1)
 
 
 def request_limits(max_new_tokens: int | Sequence[int], prompts: int) -> np.ndarray:
@@ -361,7 +368,7 @@ def _generate_static(model: Decoder, prompt_ids, *, limits, temperature, top_k, 
     """The static engine: batches of prompts, each decoded until its longest response ends."""
     mesh = model.mesh
     graphdef, params = nnx.split(model)
-    batch_prompts = generation_rows(batch_size, len(prompt_ids), data_parallel_size(mesh) if mesh is not None else 1)
+    batch_prompts = static_rows(model, batch_size, len(prompt_ids))
     max_new_tokens = int(limits.max())
     check_generation_size(model, batch_prompts, max(map(len, prompt_ids)), max_new_tokens, n)
     key = jax.random.key(seed)
