@@ -96,15 +96,15 @@ def test_paged_samples_what_static_samples(hf_checkpoint, tokenizer, monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [2, 8])
-def test_samples_identical_across_batch_sizes_and_devices(hf_checkpoint, devices):
+def test_samples_identical_across_batch_sizes_and_devices(hf_checkpoint):
     """float32: the static engine's samples do not depend on the batch size, and neither engine's on the
     device count (the reference: one device, batch size 1)."""
     kwargs = dict(max_new_tokens=LIMITS, temperature=1.0, eos_token_id=[], n=2, seed=5)
     reference = generate(model_on(hf_checkpoint, 1), LONG_PROMPTS, batch_size=1, **kwargs)
-    model = model_on(hf_checkpoint, devices)
-    same_samples(reference, generate(model, LONG_PROMPTS, batch_size=4, **kwargs))
-    same_samples(reference, generate(model, LONG_PROMPTS, engine="paged", max_slots=5, page_size=8, **kwargs))
+    for devices in (2, 8):
+        model = model_on(hf_checkpoint, devices)
+        same_samples(reference, generate(model, LONG_PROMPTS, batch_size=4, **kwargs))
+        same_samples(reference, generate(model, LONG_PROMPTS, engine="paged", max_slots=5, page_size=8, **kwargs))
 
 
 def test_bad_engine_settings_name_the_setting(hf_checkpoint):
