@@ -16,9 +16,10 @@ returns early once enough slots have ended to refill). A sequence takes a page o
 when its next token opens one (from a stack of free pages passed into the chunk), so it holds only the
 pages it fills; when the free pages cannot cover the next step, the latest admitted sequence is
 preempted: its pages go back and it starts again from the queue, which gives the same tokens (its
-randomness is its own, :func:`sftrl_jax.sampling.pick`). Each decode step attends over the pages a slot
-holds up to a bound on the live lengths (a power of two of pages, so few shapes compile), masked to the
-slot's prompt and generated tokens.
+randomness is its own, :func:`sftrl_jax.sampling.pick`); before that, prompts whose queued samples are
+not running yet give their pages back (they are prefilled again when admitted). Each decode step
+attends over the pages a slot holds up to a bound on the live lengths (a power of two of pages, so few
+shapes compile), masked to the slot's prompt and generated tokens.
 
 The model's own layers, RoPE and attention run every step (:meth:`Decoder.layer_fn`, with the page
 pool as the layer's cache store), and tokens are drawn as the static engine draws them
@@ -313,7 +314,7 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
     count = np.zeros(slots, np.int32)
     pending = np.zeros(slots, np.int32)
     slot_limit = np.ones(slots, np.int32)
-    decode_steps = admissions = 0
+    decode_steps = admissions = preemptions = 0
     kv_bytes = 0.0
     bar = tqdm(total=len(queue), desc="generate", disable=not progress, dynamic_ncols=True)
 
@@ -408,6 +409,17 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
             pending[slot] = token
             slot_limit[slot] = limits[index]
 
+    def evict_idle_prompt() -> bool:
+        """Give back the pages of a prompt no running sequence reads (it is prefilled again when one of its
+        samples is admitted); False when there is none."""
+        running = {int(sample) // n for sample in slot_sample[slot_sample >= 0]}
+        idle = [p for i, p in enumerate(prompts) if p.pages is not None and i not in running]
+        if not idle:
+            return False
+        pool.give_back(idle[-1].pages)
+        idle[-1].pages = None
+        return True
+
     def pages_wanted() -> int:
         """Pages the busy slots' next step opens."""
         busy = slot_sample >= 0
@@ -415,14 +427,21 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
 
     while True:
         admit()
-        while pages_wanted() > len(pool.free):  # preempt the latest admitted; it starts again from the queue
+        if not np.any(slot_sample >= 0) and queue:  # nothing runs: the pages of idle prompts go back, then retry
+            while evict_idle_prompt():
+                pass
+            admit()
+        while pages_wanted() > len(pool.free):
             busy = np.flatnonzero(slot_sample >= 0)
-            if len(busy) == 1:
-                raise ValueError(f"sampling.num_pages ({num_pages}) is too small: one sequence cannot grow while "
-                                 "the prompts of queued samples hold the other pages")
-            slot = int(busy[np.argmax(admitted[busy])])
-            queue.appendleft(int(slot_sample[slot]))
-            free_slot(slot)
+            if evict_idle_prompt():
+                continue
+            if len(busy) > 1:  # preempt the latest admitted sequence; it starts again from the queue
+                slot = int(busy[np.argmax(admitted[busy])])
+                queue.appendleft(int(slot_sample[slot]))
+                free_slot(slot)
+                preemptions += 1
+            else:
+                raise ValueError(f"sampling.num_pages ({num_pages}) is too small for one sequence to grow")
         busy = slot_sample >= 0
         if not busy.any():
             if queue:
@@ -464,4 +483,4 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
                              np.asarray(logprobs_of[sample], np.float32), int(limits[sample // n]), eos_ids)
                for sample in range(len(tokens_of))]
     return samples, {"decode_steps": decode_steps, "slot_steps": decode_steps * slots,
-                     "max_pages_in_use": pool.peak, "kv_bytes_read": kv_bytes}
+                     "max_pages_in_use": pool.peak, "kv_bytes_read": kv_bytes, "preemptions": preemptions}

@@ -324,16 +324,18 @@ def request_limits(max_new_tokens: int | Sequence[int], prompts: int) -> np.ndar
 
 
 def engine_stats(samples: Sequence[Sample], *, seconds: float, decode_steps: int, slot_steps: int,
-                 max_pages_in_use: int = 0, kv_bytes_read: float = 0.0) -> dict:
+                 max_pages_in_use: int = 0, kv_bytes_read: float = 0.0, preemptions: int = 0) -> dict:
     """One generation's figures: ``useful_tokens`` (tokens of the returned samples), ``decode_steps``,
     ``slot_steps`` (decode slots x steps, the rows each step computed), ``slot_utilisation`` (useful
-    tokens / slot steps), ``useful_tokens_per_s``, ``max_pages_in_use`` (the paged engine's pool) and
-    ``kv_bytes_read`` (keys/values the decode steps' attention read)."""
+    tokens / slot steps), ``useful_tokens_per_s``, ``max_pages_in_use`` (the paged engine's pool),
+    ``kv_bytes_read`` (keys/values the decode steps' attention read) and ``preemptions`` (sequences the
+    paged engine restarted when its pool ran out)."""
     useful = sum(len(s.tokens) for s in samples)
     return {"useful_tokens": useful, "decode_steps": int(decode_steps), "slot_steps": int(slot_steps),
             "slot_utilisation": useful / slot_steps if slot_steps else 0.0, "seconds": seconds,
             "useful_tokens_per_s": useful / seconds if seconds > 0 else 0.0,
-            "max_pages_in_use": int(max_pages_in_use), "kv_bytes_read": float(kv_bytes_read)}
+            "max_pages_in_use": int(max_pages_in_use), "kv_bytes_read": float(kv_bytes_read),
+            "preemptions": int(preemptions)}
 
 
 def generation_metrics(stats: dict, prefix: str = "") -> dict:
@@ -462,7 +464,7 @@ def add_stats(total: dict, stats: dict) -> dict:
     if not total:
         return dict(stats)
     out = {key: total[key] + stats[key] for key in ("useful_tokens", "decode_steps", "slot_steps", "seconds",
-                                                    "kv_bytes_read")}
+                                                    "kv_bytes_read", "preemptions")}
     out["max_pages_in_use"] = max(total["max_pages_in_use"], stats["max_pages_in_use"])
     out["slot_utilisation"] = out["useful_tokens"] / out["slot_steps"] if out["slot_steps"] else 0.0
     out["useful_tokens_per_s"] = out["useful_tokens"] / out["seconds"] if out["seconds"] > 0 else 0.0

@@ -83,6 +83,12 @@ def test_paged_samples_what_static_samples(hf_checkpoint, tokenizer, monkeypatch
     assert stats["max_pages_in_use"] == pools[0].peak
     same_samples(static, generate(model, LONG_PROMPTS, engine="paged", max_slots=8, page_size=16, **kwargs))
     assert pools[1].in_use == 0
+    # three slots growing in a pool of six pages: sequences are preempted and recomputed, with the same tokens
+    short = dict(kwargs, max_new_tokens=[13, 13, 13])
+    stats = {}
+    same_samples(generate(model, PROMPTS, **short), generate(model, PROMPTS, engine="paged", max_slots=3, page_size=4,
+                                                             num_pages=7, stats=stats, **short))
+    assert stats["preemptions"] > 0 and pools[2].in_use == 0
 
     from sftrl_jax.sampling import TextSampler
 
