@@ -50,6 +50,10 @@ def test_cli_eval_on_the_real_benchmark_files(model_dir, tmp_path, capsys):
     assert len(records) == 10
     assert {"prompt_id", "benchmark", "response", "extracted_answer", "score"} <= set(records[0])
     assert (out / "accuracy.png").stat().st_size > 0
+    # the generation's figures (the default paged engine): every slot step of a 6-token response is useful
+    generation = results["generation"]
+    assert generation["useful_tokens_per_s"] > 0 and 0 < generation["slot_utilisation"] <= 1
+    assert generation["max_pages_in_use"] > 0 and "generation (paged engine)" in printed
 
 
 def test_a_model_that_writes_the_ground_truth_scores_100_percent_on_every_benchmark(model_dir, tmp_path):
