@@ -368,8 +368,10 @@ class SamplingOptions:
     batch_size: int = 64
     # static: batches decoded until their longest response ends; paged: continuous batching over a paged KV
     # cache (max_slots decode slots refilled as sequences end; the n samples of a prompt share its pages),
-    # the default: 2.7x the static engine's useful tokens/s at the same KV memory (docs/benchmarks.md)
-    engine: Literal["static", "paged"] = "paged"
+    # 2.7x the static engine's useful tokens/s at the same KV memory on one device (docs/benchmarks.md), but
+    # its pool is whole on every data-parallel shard, so the static engine stays the default
+    # (docs/design.md, "Sampling")
+    engine: Literal["static", "paged"] = "static"
     max_slots: int | None = None  # paged: decode slots (default: the static engine's rows, batch_size x n)
     page_size: int | None = None  # paged: tokens per KV page (default 16)
     # paged: pages in the KV pool (default: enough for every slot to hold the longest prompt and

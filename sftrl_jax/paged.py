@@ -99,14 +99,14 @@ def _pages(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-def _pool_sharding(model: Decoder, shape):
+def pool_sharding(model: Decoder, shape):
     """A layer's page pool: kv heads split over ``tensor`` as the model's are, pages whole everywhere."""
     if model.mesh is None:
         return None
     return named_sharding((None, "kv_heads", None, None), model.mesh, model.rules, shape)
 
 
-def _layer_weights(model: Decoder, layer_weights):
+def per_layer_weights(model: Decoder, layer_weights):
     """Each layer's weights: the pre-split copies (CPU) or static slices of the stack."""
     if layer_weights is not None:
         return layer_weights
@@ -203,7 +203,7 @@ def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, f
     tokens and log-probs drawn, the new ``count``/``tokens``/``active`` and the steps run.
     """
     model = nnx.merge(graphdef, params)
-    weights = _layer_weights(model, layer_weights)
+    weights = per_layer_weights(model, layer_weights)
     slots = tokens.shape[0]
     page_size = pool_k[0].shape[2]
     index = jnp.arange(bound * page_size, dtype=jnp.int32)[None, :]
@@ -281,21 +281,24 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
         num_pages = 1 + slots * per_sequence
     config = model.config
     page_bytes = page_size * kv_bytes_per_token(model)
+    graphdef, params = nnx.split(model)
+    pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
+    layer_pool = pool_sharding(model, pool_shape)
+    # every device holds the whole pool but for the kv heads split over ``tensor``
+    local_heads = layer_pool.shard_shape(pool_shape)[1] if layer_pool is not None else config.num_kv_heads
+    per_device = num_pages * page_bytes * local_heads // config.num_kv_heads
     devices = list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
     limit_bytes, what = memory_limit(devices)
-    if num_pages * page_bytes > limit_bytes:
+    if per_device * len(devices) > limit_bytes:
         raise ValueError(f"sampling.num_pages ({num_pages}): a pool of {num_pages} pages of {page_size} tokens needs "
-                         f"{num_pages * page_bytes / 2**30:.1f} GiB, more than {what} "
-                         f"({limit_bytes / 2**30:.1f} GiB); lower sampling.num_pages or sampling.max_slots")
-
-    graphdef, params = nnx.split(model)
+                         f"{per_device / 2**30:.1f} GiB on each of {len(devices)} devices (it is whole on every "
+                         f"data-parallel shard), more than {what} ({limit_bytes / 2**30:.1f} GiB); lower "
+                         "sampling.num_pages or sampling.max_slots, or use sampling.engine=static")
     layer_weights = _split_weights(graphdef, params) if split_layers else None
-    pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
-    pool_sharding = _pool_sharding(model, pool_shape)
 
     # made on the devices (every process of a multi-host mesh runs the same program)
     zeros = jax.jit(lambda: tuple(jnp.zeros(pool_shape, model.dtype) for _ in range(config.num_layers)),
-                    out_shardings=None if pool_sharding is None else (pool_sharding,) * config.num_layers)
+                    out_shardings=None if layer_pool is None else (layer_pool,) * config.num_layers)
     pool_k, pool_v = zeros(), zeros()
     pool = PagePool(num_pages)
     key = jax.random.key(seed)

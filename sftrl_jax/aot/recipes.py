@@ -206,12 +206,60 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
     compiler.compile(f"{prefix}decode_step", lambda: jax.jit(decode, donate_argnums=2).lower(params, tokens, cache),
                      model_flops=decode_flops, resident=resident,
                      note=f"{total_rows} rows, one token against a {max_len}-slot cache (cache donated)")
+    _compile_paged_decode(compiler, ctx, params, prefix=prefix, slots=total_rows, prompt_length=length,
+                          max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, resident=resident)
     if relaid:  # the same step from the training layout: what the decode layout saves per token
         compiler.compile(f"{prefix}decode_step[train_layout]",
                          lambda: jax.jit(decode, donate_argnums=2).lower(ctx.abstract_state["params"], tokens,
                                                                          cache),
                          model_flops=decode_flops, resident=resident["during_sampling"],
                          note="decode_step with the FSDP training parameters, for comparison")
+
+
+def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots: int, prompt_length: int,
+                          max_new_tokens: int, cache_dtype: str, resident: dict) -> None:
+    """One decode step of the paged engine (``sampling.engine: paged``, its XLA gather path) with as many slots
+    as the static engine has rows and a pool of the static cache's size: reading every slot's pages up to the
+    longest sequence (``paged_decode_step``), and up to the prompt and a third of ``max_new_tokens``
+    (``paged_decode_step[live]``: the pages a slot holds on average when response lengths average a third of
+    the cap, what a kernel reading live pages only reads)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ..flops import generation_flops
+    from ..jitted import sds
+    from ..paged import DEFAULT_PAGE_SIZE, decode_step, per_layer_weights
+    from ..sharding import named_sharding
+
+    mesh, config = ctx.mesh, ctx.model_config
+    page_size = DEFAULT_PAGE_SIZE
+    per_sequence = -(-prompt_length // page_size) + -(-max_new_tokens // page_size)
+    num_pages = 1 + slots * per_sequence
+    pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
+    layer_pool = named_sharding((None, "kv_heads", None, None), mesh, shape=pool_shape)
+    pool = tuple(sds(pool_shape, jnp.dtype(cache_dtype), layer_pool) for _ in range(config.num_layers))
+    rows = named_sharding(("batch",), mesh, shape=(slots,))
+    vector = sds((slots,), jnp.int32, rows)
+
+    def step(p, pool_k, pool_v, tokens, positions, write_page, write_offset, read_pages, valid):
+        model = nnx.merge(ctx.graphdef, p)
+        return decode_step(model, per_layer_weights(model, None), pool_k, pool_v, tokens, positions=positions,
+                           write_page=write_page, write_offset=write_offset, read_pages=read_pages, valid=valid)
+
+    for name, length in (("paged_decode_step", prompt_length + max_new_tokens),
+                         ("paged_decode_step[live]", prompt_length + max_new_tokens // 3)):
+        bound = -(-length // page_size)
+        read_pages = sds((slots, bound), jnp.int32, named_sharding(("batch", None), mesh, shape=(slots, bound)))
+        valid = sds((slots, bound * page_size), jnp.bool_,
+                    named_sharding(("batch", None), mesh, shape=(slots, bound * page_size)))
+        compiler.compile(
+            f"{prefix}{name}",
+            lambda read_pages=read_pages, valid=valid: jax.jit(step, donate_argnums=(1, 2)).lower(
+                params, pool, pool, vector, vector, vector, vector, read_pages, valid),
+            model_flops=slots * generation_flops(config, length, 1, prefill=False), resident=resident,
+            note=f"{slots} slots, one token each, reading {bound} pages of {page_size} per slot ({length} positions); "
+                 f"pool of {num_pages} pages (the static cache's size, pools donated)")
 
 
 # ------------------------------------------------------------------------------------------ pipeline
