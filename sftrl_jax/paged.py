@@ -36,29 +36,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from .data.batching import bucket_length
 from .models.attention import attention
 from .models.decoder import Decoder, init_cache
 from .sampling import Sample, finish_sample, kv_bytes_per_token, memory_limit, pick, sample_keys, split_layer_weights
-from .sharding import data_parallel_size, named_sharding, place, rows_sharding, to_host
+from .sharding import data_parallel_size, logical_to_pspec, place, rows_sharding, to_host
 
 DEFAULT_PAGE_SIZE = 16
 SCRATCH_PAGE = 0
 DEFAULT_CHUNK = 32  # decode steps per device call at most
 
 
-def check_paged_settings(max_slots: int, page_size: int, num_pages: int | None, *, pages_per_sequence: int) -> None:
-    """One-line errors naming the setting for engine settings that cannot work."""
+def check_paged_settings(max_slots: int, page_size: int, num_pages: int | None, *, pages_per_sequence: int,
+                         shards: int = 1) -> None:
+    """One-line errors naming the setting for engine settings that cannot work (``shards``: the data-parallel
+    shards the pool's pages split over)."""
     if max_slots < 1:
         raise ValueError(f"sampling.max_slots must be >= 1, got {max_slots}")
     if page_size < 1 or page_size & (page_size - 1):
         raise ValueError(f"sampling.page_size must be a power of two (it divides the padded prompt lengths), "
                          f"got {page_size}")
-    if num_pages is not None and num_pages - 1 < pages_per_sequence:
-        raise ValueError(f"sampling.num_pages ({num_pages}) cannot hold one sequence: the longest prompt and its "
-                         f"token limit take {pages_per_sequence} pages of {page_size} tokens, plus the scratch page")
+    if num_pages is not None and num_pages // shards - 1 < pages_per_sequence:
+        where = f" on each of {shards} data-parallel shards" if shards > 1 else ""
+        raise ValueError(f"sampling.num_pages ({num_pages}) cannot hold one sequence{where}: the longest prompt "
+                         f"and its token limit take {pages_per_sequence} pages of {page_size} tokens, plus the "
+                         "scratch page")
 
 
 class PagePool:
@@ -99,11 +104,20 @@ def _pages(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-def pool_sharding(model: Decoder, shape):
-    """A layer's page pool: kv heads split over ``tensor`` as the model's are, pages whole everywhere."""
+def _axes(model: Decoder, slots: int, kv_heads: int):
+    """The mesh axes slots (and a pool's pages) split over, and those kv heads split over."""
+    batch = logical_to_pspec(("batch",), model.mesh, model.rules, (slots,))[0]
+    heads = logical_to_pspec(("kv_heads",), model.mesh, model.rules, (kv_heads,))[0]
+    return batch, heads
+
+
+def pool_sharding(model: Decoder, slots: int, shape):
+    """A layer's page pool ``[pages, KV, page_size, D]``: pages split over the data-parallel shards (each
+    shard's slots use its own block of pages), kv heads over ``tensor`` as the model's are."""
     if model.mesh is None:
         return None
-    return named_sharding((None, "kv_heads", None, None), model.mesh, model.rules, shape)
+    batch, heads = _axes(model, slots, shape[1])
+    return NamedSharding(model.mesh, PartitionSpec(batch, heads, None, None))
 
 
 def per_layer_weights(model: Decoder, layer_weights):
@@ -141,21 +155,34 @@ def _prefill(graphdef, params, pool_k, pool_v, prompt_ids, prompt_mask, page_ids
     return pool_k, pool_v, token.reshape(rows, n), logprob.reshape(rows, n)
 
 
-def paged_store(pool_k, pool_v, write_page, write_offset, read_pages, dtype):
+def paged_store(model: Decoder, pool_k, pool_v, write_page, write_offset, read_pages):
     """The KV-cache step of a decoder layer over one layer's page pool ``[pages, KV, page_size, D]``: write
     each slot's new key/value ``[S, KV, 1, D]`` at ``(write_page, write_offset)``, then gather each slot's
-    ``read_pages [S, bound]`` as ``[S, KV, bound x page_size, D]``."""
+    ``read_pages [S, bound]`` as ``[S, KV, bound x page_size, D]``. Page ids are local to the slot's
+    data-parallel shard, whose block of the pool it reads and writes on its own devices (``shard_map``)."""
 
-    def gather(pool):
-        slots, bound = read_pages.shape
-        pages = pool[read_pages]  # [S, bound, KV, page_size, D]
-        return pages.transpose(0, 2, 1, 3, 4).reshape(slots, pool.shape[1], bound * pool.shape[2],
-                                                      pool.shape[3]).astype(dtype)
+    def local(pool_k, pool_v, k, v, write_page, write_offset, read_pages):
+        def gather(pool):
+            slots, bound = read_pages.shape
+            pages = pool[read_pages]  # [S, bound, KV, page_size, D]
+            return pages.transpose(0, 2, 1, 3, 4).reshape(slots, pool.shape[1], bound * pool.shape[2],
+                                                          pool.shape[3]).astype(model.dtype)
 
-    def store(k, v):
         new_k = pool_k.at[write_page, :, write_offset, :].set(k[:, :, 0, :].astype(pool_k.dtype))
         new_v = pool_v.at[write_page, :, write_offset, :].set(v[:, :, 0, :].astype(pool_v.dtype))
-        return gather(new_k), gather(new_v), (new_k, new_v)
+        return gather(new_k), gather(new_v), new_k, new_v
+
+    def store(k, v):
+        args = (pool_k, pool_v, k, v, write_page, write_offset, read_pages)
+        if model.mesh is None or model.mesh.size == 1:
+            keys, values, new_k, new_v = local(*args)
+        else:
+            batch, heads = _axes(model, k.shape[0], k.shape[1])
+            four = PartitionSpec(batch, heads, None, None)
+            specs = (four, four, four, four, PartitionSpec(batch), PartitionSpec(batch), PartitionSpec(batch, None))
+            keys, values, new_k, new_v = jax.shard_map(local, mesh=model.mesh, in_specs=specs,
+                                                       out_specs=(four, four, four, four), check_vma=False)(*args)
+        return keys, values, (new_k, new_v)
 
     return store
 
@@ -173,7 +200,7 @@ def decode_step(model: Decoder, layer_weights, pool_k, pool_v, tokens, *, positi
     layer = model.layer_fn(positions[:, None], attend)
     new_k, new_v = [], []
     for w, layer_k, layer_v in zip(layer_weights, pool_k, pool_v):
-        store = paged_store(layer_k, layer_v, write_page, write_offset, read_pages, model.dtype)
+        store = paged_store(model, layer_k, layer_v, write_page, write_offset, read_pages)
         x, (layer_k, layer_v) = layer(x, w, cache_kv=store)
         x = model.constrain(x)
         new_k.append(layer_k)
@@ -198,9 +225,11 @@ def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, f
     Per slot: ``tokens`` the pending token (generated, not yet in the cache), ``count`` the tokens
     generated so far (the pending one included), ``prompt_len``, ``gen_base`` (the cache index of its
     first generated token), ``limits`` its token limit, ``page_table [S, pages]`` its pages (the first
-    ``bound`` are read). A slot takes a page when its pending token opens one, from the top of the stack
-    ``free_pages[:free_count]``. Returns the pools, the page table, the free count, the ``[S, chunk]``
-    tokens and log-probs drawn, the new ``count``/``tokens``/``active`` and the steps run.
+    ``bound`` are read; ids local to the slot's data-parallel shard). A slot takes a page when its pending
+    token opens one, from the top of its shard's stack ``free_pages[shard, :free_count[shard]]`` (slots
+    split evenly over ``free_pages.shape[0]`` shards, in order). Returns the pools, the page table, the free
+    counts, the ``[S, chunk]`` tokens and log-probs drawn, the new ``count``/``tokens``/``active`` and the steps
+    run.
     """
     model = nnx.merge(graphdef, params)
     weights = per_layer_weights(model, layer_weights)
@@ -210,21 +239,27 @@ def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, f
     eos = jnp.asarray(eos_ids, jnp.int32)
     keys = sample_keys(key, sample_ids)
 
+    shards = free_pages.shape[0]
+
+    def per_shard(opens):
+        return opens.reshape(shards, slots // shards).astype(jnp.int32)
+
     def cond(carry):
         step, ended, _, _, table, free_count, count, active, _, _, _ = carry
-        needed = jnp.sum(_needs_page(active, gen_base, count, page_size), dtype=jnp.int32)
-        return (step < chunk) & jnp.any(active) & (ended < refill_at) & (needed <= free_count)
+        needed = jnp.sum(per_shard(_needs_page(active, gen_base, count, page_size)), axis=1)
+        return (step < chunk) & jnp.any(active) & (ended < refill_at) & jnp.all(needed <= free_count)
 
     def body(carry):
         step, ended, pool_k, pool_v, table, free_count, count, active, tokens, out_tokens, out_logprobs = carry
         slot = gen_base + count - 1  # cache index of the pending token
         opens = _needs_page(active, gen_base, count, page_size)
-        rank = jnp.cumsum(opens, dtype=jnp.int32) - 1
-        taken = free_pages[jnp.clip(free_count - 1 - rank, 0, free_pages.shape[0] - 1)]
+        rank = jnp.cumsum(per_shard(opens), axis=1) - 1  # [shards, slots per shard]
+        top = jnp.clip(free_count[:, None] - 1 - rank, 0, free_pages.shape[1] - 1)
+        taken = jnp.take_along_axis(free_pages, top, axis=1).reshape(slots)
         column = slot // page_size
         current = jnp.take_along_axis(table, column[:, None], axis=1)[:, 0]
         table = table.at[jnp.arange(slots), column].set(jnp.where(opens, taken, current))
-        free_count = free_count - jnp.sum(opens, dtype=jnp.int32)
+        free_count = free_count - jnp.sum(per_shard(opens), axis=1)
         write_page = jnp.where(active, jnp.where(opens, taken, current), SCRATCH_PAGE)
         valid = (index < prompt_len[:, None]) | ((index >= gen_base[:, None]) & (index <= slot[:, None]))
         logits, pool_k, pool_v = decode_step(model, weights, pool_k, pool_v, tokens,
@@ -252,12 +287,12 @@ def _split_weights(graphdef, params):
 
 
 class _Prompt:
-    """A prompt's state in the engine: its pages once prefilled, its samples' first tokens, and how many
-    of its samples have not ended (its pages go back when none is left)."""
+    """A prompt's state in the engine: its pages on each data-parallel shard it was prefilled on, its
+    samples' first tokens, and how many of its samples have not ended (its pages go back when none is left)."""
 
     def __init__(self, ids: Sequence[int], n: int):
         self.ids, self.remaining = list(ids), n
-        self.pages: list[int] | None = None
+        self.pages: dict[int, list[int]] = {}  # shard -> its local page ids
         self.first_tokens = self.first_logprobs = None
 
 
@@ -266,41 +301,45 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
                    split_layers: bool, max_slots: int, page_size: int | None = None, num_pages: int | None = None,
                    chunk: int = DEFAULT_CHUNK, progress: bool = False) -> tuple[list[Sample], dict]:
     """The paged engine behind :func:`sftrl_jax.sampling.generate` (``engine="paged"``): the prompt-major
-    samples and the figures :func:`sftrl_jax.sampling.engine_stats` takes."""
+    samples and the figures :func:`sftrl_jax.sampling.engine_stats` takes.
+
+    With several data-parallel shards, the slots and the pool's pages split evenly over them: a slot
+    reads and writes only its shard's pages, and a prompt is prefilled on each shard whose slots run
+    one of its samples (a shard is chosen where the prompt already is when it has a free slot)."""
     page_size = DEFAULT_PAGE_SIZE if page_size is None else int(page_size)
     longest_prompt, longest_limit = max(map(len, prompt_ids)), int(limits.max())
     # a sample caches its prompt and all its tokens but the last (drawn, never fed back)
     prompt_pages = _pages(longest_prompt, page_size)
     own_pages = lambda limit: _pages(int(limit) - 1, page_size)  # noqa: E731
     per_sequence = prompt_pages + own_pages(longest_limit)
-    check_paged_settings(max_slots, page_size, num_pages, pages_per_sequence=per_sequence)
     mesh = model.mesh
     shards = data_parallel_size(mesh) if mesh is not None else 1
+    check_paged_settings(max_slots, page_size, num_pages, pages_per_sequence=per_sequence, shards=shards)
     slots = -(-max_slots // shards) * shards  # slots split evenly over the data-parallel shards
-    if num_pages is None:
-        num_pages = 1 + slots * per_sequence
+    shard_slots = slots // shards
+    shard_pages = 1 + shard_slots * per_sequence if num_pages is None else num_pages // shards
+    num_pages = shard_pages * shards
     config = model.config
     page_bytes = page_size * kv_bytes_per_token(model)
     graphdef, params = nnx.split(model)
     pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
-    layer_pool = pool_sharding(model, pool_shape)
-    # every device holds the whole pool but for the kv heads split over ``tensor``
-    local_heads = layer_pool.shard_shape(pool_shape)[1] if layer_pool is not None else config.num_kv_heads
-    per_device = num_pages * page_bytes * local_heads // config.num_kv_heads
+    layer_pool = pool_sharding(model, slots, pool_shape)
+    local = layer_pool.shard_shape(pool_shape) if layer_pool is not None else pool_shape
+    per_device = local[0] * page_bytes * local[1] // config.num_kv_heads
     devices = list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
     limit_bytes, what = memory_limit(devices)
     if per_device * len(devices) > limit_bytes:
         raise ValueError(f"sampling.num_pages ({num_pages}): a pool of {num_pages} pages of {page_size} tokens needs "
-                         f"{per_device / 2**30:.1f} GiB on each of {len(devices)} devices (it is whole on every "
-                         f"data-parallel shard), more than {what} ({limit_bytes / 2**30:.1f} GiB); lower "
-                         "sampling.num_pages or sampling.max_slots, or use sampling.engine=static")
+                         f"{per_device / 2**30:.1f} GiB on each of {len(devices)} devices, more than {what} "
+                         f"({limit_bytes / 2**30:.1f} GiB); lower sampling.num_pages or sampling.max_slots")
     layer_weights = _split_weights(graphdef, params) if split_layers else None
 
     # made on the devices (every process of a multi-host mesh runs the same program)
     zeros = jax.jit(lambda: tuple(jnp.zeros(pool_shape, model.dtype) for _ in range(config.num_layers)),
                     out_shardings=None if layer_pool is None else (layer_pool,) * config.num_layers)
     pool_k, pool_v = zeros(), zeros()
-    pool = PagePool(num_pages)
+    pools = [PagePool(shard_pages) for _ in range(shards)]  # local page ids; 0 is each shard's scratch page
+    peak = 0
     key = jax.random.key(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -311,6 +350,7 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
     max_pages = prompt_pages + own_pages(longest_limit)
     table = np.zeros((slots, max_pages), np.int32)
     slot_sample = np.full(slots, -1, np.int64)
+    slot_shard = np.arange(slots) // shard_slots
     admitted = np.zeros(slots, np.int64)  # admission order (the latest is preempted first)
     prompt_len = np.zeros(slots, np.int32)
     gen_base = np.zeros(slots, np.int32)
@@ -321,29 +361,36 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
     kv_bytes = 0.0
     bar = tqdm(total=len(queue), desc="generate", disable=not progress, dynamic_ncols=True)
 
+    def note_peak() -> None:
+        nonlocal peak
+        peak = max(peak, sum(pool.in_use for pool in pools))
+
     def end_sample(sample: int) -> None:
         prompt = prompts[sample // n]
         prompt.remaining -= 1
         if prompt.remaining == 0:
-            pool.give_back(prompt.pages)
-            prompt.pages = None
+            for shard, pages in prompt.pages.items():
+                pools[shard].give_back(pages)
+            prompt.pages = {}
         bar.update(1)
 
     def free_slot(slot: int) -> None:
         own = table[slot, gen_base[slot] // page_size:]
-        pool.give_back(own[own != SCRATCH_PAGE].tolist())
+        pools[slot_shard[slot]].give_back(own[own != SCRATCH_PAGE].tolist())
         table[slot] = SCRATCH_PAGE
         slot_sample[slot] = -1
 
-    def prefill() -> None:
-        """Prefill the not yet prefilled prompts of the queued samples that could take a slot now, as many
-        as the free pages hold with a first page for one sample of each."""
-        free_slots = int(np.sum(slot_sample < 0))
-        chosen, pages_left = [], len(pool.free)
-        for sample in list(queue)[:max(free_slots, 1)]:
+    def free_slots_of(shard: int) -> int:
+        return int(np.sum((slot_sample < 0) & (slot_shard == shard)))
+
+    def prefill(shard: int) -> None:
+        """Prefill on ``shard`` the prompts not there yet of the queued samples that could take its free slots
+        now, as many as its free pages hold with a first page for one sample of each."""
+        chosen, pages_left = [], len(pools[shard].free)
+        for sample in list(queue)[:max(free_slots_of(shard), 1)]:
             index = sample // n
             prompt = prompts[index]
-            if prompt.pages is not None or index in chosen:
+            if shard in prompt.pages or index in chosen:
                 continue
             need = _pages(len(prompt.ids), page_size)
             if need + 1 > pages_left:
@@ -359,15 +406,16 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
         ids = np.full((rows, length), pad_id, np.int32)
         mask = np.zeros((rows, length), np.int32)
         mask[:, 0] = 1  # padding rows: one token, written to the scratch page
-        page_ids = np.full((rows, length // page_size), SCRATCH_PAGE, np.int32)
+        page_ids = np.full((rows, length // page_size), shard * shard_pages + SCRATCH_PAGE, np.int32)
         first_sample = np.zeros(rows, np.int32)
         for row, index in enumerate(chosen):
             prompt = prompts[index]
             ids[row, :len(prompt.ids)] = prompt.ids
             mask[row, :len(prompt.ids)] = 1
-            prompt.pages = pool.take(_pages(len(prompt.ids), page_size))
-            page_ids[row, :len(prompt.pages)] = prompt.pages
+            prompt.pages[shard] = pools[shard].take(_pages(len(prompt.ids), page_size))
+            page_ids[row, :len(prompt.pages[shard])] = np.asarray(prompt.pages[shard]) + shard * shard_pages
             first_sample[row] = index * n
+        note_peak()
         args = (ids, mask, page_ids, first_sample)
         if mesh is not None:
             args = tuple(place(a, rows_sharding(mesh, a.ndim)) for a in args)
@@ -380,16 +428,19 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
             prompts[index].first_logprobs = first_logprobs[row]
 
     def admit() -> None:
-        """Fill free slots from the queue, in order, while a first page for each is free (beyond a reserve of
-        one page per two busy slots, for the pages the busy slots will open)."""
+        """Fill free slots from the queue, in order, while a first page for each is free on the slot's shard
+        (beyond a reserve of one page per two busy slots there, for the pages the busy slots will open)."""
         nonlocal admissions
         while queue and np.any(slot_sample < 0):
             sample = queue[0]
             index, j = divmod(sample, n)
             prompt = prompts[index]
-            if prompt.pages is None:
-                prefill()
-                if prompt.pages is None:
+            open_shards = [d for d in range(shards) if free_slots_of(d)]
+            resident = [d for d in open_shards if d in prompt.pages]
+            shard = resident[0] if resident else max(open_shards, key=lambda d: len(pools[d].free))
+            if shard not in prompt.pages:
+                prefill(shard)
+                if shard not in prompt.pages:
                     return  # not enough free pages for the prompt yet
             token, logprob = int(prompt.first_tokens[j]), float(prompt.first_logprobs[j])
             if token in eos_ids or limits[index] == 1:  # ended at its first token: no slot needed
@@ -397,54 +448,57 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
                 tokens_of[sample], logprobs_of[sample] = [token], [logprob]
                 end_sample(sample)
                 continue
-            if len(pool.free) < 1 + int(np.sum(slot_sample >= 0)) // 2:
+            busy_here = int(np.sum((slot_sample >= 0) & (slot_shard == shard)))
+            if len(pools[shard].free) < 1 + busy_here // 2:
                 return
             queue.popleft()
             tokens_of[sample], logprobs_of[sample] = [token], [logprob]
-            slot = int(np.flatnonzero(slot_sample < 0)[0])
+            slot = int(np.flatnonzero((slot_sample < 0) & (slot_shard == shard))[0])
             slot_sample[slot] = sample
             admitted[slot] = admissions = admissions + 1
             table[slot] = SCRATCH_PAGE
-            table[slot, :len(prompt.pages)] = prompt.pages
+            table[slot, :len(prompt.pages[shard])] = prompt.pages[shard]
             prompt_len[slot] = len(prompt.ids)
-            gen_base[slot] = len(prompt.pages) * page_size
+            gen_base[slot] = len(prompt.pages[shard]) * page_size
             count[slot] = 1
             pending[slot] = token
             slot_limit[slot] = limits[index]
 
-    def evict_idle_prompt() -> bool:
-        """Give back the pages of a prompt no running sequence reads (it is prefilled again when one of its
-        samples is admitted); False when there is none."""
-        running = {int(sample) // n for sample in slot_sample[slot_sample >= 0]}
-        idle = [p for i, p in enumerate(prompts) if p.pages is not None and i not in running]
+    def evict_idle_prompt(shard: int) -> bool:
+        """Give back a prompt's pages on ``shard`` where no running sequence reads them (it is prefilled again
+        when one of its samples is admitted there); False when there is none."""
+        here = (slot_sample >= 0) & (slot_shard == shard)
+        running = {int(sample) // n for sample in slot_sample[here]}
+        idle = [p for i, p in enumerate(prompts) if shard in p.pages and i not in running]
         if not idle:
             return False
-        pool.give_back(idle[-1].pages)
-        idle[-1].pages = None
+        pools[shard].give_back(idle[-1].pages.pop(shard))
         return True
 
-    def pages_wanted() -> int:
-        """Pages the busy slots' next step opens."""
-        busy = slot_sample >= 0
-        return int(np.sum(busy & ((gen_base + count - 1) % page_size == 0)))
+    def pages_wanted() -> np.ndarray:
+        """Pages the busy slots' next step opens, per shard."""
+        opens = (slot_sample >= 0) & ((gen_base + count - 1) % page_size == 0)
+        return np.bincount(slot_shard[opens], minlength=shards)
 
     while True:
         admit()
         if not np.any(slot_sample >= 0) and queue:  # nothing runs: the pages of idle prompts go back, then retry
-            while evict_idle_prompt():
-                pass
+            for shard in range(shards):
+                while evict_idle_prompt(shard):
+                    pass
             admit()
-        while pages_wanted() > len(pool.free):
-            busy = np.flatnonzero(slot_sample >= 0)
-            if evict_idle_prompt():
-                continue
-            if len(busy) > 1:  # preempt the latest admitted sequence; it starts again from the queue
-                slot = int(busy[np.argmax(admitted[busy])])
-                queue.appendleft(int(slot_sample[slot]))
-                free_slot(slot)
-                preemptions += 1
-            else:
-                raise ValueError(f"sampling.num_pages ({num_pages}) is too small for one sequence to grow")
+        for shard in range(shards):
+            while pages_wanted()[shard] > len(pools[shard].free):
+                busy = np.flatnonzero((slot_sample >= 0) & (slot_shard == shard))
+                if evict_idle_prompt(shard):
+                    continue
+                if len(busy) > 1:  # preempt the latest admitted sequence; it starts again from the queue
+                    slot = int(busy[np.argmax(admitted[busy])])
+                    queue.appendleft(int(slot_sample[slot]))
+                    free_slot(slot)
+                    preemptions += 1
+                else:
+                    raise ValueError(f"sampling.num_pages ({num_pages}) is too small for one sequence to grow")
         busy = slot_sample >= 0
         if not busy.any():
             if queue:
@@ -460,14 +514,18 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
         if mesh is not None:
             per_slot = tuple(place(a, rows_sharding(mesh, a.ndim)) for a in per_slot)
         table_arg, rest = per_slot[0], per_slot[1:]
+        stacks = np.stack([pool.stack() for pool in pools])
+        free_counts = np.asarray([len(pool.free) for pool in pools], np.int32)
         (pool_k, pool_v, new_table, free_count, out_tokens, out_logprobs, new_count, new_pending, still,
-         steps) = _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, table_arg, pool.stack(),
-                                jnp.int32(len(pool.free)), *rest, key, jnp.int32(refill_at), chunk=chunk,
-                                bound=bound, eos_ids=eos_ids, pad_id=pad_id, **sampling)
+         steps) = _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, table_arg, stacks, free_counts,
+                                *rest, key, jnp.int32(refill_at), chunk=chunk, bound=bound, eos_ids=eos_ids,
+                                pad_id=pad_id, **sampling)
         out_tokens, out_logprobs = to_host(out_tokens), to_host(out_logprobs)
         new_count, new_pending, still, steps = to_host(new_count), to_host(new_pending), to_host(still), int(steps)
         table[:] = to_host(new_table)
-        pool.taken_down_to(int(free_count))
+        for pool, left in zip(pools, to_host(free_count)):
+            pool.taken_down_to(int(left))
+        note_peak()
         decode_steps += steps
         kv_bytes += steps * slots * bound * page_bytes
         for slot in np.flatnonzero(busy):
@@ -480,10 +538,11 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
                 end_sample(sample)
         count[:], pending[:] = new_count, new_pending
     bar.close()
-    if pool.in_use:
-        raise RuntimeError(f"paged engine: {pool.in_use} pages still in use after the last sample")
+    if any(pool.in_use for pool in pools):
+        raise RuntimeError(f"paged engine: {sum(pool.in_use for pool in pools)} pages still in use after the last "
+                           "sample")
     samples = [finish_sample(sample // n, np.asarray(tokens_of[sample], np.int32),
                              np.asarray(logprobs_of[sample], np.float32), int(limits[sample // n]), eos_ids)
                for sample in range(len(tokens_of))]
     return samples, {"decode_steps": decode_steps, "slot_steps": decode_steps * slots,
-                     "max_pages_in_use": pool.peak, "kv_bytes_read": kv_bytes, "preemptions": preemptions}
+                     "max_pages_in_use": peak, "kv_bytes_read": kv_bytes, "preemptions": preemptions}

@@ -219,7 +219,8 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
 def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots: int, prompt_length: int,
                           max_new_tokens: int, cache_dtype: str, resident: dict) -> None:
     """One decode step of the paged engine (``sampling.engine: paged``, its XLA gather path) with as many slots
-    as the static engine has rows and a pool of the static cache's size: reading every slot's pages up to the
+    as the static engine has rows and its default pool (the static cache's size, its pages split over the
+    data-parallel shards): reading every slot's pages up to the
     longest sequence (``paged_decode_step``), and up to the prompt and a third of ``max_new_tokens``
     (``paged_decode_step[live]``: the pages a slot holds on average when response lengths average a third of
     the cap, what a kernel reading live pages only reads)."""
@@ -229,15 +230,16 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
 
     from ..flops import generation_flops
     from ..jitted import sds
-    from ..paged import DEFAULT_PAGE_SIZE, decode_step, per_layer_weights
-    from ..sharding import named_sharding
+    from ..paged import DEFAULT_PAGE_SIZE, decode_step, per_layer_weights, pool_sharding
+    from ..sharding import data_parallel_size, named_sharding
 
     mesh, config = ctx.mesh, ctx.model_config
     page_size = DEFAULT_PAGE_SIZE
     per_sequence = -(-prompt_length // page_size) + -(-max_new_tokens // page_size)
-    num_pages = 1 + slots * per_sequence
+    shards = data_parallel_size(mesh)
+    num_pages = shards * (1 + slots // shards * per_sequence)  # the engine's default pool
     pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
-    layer_pool = named_sharding((None, "kv_heads", None, None), mesh, shape=pool_shape)
+    layer_pool = pool_sharding(nnx.merge(ctx.graphdef, ctx.abstract_state["params"]), slots, pool_shape)
     pool = tuple(sds(pool_shape, jnp.dtype(cache_dtype), layer_pool) for _ in range(config.num_layers))
     rows = named_sharding(("batch",), mesh, shape=(slots,))
     vector = sds((slots,), jnp.int32, rows)
@@ -259,7 +261,8 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
                 params, pool, pool, vector, vector, vector, vector, read_pages, valid),
             model_flops=slots * generation_flops(config, length, 1, prefill=False), resident=resident,
             note=f"{slots} slots, one token each, reading {bound} pages of {page_size} per slot ({length} positions); "
-                 f"pool of {num_pages} pages (the static cache's size, pools donated)")
+                 f"pool of {num_pages} pages over {shards} data-parallel shards (the static cache's size, pools "
+                 "donated)")
 
 
 # ------------------------------------------------------------------------------------------ pipeline
