@@ -366,12 +366,11 @@ class SamplingOptions:
     # max_slots); each sample draws from (seed, its sample id, its token index), so the samples do not depend
     # on it beyond floating-point rounding
     batch_size: int = 64
-    # static: batches decoded until their longest response ends; paged: continuous batching over a paged KV
-    # cache (max_slots decode slots refilled as sequences end; the n samples of a prompt share its pages),
-    # 2.7x the static engine's useful tokens/s at the same KV memory on one device (docs/benchmarks.md), but
-    # its pool is whole on every data-parallel shard, so the static engine stays the default
-    # (docs/design.md, "Sampling")
-    engine: Literal["static", "paged"] = "static"
+    # static: batches decoded until their longest response ends; paged (the default): continuous batching over
+    # a paged KV cache (max_slots decode slots refilled as sequences end; the n samples of a prompt share its
+    # pages), 2.7x the static engine's useful tokens/s at the same KV memory (docs/benchmarks.md); both
+    # give the same samples
+    engine: Literal["static", "paged"] = "paged"
     max_slots: int | None = None  # paged: decode slots (default: the static engine's rows, batch_size x n)
     page_size: int | None = None  # paged: tokens per KV page (default 16)
     # paged: pages in the KV pool (default: enough for every slot to hold the longest prompt and
