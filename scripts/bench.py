@@ -17,6 +17,11 @@ loaded into sftrl-jax, so both sides hold the same weights):
                FLOPs: :func:`sftrl_jax.flops.train_flops` = 3 x (2·N·T + 4·L·H·D·T²) per sequence.
 * ``generate`` new tokens/s at batch 16, 128 new tokens, greedy, no EOS stop: our
                :func:`sftrl_jax.sampling.generate` vs ``model.generate`` with its KV cache.
+* ``rollout``  the two sampling engines (``sampling.engine``: static, paged) on the same prompts, with
+               response lengths from a log-normal capped at ``--rollout-cap`` (mean about a third of the cap)
+               fixed per request through per-request limits (no stop id), at the same KV memory budget:
+               useful tokens/s, slot utilisation (useful tokens / (slots x decode steps)) and KV bytes the
+               decode steps' attention reads per useful token; ``--json`` keeps them under ``rollout``.
 * ``decode_floor`` what the decode step's weight matmuls cost on their own: the memory read rate
                (a jitted sum over ``--floor-mb`` MB), then every weight matrix of the model's decode
                step timed as a ``--gen-batch``-row product with cold weights (each matrix cycles
@@ -334,6 +339,9 @@ def cpu_compare(args, results: dict) -> None:
             f"median {statistics.median(tt):.3f}s")
         log(f"  speedup {res['speedup_vs_torch']:.2f}x (median {res['speedup_vs_torch_median']:.2f}x), greedy tokens "
             f"agree {agree:.1%}  load {loads}")
+
+    if "rollout" in sections:
+        results["rollout"] = cpu_rollout(args, model)
 
     if "decode_floor" in sections:
         results["decode_floor"] = decode_floor(config, args)
@@ -664,8 +672,89 @@ def accel_bench(args, results: dict) -> None:
             + (f", MFU {rec['run']['mfu']:.1%}" if "mfu" in rec.get("run", {}) else ""))
 
 
+def lognormal_lengths(count: int, cap: int, rng) -> np.ndarray:
+    """``count`` response lengths from a log-normal (sigma 1) capped at ``cap``, its location chosen so the
+    capped mean is about ``cap / 3`` (the long tail of RL responses: most short, some at the cap)."""
+    draws = rng.standard_normal(count)
+    lo, hi = -5.0, np.log(cap)
+    for _ in range(60):  # bisect the location for a capped mean of cap / 3
+        mu = (lo + hi) / 2
+        mean = np.minimum(np.exp(mu + draws), cap).mean()
+        lo, hi = (mu, hi) if mean < cap / 3 else (lo, mu)
+    return np.clip(np.round(np.exp(mu + draws)), 1, cap).astype(np.int64)
+
+
+def cpu_rollout(args, model) -> dict:
+    """Both engines on the same prompts and per-request lengths, at the same KV memory budget.
+
+    The lengths are enforced through per-request limits with no stop id (a random model would otherwise
+    end responses anywhere), so both engines generate exactly the same tokens. The budget is the static
+    engine's cache (``--rollout-batch`` rows of prompt + cap positions); the paged engine gets a pool of
+    that many tokens and ``--rollout-slots`` slots.
+    """
+    from sftrl_jax.paged import DEFAULT_PAGE_SIZE
+    from sftrl_jax.sampling import generate, kv_bytes_per_token
+
+    smoke = args.smoke
+    requests, prompt_len, cap = (6, 8, 16) if smoke else (args.rollout_requests, args.rollout_prompt, args.rollout_cap)
+    batch, slots = (2, 4) if smoke else (args.rollout_batch, args.rollout_slots)
+    page_size = args.rollout_page_size or DEFAULT_PAGE_SIZE
+    rng = np.random.default_rng(2)
+    lengths = lognormal_lengths(requests, cap, rng)
+    prompts = [list(map(int, p)) for p in rng.integers(1, model.config.vocab_size, (requests, prompt_len))]
+    budget_tokens = batch * (prompt_len + cap)  # the static engine's cache
+    num_pages = budget_tokens // page_size + 1  # the same bytes, plus the scratch page
+    common = dict(max_new_tokens=lengths.tolist(), temperature=1.0, eos_token_id=[], seed=0)
+    engines = {"static": dict(batch_size=batch),
+               "paged": dict(engine="paged", max_slots=slots, page_size=page_size, num_pages=num_pages)}
+    log(f"[rollout] {requests} requests, prompt {prompt_len}, lengths log-normal capped at {cap} (mean "
+        f"{lengths.mean():.1f}), KV budget {budget_tokens} tokens: static batch {batch}, paged {slots} slots x "
+        f"{num_pages} pages of {page_size}")
+    out: dict = {"requests": requests, "prompt": prompt_len, "cap": cap, "mean_length": float(lengths.mean()),
+                 "useful_tokens": int(lengths.sum()), "kv_budget_tokens": budget_tokens,
+                 "kv_bytes_per_token": kv_bytes_per_token(model), "page_size": page_size, "num_pages": num_pages,
+                 "static_batch": batch, "paged_slots": slots}
+    # warm-up (compilation) on a share of the requests, one of them at the cap (the shapes the run compiles)
+    warm = min(requests, 2 * slots)
+    warm_limits = [cap] + lengths[1:warm].tolist()
+    for kwargs in engines.values():
+        generate(model, prompts[:warm], **{**common, "max_new_tokens": warm_limits}, **kwargs)
+    repeats = 1 if smoke else args.gen_repeats
+    runs = {name: [] for name in engines}
+    samples, loads = {}, []
+    for _ in range(repeats):  # the engines alternate, so load hits both alike
+        for name, kwargs in engines.items():
+            stats: dict = {}
+            samples[name] = generate(model, prompts, **common, **kwargs, stats=stats)
+            runs[name].append(stats)
+        loads.append(load()[0])
+    for name in engines:
+        best = max(runs[name], key=lambda r: r["useful_tokens_per_s"])
+        out[name] = {"useful_tokens_per_s": best["useful_tokens_per_s"],
+                     "useful_tokens_per_s_median": statistics.median(r["useful_tokens_per_s"] for r in runs[name]),
+                     "slot_utilisation": best["slot_utilisation"], "decode_steps": best["decode_steps"],
+                     "seconds": best["seconds"], "kv_bytes_read_per_useful_token":
+                         best["kv_bytes_read"] / best["useful_tokens"], "max_pages_in_use": best["max_pages_in_use"]}
+    out["speedup"] = out["paged"]["useful_tokens_per_s"] / out["static"]["useful_tokens_per_s"]
+    out["speedup_median"] = out["paged"]["useful_tokens_per_s_median"] / out["static"]["useful_tokens_per_s_median"]
+    out["utilisation_ratio"] = out["paged"]["slot_utilisation"] / out["static"]["slot_utilisation"]
+    out["kv_bytes_ratio"] = (out["static"]["kv_bytes_read_per_useful_token"]
+                             / out["paged"]["kv_bytes_read_per_useful_token"])
+    out["identical_samples"] = float(np.mean([a.tokens == b.tokens for a, b in zip(samples["static"],
+                                                                                     samples["paged"])]))
+    out["load_1min"] = loads
+    for name in engines:
+        r = out[name]
+        log(f"  {name:6s} {r['useful_tokens_per_s']:8.1f} useful tok/s  utilisation {r['slot_utilisation']:.1%}  "
+            f"{r['decode_steps']} steps  KV read {r['kv_bytes_read_per_useful_token'] / 1e3:.1f} kB/useful token")
+    log(f"  paged / static: {out['speedup']:.2f}x useful tok/s (median {out['speedup_median']:.2f}x), "
+        f"{out['utilisation_ratio']:.2f}x utilisation, {out['kv_bytes_ratio']:.2f}x fewer KV bytes per useful token; "
+        f"identical samples {out['identical_samples']:.0%}  load {loads}")
+    return out
+
+
 # ============================================================================ main
-CPU_SECTIONS = ("matmul", "sft", "generate", "decode_floor", "memory")
+CPU_SECTIONS = ("matmul", "sft", "generate", "rollout", "decode_floor", "memory")
 ACCEL_SECTIONS = ("matmul", "mfu", "decode", "fit7b")
 
 
@@ -694,7 +783,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "tpu"])
     p.add_argument("--smoke", action="store_true", help="every code path at toy sizes (CPU and accelerator)")
-    p.add_argument("--sections", default=None, help="comma list; CPU: matmul,sft,generate,decode_floor,memory; "
+    p.add_argument("--sections", default=None, help="comma list; CPU: matmul,sft,generate,rollout,decode_floor,memory; "
                    "accelerator: "
                    "matmul,mfu,decode,fit7b (default: all of the device's)")
     p.add_argument("--repeats", type=int, default=7)
@@ -706,6 +795,12 @@ def parse_args(argv=None):
     p.add_argument("--gen-prompt", type=int, default=64)
     p.add_argument("--gen-new", type=int, default=128)
     p.add_argument("--gen-repeats", type=int, default=3)
+    p.add_argument("--rollout-requests", type=int, default=640, help="rollout: requests (one sample each)")
+    p.add_argument("--rollout-prompt", type=int, default=64, help="rollout: prompt tokens")
+    p.add_argument("--rollout-cap", type=int, default=256, help="rollout: the response length cap")
+    p.add_argument("--rollout-batch", type=int, default=16, help="rollout: static batch (sets the KV budget)")
+    p.add_argument("--rollout-slots", type=int, default=32, help="rollout: the paged engine's slots")
+    p.add_argument("--rollout-page-size", type=int, default=None, help="rollout: tokens per page (default 16)")
     p.add_argument("--floor-mb", type=int, default=256, help="decode_floor: MB summed for the memory read rate")
     p.add_argument("--floor-copies", type=int, default=24, help="decode_floor: distinct copies of each matrix")
     p.add_argument("--accel-seq", type=int, default=4096)

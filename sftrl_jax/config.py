@@ -362,12 +362,23 @@ class SamplingOptions:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None  # None: train.seed for RL rollouts, 0 for evaluation and the probe
-    # prompts per compiled generation batch; not a layout setting: each batch draws its own random key, so
-    # another batch size gives other samples (a resume must keep it)
+    # prompts per compiled generation batch of the static engine (and, times n, the paged engine's default
+    # max_slots); each sample draws from (seed, its sample id, its token index), so the samples do not depend
+    # on it beyond floating-point rounding
     batch_size: int = 64
+    # static: batches decoded until their longest response ends; paged (the default): continuous batching over
+    # a paged KV cache (max_slots decode slots refilled as sequences end; the n samples of a prompt share its
+    # pages), 2.2-2.7x the static engine's useful tokens/s at the same KV memory (docs/benchmarks.md); both
+    # give the same samples
+    engine: Literal["static", "paged"] = "paged"
+    max_slots: int | None = None  # paged: decode slots (default: the static engine's rows, batch_size x n)
+    page_size: int | None = None  # paged: tokens per KV page (default 16)
+    # paged: pages in the KV pool (default: enough for every slot to hold the longest prompt and
+    # max_new_tokens, the static engine's cache)
+    num_pages: int | None = None
 
     _ranges = {"n": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0",
-               "seed": ">= 0", "batch_size": ">= 1"}
+               "seed": ">= 0", "batch_size": ">= 1", "max_slots": ">= 1", "page_size": ">= 1", "num_pages": ">= 2"}
 
 
 @dataclasses.dataclass

@@ -94,6 +94,7 @@ def model_generator(model, tokenizer, sampling: SamplingOptions, *, progress: bo
         return [Completion(text, len(sample.tokens), sample.stop_reason == "length")
                 for sample, text in zip(samples, texts)]
 
+    run.sampler = sampler  # its figures (sampler.stats) go into the summary
     return run
 
 
@@ -247,6 +248,11 @@ def _evaluate(config: EvalConfig, out: Path, *, generator: Generator | None, pro
     results.update(grader=config.reward.kind, skipped={"bad_rows": skipped["bad_rows"]}, prompt_too_long=too_long,
                    max_prompt_length=config.data.max_prompt_length, samples_per_prompt=config.sampling.n,
                    sampling=dataclasses.asdict(config.sampling), model=config.model.path)
+    sampler = getattr(generator, "sampler", None)
+    if sampler is not None and sampler.stats:  # this invocation's generation (none on a resume that had none left)
+        from .sampling import generation_metrics
+
+        results["generation"] = generation_metrics(sampler.stats)
     if is_writer():
         write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
         print_table(results)
@@ -388,6 +394,11 @@ def print_table(results: dict) -> None:
     for key, name in AVERAGES.items():
         if results[f"{key}_average"] is not None:
             table.add_row(f"{name} average", "", "", "", f"{results[f'{key}_average']:.3f}")
+    if results.get("generation"):
+        g = results["generation"]
+        table.caption = (f"generation ({results['sampling']['engine']} engine): {g['useful_tokens_per_s']:.1f} useful "
+                         f"tokens/s, slot utilisation {g['slot_utilisation']:.1%}, peak pages in use "
+                         f"{g['max_pages_in_use']}")
     Console().print(table)
 
 

@@ -6,14 +6,21 @@ cache, repeats the cache ``n`` times (samples of a prompt share its prefill), an
 sizes are rounded up to powers of two so a long evaluation compiles a handful of shapes. Rows
 are split over the data-parallel mesh axes; the model keeps its own parameter sharding.
 
-Randomness: one key per (seed, batch, step); with JAX's partitionable threefry the samples do
-not depend on how rows are sharded.
+Randomness is counter-based: the token at index ``t`` of sample ``s`` draws from
+``fold_in(fold_in(key(seed), s), t)``, where the sample id ``s = prompt index x n + sample index``
+counts over the whole request. A sample therefore depends on its seed, its prompt and its own
+tokens only, not on its batch-mates, the batch size, the engine, the slot it decodes in or how rows
+are sharded (the floating-point rounding of the logits aside).
+
+Two engines share this module's helpers: ``static`` (here) and ``paged`` (:mod:`sftrl_jax.paged`,
+continuous batching over a paged KV cache); :func:`generate` runs either and returns the same samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Sequence
 from typing import Literal
 
@@ -24,7 +31,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .data.batching import bucket_length
-from .models.decoder import Decoder, KVCache, init_cache
+from .models.decoder import Decoder, KVCache, dense_cache_store, init_cache
 from .models.hf_io import param_shardings
 from .sharding import data_parallel_size, place, rows_sharding, sampling_rules, to_host
 
@@ -36,7 +43,7 @@ class Sample:
     prompt_index: int
     tokens: list[int]  # generated ids, ending at (and including) the first EOS
     logprobs: list[float]  # log-probability of each token under the sampling distribution
-    stop_reason: Literal["eos", "length"]
+    stop_reason: Literal["eos", "length"]  # "length": the request's token limit was reached
 
 
 def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -63,11 +70,19 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_
     return logits
 
 
-def _pick(logits, key, temperature, top_k, top_p):
-    """(token, its log-prob under the sampling distribution) for each row."""
+def sample_keys(key: jax.Array, sample_ids: jax.Array) -> jax.Array:
+    """One key per row, ``fold_in(key, sample_id)``: a sample's randomness whatever row it decodes in."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, sample_ids)
+
+
+def pick(logits, keys, token_index, temperature, top_k, top_p):
+    """(token, its log-prob under the sampling distribution) for each row; row ``r`` draws from
+    ``fold_in(keys[r], token_index[r])`` (``token_index`` a scalar or one index per row)."""
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature > 0:
-        token = jax.random.categorical(key, filtered, axis=-1)
+        token_index = jnp.broadcast_to(jnp.asarray(token_index, jnp.int32), keys.shape)
+        token = jax.vmap(lambda k, t, row: jax.random.categorical(jax.random.fold_in(k, t), row))(
+            keys, token_index, filtered)
     else:
         token = jnp.argmax(filtered, axis=-1)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
@@ -96,7 +111,8 @@ def decode_split(model: Decoder, tokens, cache: KVCache, layer_weights: list[dic
     x, layer, cache_valid = model.layer_inputs(tokens[:, None], attention_mask=ones, cache=cache)
     cache_k, cache_v = [], []
     for w, layer_k, layer_v in zip(layer_weights, cache.k, cache.v):
-        x, (layer_k, layer_v) = layer(x, w, cache_kv=(layer_k, layer_v, None))
+        x, (layer_k, layer_v) = layer(x, w, cache_kv=dense_cache_store(layer_k, layer_v, None, cache.index,
+                                                                      model.dtype))
         x = model.constrain(x)
         cache_k.append(layer_k)
         cache_v.append(layer_v)
@@ -106,8 +122,10 @@ def decode_split(model: Decoder, tokens, cache: KVCache, layer_weights: list[dic
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "eos_ids", "pad_id", "cache_dtype", "split_layers"))
-def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, max_new_tokens, temperature,
-                    top_k, top_p, eos_ids, pad_id, cache_dtype, split_layers):
+def _generate_batch(graphdef, params, prompt_ids, prompt_mask, limits, key, first_sample, *, n, max_new_tokens,
+                    temperature, top_k, top_p, eos_ids, pad_id, cache_dtype, split_layers):
+    """One static batch: ``limits [rows]`` the new-token limit of each prompt's samples (0: a padding row);
+    row ``r`` of the ``rows x n`` outputs is sample ``first_sample + r`` of the request."""
     model = nnx.merge(graphdef, params)
     layer_weights = split_layer_weights(model) if split_layers else None  # once, outside the decode loop
     rows, prompt_len = prompt_ids.shape
@@ -115,11 +133,12 @@ def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, 
     logits, cache = model.prefill(prompt_ids, prompt_mask, cache)
     if n > 1:  # every sample of a prompt continues from the same prefill
         cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=1 if x.ndim == 5 else 0) if x.ndim else x, cache)
-        logits, live = jnp.repeat(logits, n, axis=0), jnp.repeat(live, n, axis=0)
+        logits, limits = jnp.repeat(logits, n, axis=0), jnp.repeat(limits, n, axis=0)
     if split_layers:
         cache = cache.split()
     total = rows * n
     eos = jnp.asarray(eos_ids, jnp.int32)
+    keys = sample_keys(key, first_sample + jnp.arange(total, dtype=jnp.int32))
 
     def cond(carry):
         step, _, _, done, _, _ = carry
@@ -127,24 +146,24 @@ def _generate_batch(graphdef, params, prompt_ids, prompt_mask, live, key, *, n, 
 
     def body(carry):
         step, logits, cache, done, tokens, logprobs = carry
-        token, logprob = _pick(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+        token, logprob = pick(logits, keys, step, temperature, top_k, top_p)
         token = jnp.where(done, pad_id, token)
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
-        done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
+        done = done | jnp.any(token[:, None] == eos[None, :], axis=-1) | (step + 1 >= limits)
         if split_layers:
             logits, cache = decode_split(model, token, cache, layer_weights)
         else:
             logits, cache = model.decode(token, cache)
         return step + 1, logits, cache, done, tokens, logprobs
 
-    carry = (jnp.zeros((), jnp.int32), logits, cache, ~live,
+    carry = (jnp.zeros((), jnp.int32), logits, cache, limits <= 0,
              jnp.full((total, max_new_tokens), pad_id, jnp.int32), jnp.zeros((total, max_new_tokens), jnp.float32))
     steps, _, _, _, tokens, logprobs = jax.lax.while_loop(cond, body, carry)
     return tokens, logprobs, steps
 
 
-def _memory_limit(devices) -> tuple[int, str]:
+def memory_limit(devices) -> tuple[int, str]:
     """Bytes the sampler's buffers may take on ``devices`` together, and what bounds them: the devices'
     own memory where they report it (GPU, TPU; read from this process's devices, the others' taken as equal),
     else the host's physical memory (CPU devices share it)."""
@@ -168,7 +187,7 @@ def check_generation_size(model: Decoder, rows: int, prompt_len: int, max_new_to
     cache = 2 * config.num_layers * total * config.num_kv_heads * length * config.head_dim
     needed = cache * jnp.dtype(model.dtype).itemsize + total * length + total * max_new_tokens * 8
     devices = list(model.mesh.devices.flat) if model.mesh is not None else jax.local_devices()[:1]
-    limit, what = _memory_limit(devices)
+    limit, what = memory_limit(devices)
     if needed > limit:
         raise ValueError(f"sampling.max_new_tokens ({max_new_tokens}): generating {total} rows of up to {length} "
                          f"tokens needs {needed / 2**30:.1f} GiB for the KV cache and token buffers alone, more "
@@ -209,11 +228,14 @@ def sampling_layout(model: Decoder) -> Decoder:
     return nnx.merge(graphdef, relayout(nnx.to_pure_dict(state)))
 
 
+ENGINES = ("static", "paged")
+
+
 def generate(
     model: Decoder,
     prompt_ids: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -224,64 +246,173 @@ def generate(
     pad_token_id: int = 0,
     progress: bool = False,
     split_layer_weights: bool | None = None,
+    engine: Literal["static", "paged"] = "static",
+    max_slots: int | None = None,
+    page_size: int | None = None,
+    num_pages: int | None = None,
+    stats: dict | None = None,
 ) -> list[Sample]:
     """Sample ``n`` continuations of each prompt.
 
     Returns ``len(prompt_ids) * n`` samples, prompt-major: sample ``j`` of prompt ``i`` is at
-    ``i * n + j``. ``temperature=0`` is greedy. ``batch_size`` is the number of prompts per
-    compiled batch (rounded to a power of two and to the data-parallel size).
+    ``i * n + j`` (its sample id, which with ``seed`` fixes its randomness). ``temperature=0`` is greedy.
+    ``max_new_tokens``: the new-token limit of every prompt, or one limit per prompt.
+
+    ``engine="static"``: batches of ``batch_size`` prompts (rounded to a power of two and to the
+    data-parallel size), each decoded until its longest response ends. ``engine="paged"``
+    (:mod:`sftrl_jax.paged`): ``max_slots`` decode slots (default: the static engine's rows, its
+    batch of prompts x ``n``) refilled from the queue as sequences end, keys/values in a pool of
+    ``num_pages`` pages of ``page_size`` tokens (defaults :data:`sftrl_jax.paged.DEFAULT_PAGE_SIZE`;
+    enough pages for every slot's longest sequence, the static engine's cache). Both give the same samples.
     ``split_layer_weights`` decodes from per-layer copies of the layer weights made once per batch
     (:func:`split_layer_weights`; same tokens and log-probs, one extra copy of the layer
     weights in memory); default: on a CPU mesh only, where slicing the stacked weights copies
     them on every decode step. GPU and TPU fuse that slice into the matmul.
+    ``stats``: a dict filled with the generation's figures (:func:`engine_stats`).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"sampling.engine: expected one of {' | '.join(ENGINES)}, got {engine!r}")
     if not prompt_ids:
         return []
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate: every prompt needs at least one token")
+    limits = request_limits(max_new_tokens, len(prompt_ids))
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_ids
     eos_ids = tuple(int(e) for e in ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
     if not eos_ids:
-        eos_ids = (-1,)  # no EOS: every row runs to max_new_tokens
+        eos_ids = (-1,)  # no EOS: every row runs to its limit
     if split_layer_weights is None:
         split_layer_weights = model.platform == "cpu"  # the platform of the model's mesh
-    mesh = model.mesh
-    graphdef, params = nnx.split(model)
-    batch_prompts = generation_rows(batch_size, len(prompt_ids), data_parallel_size(mesh) if mesh is not None else 1)
-    check_generation_size(model, batch_prompts, max(map(len, prompt_ids)), max_new_tokens, n)
-    samples: list[Sample] = []
-    starts = range(0, len(prompt_ids), batch_prompts)
-    for batch_index, start in enumerate(tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True)):
-        chunk = prompt_ids[start:start + batch_prompts]
-        ids, mask, live = _prompt_batch(chunk, batch_prompts, pad_token_id, mesh)
-        tokens, logprobs, _ = _generate_batch(
-            graphdef, params, ids, mask, live, jax.random.fold_in(jax.random.key(seed), batch_index), n=n,
-            max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-            eos_ids=eos_ids, pad_id=pad_token_id, cache_dtype=jnp.dtype(model.dtype).name,
-            split_layers=bool(split_layer_weights))
-        tokens, logprobs = to_host(tokens), to_host(logprobs)  # gathered from every process when multi-host
-        for row in range(len(chunk) * n):
-            hits = np.flatnonzero(np.isin(tokens[row], eos_ids))
-            end = int(hits[0]) + 1 if hits.size else max_new_tokens
-            samples.append(Sample(prompt_index=start + row // n, tokens=tokens[row, :end].tolist(),
-                                  logprobs=logprobs[row, :end].tolist(),
-                                  stop_reason="eos" if hits.size else "length"))
+    tick = time.perf_counter()
+    if engine == "paged":
+        from .paged import generate_paged
+
+        samples, figures = generate_paged(
+            model, prompt_ids, limits=limits, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+            eos_ids=eos_ids, seed=seed, n=n, pad_id=pad_token_id, split_layers=bool(split_layer_weights),
+            max_slots=max_slots if max_slots is not None else static_rows(model, batch_size, len(prompt_ids)) * n,
+            page_size=page_size,
+            num_pages=num_pages, progress=progress)
+    else:
+        samples, figures = _generate_static(
+            model, prompt_ids, limits=limits, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+            eos_ids=eos_ids, seed=seed, n=n, batch_size=batch_size, pad_id=pad_token_id,
+            split_layers=bool(split_layer_weights), progress=progress)
+    if stats is not None:
+        stats.update(engine_stats(samples, seconds=time.perf_counter() - tick, **figures))
     return samples
 
 
-def _prompt_batch(chunk: Sequence[Sequence[int]], rows: int, pad_id: int, mesh):
-    """Left-padded ``ids``/``mask`` ``[rows, bucketed length]`` and the ``live`` rows, on ``mesh`` when given."""
+def static_rows(model: Decoder, batch_size: int, prompts: int) -> int:
+    """Prompts per batch of the static engine for ``prompts`` prompts (:func:`generation_rows` on the model's
+    data-parallel size)."""
+    return generation_rows(batch_size, prompts, data_parallel_size(model.mesh) if model.mesh is not None else 1)
+
+
+def request_limits(max_new_tokens: int | Sequence[int], prompts: int) -> np.ndarray:
+    """The new-token limit of each of ``prompts`` requests (int32), from one limit or one per prompt."""
+    if isinstance(max_new_tokens, (int, np.integer)):
+        limits = np.full(prompts, int(max_new_tokens), np.int32)
+    else:
+        limits = np.asarray(list(max_new_tokens), np.int32)
+        if limits.shape != (prompts,):
+            raise ValueError(f"generate: max_new_tokens has {limits.size} limits for {prompts} prompts")
+    if limits.min() < 1:
+        raise ValueError(f"sampling.max_new_tokens: every limit must be >= 1, got {int(limits.min())}")
+    return limits
+
+
+def engine_stats(samples: Sequence[Sample], *, seconds: float, decode_steps: int, slot_steps: int,
+                 max_pages_in_use: int = 0, kv_bytes_read: float = 0.0, preemptions: int = 0) -> dict:
+    """One generation's figures: ``useful_tokens`` (tokens of the returned samples), ``decode_steps``,
+    ``slot_steps`` (decode slots x steps, the rows each step computed), ``slot_utilisation`` (useful
+    tokens / slot steps), ``useful_tokens_per_s``, ``max_pages_in_use`` (the paged engine's pool),
+    ``kv_bytes_read`` (keys/values the decode steps' attention read) and ``preemptions`` (sequences the
+    paged engine restarted when its pool ran out)."""
+    useful = sum(len(s.tokens) for s in samples)
+    return {"useful_tokens": useful, "decode_steps": int(decode_steps), "slot_steps": int(slot_steps),
+            "slot_utilisation": useful / slot_steps if slot_steps else 0.0, "seconds": seconds,
+            "useful_tokens_per_s": useful / seconds if seconds > 0 else 0.0,
+            "max_pages_in_use": int(max_pages_in_use), "kv_bytes_read": float(kv_bytes_read),
+            "preemptions": int(preemptions)}
+
+
+def generation_metrics(stats: dict, prefix: str = "") -> dict:
+    """The figures of :func:`engine_stats` that RL logs and evaluation reports: useful tokens per second,
+    slot utilisation (useful tokens / (slots x decode steps)) and the paged engine's peak pages in use."""
+    if not stats:
+        return {}
+    return {f"{prefix}useful_tokens_per_s": float(stats["useful_tokens_per_s"]),
+            f"{prefix}slot_utilisation": float(stats["slot_utilisation"]),
+            f"{prefix}max_pages_in_use": int(stats["max_pages_in_use"])}
+
+
+def finish_sample(prompt_index: int, tokens: np.ndarray, logprobs: np.ndarray, limit: int,
+                  eos_ids: Sequence[int]) -> Sample:
+    """The sample from a row of generated ``tokens``: up to and including its first stop id, else its
+    first ``limit`` tokens (stop reason ``length``)."""
+    tokens, logprobs = tokens[:limit], logprobs[:limit]
+    hits = np.flatnonzero(np.isin(tokens, eos_ids))
+    end = int(hits[0]) + 1 if hits.size else limit
+    return Sample(prompt_index=prompt_index, tokens=tokens[:end].tolist(), logprobs=logprobs[:end].tolist(),
+                  stop_reason="eos" if hits.size else "length")
+
+
+def kv_bytes_per_token(model: Decoder) -> int:
+    """Bytes of keys and values one cached token holds over all layers (in the model's compute dtype)."""
+    c = model.config
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(model.dtype).itemsize
+
+
+def _generate_static(model: Decoder, prompt_ids, *, limits, temperature, top_k, top_p, eos_ids, seed, n,
+                     batch_size, pad_id, split_layers, progress) -> tuple[list[Sample], dict]:
+    """The static engine: batches of prompts, each decoded until its longest response ends."""
+    mesh = model.mesh
+    graphdef, params = nnx.split(model)
+    batch_prompts = static_rows(model, batch_size, len(prompt_ids))
+    max_new_tokens = int(limits.max())
+    check_generation_size(model, batch_prompts, max(map(len, prompt_ids)), max_new_tokens, n)
+    key = jax.random.key(seed)
+    samples: list[Sample] = []
+    decode_steps = slot_steps = 0
+    kv_bytes = 0.0
+    starts = range(0, len(prompt_ids), batch_prompts)
+    for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
+        chunk = prompt_ids[start:start + batch_prompts]
+        ids, mask, batch_limits = _prompt_batch(chunk, limits[start:start + batch_prompts], batch_prompts, pad_id,
+                                                mesh)
+        tokens, logprobs, steps = _generate_batch(
+            graphdef, params, ids, mask, batch_limits, key, jnp.int32(start * n), n=n,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_ids=eos_ids, pad_id=pad_id, cache_dtype=jnp.dtype(model.dtype).name, split_layers=split_layers)
+        tokens, logprobs = to_host(tokens), to_host(logprobs)  # gathered from every process when multi-host
+        steps = int(steps)
+        decode_steps += steps
+        slot_steps += steps * batch_prompts * n
+        # every decode step reads the whole cache: rows x (prompt + max_new_tokens) positions
+        kv_bytes += steps * batch_prompts * n * (ids.shape[1] + max_new_tokens) * kv_bytes_per_token(model)
+        for row in range(len(chunk) * n):
+            prompt = start + row // n
+            samples.append(finish_sample(prompt, tokens[row], logprobs[row], int(limits[prompt]), eos_ids))
+    return samples, {"decode_steps": decode_steps, "slot_steps": slot_steps, "kv_bytes_read": kv_bytes}
+
+
+def _prompt_batch(chunk: Sequence[Sequence[int]], chunk_limits: np.ndarray, rows: int, pad_id: int, mesh):
+    """Left-padded ``ids``/``mask`` ``[rows, bucketed length]`` and the rows' new-token ``limits`` (0 for
+    padding rows), on ``mesh`` when given."""
     length = bucket_length(max(len(p) for p in chunk), maximum=1 << 30, minimum=16)
     ids = np.full((rows, length), pad_id, np.int32)
     mask = np.zeros((rows, length), np.int32)
     for row, prompt in enumerate(chunk):
         ids[row, length - len(prompt):] = prompt
         mask[row, length - len(prompt):] = 1
-    live = np.arange(rows) < len(chunk)
+    limits = np.zeros(rows, np.int32)
+    limits[:len(chunk)] = chunk_limits
     if mesh is None:
-        return ids, mask, live
-    return place(ids, rows_sharding(mesh, 2)), place(mask, rows_sharding(mesh, 2)), place(live, rows_sharding(mesh, 1))
+        return ids, mask, limits
+    return (place(ids, rows_sharding(mesh, 2)), place(mask, rows_sharding(mesh, 2)),
+            place(limits, rows_sharding(mesh, 1)))
 
 
 def stop_token_ids(tokenizer, model_config, model_dir: str | None = None) -> list[int]:
@@ -310,14 +441,31 @@ class TextSampler:
         self.tokenizer, self.options, self.progress = tokenizer, options, progress
         self.stop_ids = stop_token_ids(tokenizer, model.config)
         self.pad_id = pad_token_id(tokenizer)
+        self.stats: dict = {}
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], *, seed: int, n: int | None = None
                ) -> tuple[list[Sample], list[str]]:
-        """``n`` (default ``options.n``) samples per prompt, prompt-major, and their texts."""
+        """``n`` (default ``options.n``) samples per prompt, prompt-major, and their texts. The generation's
+        figures (:func:`engine_stats`) are added up in ``self.stats``."""
         o = self.options
+        stats: dict = {}
         samples = generate(self.model, prompt_ids, max_new_tokens=o.max_new_tokens, temperature=o.temperature,
                            top_p=o.top_p, top_k=o.top_k, eos_token_id=self.stop_ids, seed=seed,
                            n=o.n if n is None else n, batch_size=o.batch_size, pad_token_id=self.pad_id,
-                           progress=self.progress)
+                           progress=self.progress, engine=o.engine, max_slots=o.max_slots, page_size=o.page_size,
+                           num_pages=o.num_pages, stats=stats)
+        self.stats = add_stats(self.stats, stats)
         bodies = [s.tokens[:-1] if s.stop_reason == "eos" else s.tokens for s in samples]
         return samples, self.tokenizer.batch_decode(bodies, skip_special_tokens=False)
+
+
+def add_stats(total: dict, stats: dict) -> dict:
+    """Two generations' :func:`engine_stats` as one (counts and seconds added, the pool's peak kept)."""
+    if not total:
+        return dict(stats)
+    out = {key: total[key] + stats[key] for key in ("useful_tokens", "decode_steps", "slot_steps", "seconds",
+                                                    "kv_bytes_read", "preemptions")}
+    out["max_pages_in_use"] = max(total["max_pages_in_use"], stats["max_pages_in_use"])
+    out["slot_utilisation"] = out["useful_tokens"] / out["slot_steps"] if out["slot_steps"] else 0.0
+    out["useful_tokens_per_s"] = out["useful_tokens"] / out["seconds"] if out["seconds"] > 0 else 0.0
+    return out

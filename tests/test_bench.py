@@ -29,6 +29,10 @@ def test_bench_smoke_covers_every_section(tmp_path):
     assert abs(sft["first_loss"]["jax"] - sft["first_loss"]["torch"]) < 1e-4
     assert sft["jax"]["tokens_per_s"] > 0 and sft["torch"]["tokens_per_s"] > 0 and sft["attainable_flops_per_s"] > 0
     assert results["generate"]["greedy_token_agreement"] == 1.0
+    rollout = results["rollout"]  # both engines, the same samples, the figures the issue asks for
+    assert rollout["identical_samples"] == 1.0 and rollout["speedup"] > 0
+    for engine in ("static", "paged"):
+        assert rollout[engine]["useful_tokens_per_s"] > 0 and 0 < rollout[engine]["slot_utilisation"] <= 1
     floor = results["decode_floor"]["floor_seconds_per_step"]  # every weight matrix timed, both layouts
     assert set(results["decode_floor"]["matrices"]) >= {"q_proj", "down_proj", "lm_head"}
     assert floor["x @ W"] > 0 and floor["(W^T @ x^T)^T"] > 0

@@ -35,7 +35,8 @@ def test_cli_eval_on_the_real_benchmark_files(model_dir, tmp_path, capsys):
     code = main(["eval", "--config", str(Path(__file__).parents[1] / "configs" / "eval_luffy.yaml"),
                  f"model.path={model_dir}", "model.dtype=float32", f"data.files=[{LUFFY / 'valid.parquet'}]",
                  "data.limit_per_benchmark=2", "data.remove_system_prompt=true", "data.max_prompt_length=2048",
-                 "sampling.max_new_tokens=6", "sampling.batch_size=16", "reward.num_workers=1", f"output_dir={out}"])
+                 "sampling.max_new_tokens=6", "sampling.batch_size=16", "sampling.engine=paged", "reward.num_workers=1",
+                 f"output_dir={out}"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "math average" in printed and "results.json" in printed
@@ -50,6 +51,10 @@ def test_cli_eval_on_the_real_benchmark_files(model_dir, tmp_path, capsys):
     assert len(records) == 10
     assert {"prompt_id", "benchmark", "response", "extracted_answer", "score"} <= set(records[0])
     assert (out / "accuracy.png").stat().st_size > 0
+    # the generation's figures, from the engine the settings chose
+    generation = results["generation"]
+    assert generation["useful_tokens_per_s"] > 0 and 0 < generation["slot_utilisation"] <= 1
+    assert generation["max_pages_in_use"] > 0 and "generation (paged engine)" in printed
 
 
 def test_a_model_that_writes_the_ground_truth_scores_100_percent_on_every_benchmark(model_dir, tmp_path):

@@ -125,16 +125,18 @@ def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int
     rows_sharding = named_sharding(("batch", "length"), mesh)
     ids = sds((rows, length), jnp.int32, rows_sharding)
     mask = sds((rows, length), jnp.int32, rows_sharding)
-    live = sds((rows,), jnp.bool_, named_sharding(("batch",), mesh))
+    limits = sds((rows,), jnp.int32, named_sharding(("batch",), mesh))
     key_shape = jax.eval_shape(lambda: jax.random.key(0))
     key = sds(key_shape.shape, key_shape.dtype, named_sharding((), mesh))
+    first_sample = sds((), jnp.int32, named_sharding((), mesh))
     resident = resident if resident is not None else {}
     if relaid:
         resident = _compile_relayout(compiler, ctx, prefix=prefix, resident=resident)
     note = f"{rows} prompts x {n} samples, prompt {length} + {max_new_tokens} new tokens"
     compiler.compile(
         f"{prefix}generate",
-        lambda: _generate_batch.lower(ctx.graphdef, params, ids, mask, live, key, n=n, max_new_tokens=max_new_tokens,
+        lambda: _generate_batch.lower(ctx.graphdef, params, ids, mask, limits, key, first_sample, n=n,
+                                      max_new_tokens=max_new_tokens,
                                       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                                       eos_ids=eos_ids, pad_id=0, cache_dtype=cache_dtype, split_layers=False),
         resident=resident,
@@ -204,12 +206,63 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
     compiler.compile(f"{prefix}decode_step", lambda: jax.jit(decode, donate_argnums=2).lower(params, tokens, cache),
                      model_flops=decode_flops, resident=resident,
                      note=f"{total_rows} rows, one token against a {max_len}-slot cache (cache donated)")
+    _compile_paged_decode(compiler, ctx, params, prefix=prefix, slots=total_rows, prompt_length=length,
+                          max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, resident=resident)
     if relaid:  # the same step from the training layout: what the decode layout saves per token
         compiler.compile(f"{prefix}decode_step[train_layout]",
                          lambda: jax.jit(decode, donate_argnums=2).lower(ctx.abstract_state["params"], tokens,
                                                                          cache),
                          model_flops=decode_flops, resident=resident["during_sampling"],
                          note="decode_step with the FSDP training parameters, for comparison")
+
+
+def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots: int, prompt_length: int,
+                          max_new_tokens: int, cache_dtype: str, resident: dict) -> None:
+    """One decode step of the paged engine (``sampling.engine: paged``, its XLA gather path) with as many slots
+    as the static engine has rows and its default pool (the static cache's size, its pages split over the
+    data-parallel shards): reading every slot's pages up to the
+    longest sequence (``paged_decode_step``), and up to the prompt and a third of ``max_new_tokens``
+    (``paged_decode_step[live]``: the pages a slot holds on average when response lengths average a third of
+    the cap, what a kernel reading live pages only reads)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ..flops import generation_flops
+    from ..jitted import sds
+    from ..paged import DEFAULT_PAGE_SIZE, decode_step, per_layer_weights, pool_sharding
+    from ..sharding import data_parallel_size, named_sharding
+
+    mesh, config = ctx.mesh, ctx.model_config
+    page_size = DEFAULT_PAGE_SIZE
+    per_sequence = -(-prompt_length // page_size) + -(-max_new_tokens // page_size)
+    shards = data_parallel_size(mesh)
+    num_pages = shards * (1 + slots // shards * per_sequence)  # the engine's default pool
+    pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
+    layer_pool = pool_sharding(nnx.merge(ctx.graphdef, ctx.abstract_state["params"]), slots, pool_shape)
+    pool = tuple(sds(pool_shape, jnp.dtype(cache_dtype), layer_pool) for _ in range(config.num_layers))
+    rows = named_sharding(("batch",), mesh, shape=(slots,))
+    vector = sds((slots,), jnp.int32, rows)
+
+    def step(p, pool_k, pool_v, tokens, positions, write_page, write_offset, read_pages, valid):
+        model = nnx.merge(ctx.graphdef, p)
+        return decode_step(model, per_layer_weights(model, None), pool_k, pool_v, tokens, positions=positions,
+                           write_page=write_page, write_offset=write_offset, read_pages=read_pages, valid=valid)
+
+    for name, length in (("paged_decode_step", prompt_length + max_new_tokens),
+                         ("paged_decode_step[live]", prompt_length + max_new_tokens // 3)):
+        bound = -(-length // page_size)
+        read_pages = sds((slots, bound), jnp.int32, named_sharding(("batch", None), mesh, shape=(slots, bound)))
+        valid = sds((slots, bound * page_size), jnp.bool_,
+                    named_sharding(("batch", None), mesh, shape=(slots, bound * page_size)))
+        compiler.compile(
+            f"{prefix}{name}",
+            lambda read_pages=read_pages, valid=valid: jax.jit(step, donate_argnums=(1, 2)).lower(
+                params, pool, pool, vector, vector, vector, vector, read_pages, valid),
+            model_flops=slots * generation_flops(config, length, 1, prefill=False), resident=resident,
+            note=f"{slots} slots, one token each, reading {bound} pages of {page_size} per slot ({length} positions); "
+                 f"pool of {num_pages} pages over {shards} data-parallel shards (the static cache's size, pools "
+                 "donated)")
 
 
 # ------------------------------------------------------------------------------------------ pipeline

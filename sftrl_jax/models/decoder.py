@@ -152,9 +152,35 @@ class DecoderLayers(nnx.Module):
         return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
-def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, attend, cache_kv, cache_index):
+def dense_cache_store(cache_k, cache_v, layer, index, dtype):
+    """The KV-cache step of a decoder layer over a dense :class:`KVCache`: write the new keys/values at
+    slot ``index``, then read the layer's whole cache. ``layer`` None: the cache is this layer's own
+    ``[B, KV, S, D]`` (a split cache); otherwise it is the whole ``[layers, B, KV, S, D]`` stack, carried
+    through the layer scan so only new positions are written. Returns ``store(k, v) -> (keys, values,
+    (cache_k, cache_v))``, what :func:`_decoder_layer` takes as ``cache_kv``."""
+
+    def write(cache, new):
+        new = new.astype(cache.dtype)
+        if layer is None:
+            return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
+
+    def read(cache):
+        whole = cache if layer is None else jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
+        return whole.astype(dtype)
+
+    def store(k, v):
+        new_k, new_v = write(cache_k, k), write(cache_v, v)
+        return read(new_k), read(new_v), (new_k, new_v)
+
+    return store
+
+
+def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, attend, cache_kv):
     """One pre-norm decoder block. ``w`` holds this layer's weights (no ``layers`` axis);
-    ``attend(q, k, v)`` is the attention with its masking bound."""
+    ``attend(q, k, v)`` is the attention with its masking bound. ``cache_kv`` (None without a cache):
+    ``store(k, v) -> (keys, values, new cache)`` puts this step's keys/values ``[B, KV, T, D]`` in the
+    cache and returns the keys/values to attend (:func:`dense_cache_store`; the paged engine's pages)."""
     c = config
     cast = lambda name: w[name].astype(dtype)  # noqa: E731
     h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
@@ -168,24 +194,7 @@ def _decoder_layer(x, w, *, config: ModelConfig, dtype, cos, sin, attend, cache_
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos[:, None], sin[:, None], heads_axis=1)
     if cache_kv is not None:
-        # write this step's keys/values in place, then read the layer's whole cache. ``layer`` None:
-        # the cache is this layer's own [B, KV, S, D] (a split cache); otherwise it is the whole
-        # [layers, B, KV, S, D] stack, carried through the layer scan so only new positions are written
-        cache_k, cache_v, layer = cache_kv
-
-        def write(cache, new):
-            new = new.astype(cache.dtype)
-            if layer is None:
-                return jax.lax.dynamic_update_slice(cache, new, (0, 0, cache_index, 0))
-            return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, cache_index, 0))
-
-        def read(cache):
-            whole = cache if layer is None else jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
-            return whole.astype(dtype)
-
-        cache_k, cache_v = write(cache_k, k), write(cache_v, v)
-        new_kv = (cache_k, cache_v)
-        k, v = read(cache_k), read(cache_v)
+        k, v, new_kv = cache_kv(k, v)
     else:
         new_kv = None
     attn = attend(q, k, v)
@@ -288,7 +297,8 @@ class Decoder(nnx.Module):
         def cached_body(carry, scanned):
             h, cache_k, cache_v = carry
             w, index = scanned
-            out, (cache_k, cache_v) = layer(h, w, cache_kv=(cache_k, cache_v, index))
+            store = dense_cache_store(cache_k, cache_v, index, cache.index, self.dtype)
+            out, (cache_k, cache_v) = layer(h, w, cache_kv=store)
             return (self.constrain(out), cache_k, cache_v), None
 
         (x, cache_k, cache_v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
@@ -303,13 +313,12 @@ class Decoder(nnx.Module):
         ``layer(x, weights, cache_kv=...) -> (x, (k, v))`` with positions, masks and attention bound,
         and (with a cache) the cache's new ``valid`` mask. :meth:`forward` and the sampler's
         per-layer decode both run the layers from here."""
-        c = self.config
         batch, length = input_ids.shape
         unpadded = attention_mask is None and segment_ids is None  # static: plain causal rows
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
         attention_mask = attention_mask.astype(jnp.bool_)
-        cache_valid = cache_index = None
+        cache_valid = None
         if cache is None:
             if positions is None:
                 positions = default_positions(attention_mask, segment_ids)
@@ -332,11 +341,18 @@ class Decoder(nnx.Module):
             attend = partial(attention, q_segment_ids=attention_mask.astype(jnp.int32),
                              kv_segment_ids=cache_valid.astype(jnp.int32), q_offset=cache_index,
                              implementation="dense", platform=self.platform)
-        cos, sin = rope_tables(positions, rope_inv_freq(c))
-        x = self.constrain(self.embed[...][input_ids].astype(self.dtype))
-        layer = partial(_decoder_layer, config=c, dtype=self.dtype, cos=cos, sin=sin, attend=attend,
-                        cache_index=cache_index)
-        return x, layer, cache_valid
+        x = self.embed_tokens(input_ids)
+        return x, self.layer_fn(positions, attend), cache_valid
+
+    def layer_fn(self, positions, attend):
+        """``layer(x, weights, cache_kv=...) -> (x, new cache)`` for tokens at ``positions [B, T]`` (RoPE),
+        attending with ``attend(q, k, v)``."""
+        cos, sin = rope_tables(positions, rope_inv_freq(self.config))
+        return partial(_decoder_layer, config=self.config, dtype=self.dtype, cos=cos, sin=sin, attend=attend)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """The embedded tokens ``[B, T, E]`` in the compute dtype."""
+        return self.constrain(self.embed[...][input_ids].astype(self.dtype))
 
     def final_hidden(self, x: jax.Array) -> jax.Array:
         """The last layer's output through the final norm."""

@@ -30,7 +30,7 @@ from ..flops import generation_flops, train_flops
 from ..models import read_config
 from ..models.config import require_positions
 from ..probe import Validation
-from ..sampling import TextSampler, pad_token_id
+from ..sampling import TextSampler, generation_metrics, pad_token_id
 from ..sharding import micro_batch_sharding, place, to_host
 from ..training import Algorithm, Hook, LoopContext, TrainResult, probe_hook, run_loop
 from .algorithms import kl_penalty
@@ -165,6 +165,7 @@ class RLAlgorithm(Algorithm):
         sampler = TextSampler(nnx.merge(self.ctx.graphdef, state["params"]), self.ctx.tokenizer, config.sampling)
         rollouts = collect_rollouts(sampler, self.items, self.prompt_sampler, self.reward_fn, config, step,
                                     self.demonstrations)
+        generation = sampler.stats
         del sampler  # its decode-layout copy of the weights
         timing = {"generate": time.perf_counter() - tick - rollouts.score_seconds, "score": rollouts.score_seconds}
         tick = time.perf_counter()
@@ -198,6 +199,7 @@ class RLAlgorithm(Algorithm):
             "generation_rounds": rollouts.rounds, "dropped_groups": rollouts.dropped_groups,
             **summary, **mismatch, **{f"time_{k}": v for k, v in timing.items()},
             "tokens_per_s": float(lengths.sum()) / sum(timing.values()), **self.flops,
+            **generation_metrics(generation, prefix="rollout_"),
         }
 
     def _as_verl_lays_out(self, arrays: dict) -> dict:

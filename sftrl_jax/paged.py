@@ -1,0 +1,548 @@
+"""The paged engine: continuous batching over a paged KV cache (``sampling.engine: paged``).
+
+Keys and values live in a pool of fixed-size pages, one pool per layer (``[pages, kv_heads, page_size,
+head_dim]``); each sequence reads them through its row of a page table. A prompt is prefilled once into
+pages of its own, which its ``n`` samples share read-only; each sample writes its generated tokens into
+pages it holds alone, starting at the page boundary after the prompt (the gap at the end of the prompt's
+last page is masked), so nothing is copied. Page 0 is a scratch page: unused table entries point there
+and idle slots write there.
+
+A host-side scheduler keeps ``max_slots`` decode slots busy: a sequence that ends (a stop id or its own
+token limit) gives back its pages and its slot, which the next queued sample takes (its prompt prefilled
+first if no sample of it has been admitted yet). The device work is two jitted functions of fixed shapes:
+:func:`_prefill` (a bucketed batch of prompts into their pages, and the first token of each of their
+samples) and :func:`_decode_chunk` (up to ``chunk`` decode steps of every slot, in a ``while_loop`` that
+returns early once enough slots have ended to refill). A sequence takes a page of its own on the device
+when its next token opens one (from a stack of free pages passed into the chunk), so it holds only the
+pages it fills; when the free pages cannot cover the next step, the latest admitted sequence is
+preempted: its pages go back and it starts again from the queue, which gives the same tokens (its
+randomness is its own, :func:`sftrl_jax.sampling.pick`); before that, prompts whose queued samples are
+not running yet give their pages back (they are prefilled again when admitted). Each decode step
+attends over the pages a slot holds up to a bound on the live lengths (a power of two of pages, so few
+shapes compile), masked to the slot's prompt and generated tokens.
+
+The model's own layers, RoPE and attention run every step (:meth:`Decoder.layer_fn`, with the page
+pool as the layer's cache store), and tokens are drawn as the static engine draws them
+(:func:`sftrl_jax.sampling.pick`, counter-based per sample and token), so both engines give the same samples.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from .data.batching import bucket_length
+from .models.attention import attention
+from .models.decoder import Decoder, init_cache
+from .sampling import Sample, finish_sample, kv_bytes_per_token, memory_limit, pick, sample_keys, split_layer_weights
+from .sharding import data_parallel_size, logical_to_pspec, place, rows_sharding, to_host
+
+DEFAULT_PAGE_SIZE = 16
+SCRATCH_PAGE = 0
+DEFAULT_CHUNK = 32  # decode steps per device call at most
+
+
+def check_paged_settings(max_slots: int, page_size: int, num_pages: int | None, *, pages_per_sequence: int,
+                         shards: int = 1) -> None:
+    """One-line errors naming the setting for engine settings that cannot work (``shards``: the data-parallel
+    shards the pool's pages split over)."""
+    if max_slots < 1:
+        raise ValueError(f"sampling.max_slots must be >= 1, got {max_slots}")
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"sampling.page_size must be a power of two (it divides the padded prompt lengths), "
+                         f"got {page_size}")
+    if num_pages is not None and num_pages // shards - 1 < pages_per_sequence:
+        where = f" on each of {shards} data-parallel shards" if shards > 1 else ""
+        raise ValueError(f"sampling.num_pages ({num_pages}) cannot hold one sequence{where}: the longest prompt "
+                         f"and its token limit take {pages_per_sequence} pages of {page_size} tokens, plus the "
+                         "scratch page")
+
+
+class PagePool:
+    """The free pages, a stack (page 0, the scratch page, is never free). The host takes pages for prompts
+    and gives pages back; a decode chunk takes sequences' pages from the top of the stack on the device
+    (:meth:`stack`, then :meth:`taken_down_to`)."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self.free = list(range(num_pages - 1, SCRATCH_PAGE, -1))
+        self.peak = 0
+
+    @property
+    def in_use(self) -> int:
+        return self.num_pages - 1 - len(self.free)
+
+    def take(self, count: int) -> list[int]:
+        pages = [self.free.pop() for _ in range(count)]
+        self.peak = max(self.peak, self.in_use)
+        return pages
+
+    def give_back(self, pages: Sequence[int]) -> None:
+        self.free.extend(reversed(pages))
+
+    def stack(self) -> np.ndarray:
+        """The free pages as a ``[num_pages]`` array (the top last; the tail unused)."""
+        out = np.zeros(self.num_pages, np.int32)
+        out[:len(self.free)] = self.free
+        return out
+
+    def taken_down_to(self, count: int) -> None:
+        """The device took the pages above the first ``count``."""
+        del self.free[count:]
+        self.peak = max(self.peak, self.in_use)
+
+
+def _pages(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+def _axes(model: Decoder, slots: int, kv_heads: int):
+    """The mesh axes slots (and a pool's pages) split over, and those kv heads split over."""
+    batch = logical_to_pspec(("batch",), model.mesh, model.rules, (slots,))[0]
+    heads = logical_to_pspec(("kv_heads",), model.mesh, model.rules, (kv_heads,))[0]
+    return batch, heads
+
+
+def pool_sharding(model: Decoder, slots: int, shape):
+    """A layer's page pool ``[pages, KV, page_size, D]``: pages split over the data-parallel shards (each
+    shard's slots use its own block of pages), kv heads over ``tensor`` as the model's are."""
+    if model.mesh is None:
+        return None
+    batch, heads = _axes(model, slots, shape[1])
+    return NamedSharding(model.mesh, PartitionSpec(batch, heads, None, None))
+
+
+def per_layer_weights(model: Decoder, layer_weights):
+    """Each layer's weights: the pre-split copies (CPU) or static slices of the stack."""
+    if layer_weights is not None:
+        return layer_weights
+    arrays = model.layers.arrays()
+    return [{name: value[i] for name, value in arrays.items()} for i in range(model.config.num_layers)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "temperature", "top_k", "top_p"),
+                   donate_argnames=("pool_k", "pool_v"))
+def _prefill(graphdef, params, pool_k, pool_v, prompt_ids, prompt_mask, page_ids, key, first_sample, *, n,
+             temperature, top_k, top_p):
+    """Prefill right-padded prompts ``[rows, length]`` into their pages ``page_ids [rows, length / page_size]``
+    (scratch for positions past a prompt) and draw token 0 of each prompt's ``n`` samples (sample ids
+    ``first_sample[row] + j``). Returns the pools and ``[rows, n]`` tokens and log-probs."""
+    model = nnx.merge(graphdef, params)
+    rows, length = prompt_ids.shape
+    page_size = pool_k[0].shape[2]
+    cache = init_cache(model.config, rows, length, pool_k[0].dtype)
+    hidden, cache = model.forward(prompt_ids, attention_mask=prompt_mask, cache=cache)
+    last = jnp.sum(prompt_mask, axis=1) - 1
+    logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
+
+    def to_pages(layer_cache):  # [rows, KV, length, D] -> [rows, length / page_size, KV, page_size, D]
+        kv, dim = layer_cache.shape[1], layer_cache.shape[3]
+        paged = layer_cache.reshape(rows, kv, length // page_size, page_size, dim)
+        return paged.transpose(0, 2, 1, 3, 4)
+
+    pool_k = tuple(p.at[page_ids].set(to_pages(c)) for p, c in zip(pool_k, cache.k))
+    pool_v = tuple(p.at[page_ids].set(to_pages(c)) for p, c in zip(pool_v, cache.v))
+    keys = sample_keys(key, (first_sample[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]).reshape(-1))
+    token, logprob = pick(jnp.repeat(logits, n, axis=0), keys, 0, temperature, top_k, top_p)
+    return pool_k, pool_v, token.reshape(rows, n), logprob.reshape(rows, n)
+
+
+def paged_store(model: Decoder, pool_k, pool_v, write_page, write_offset, read_pages):
+    """The KV-cache step of a decoder layer over one layer's page pool ``[pages, KV, page_size, D]``: write
+    each slot's new key/value ``[S, KV, 1, D]`` at ``(write_page, write_offset)``, then gather each slot's
+    ``read_pages [S, bound]`` as ``[S, KV, bound x page_size, D]``. Page ids are local to the slot's
+    data-parallel shard, whose block of the pool it reads and writes on its own devices (``shard_map``)."""
+
+    def local(pool_k, pool_v, k, v, write_page, write_offset, read_pages):
+        def gather(pool):
+            slots, bound = read_pages.shape
+            pages = pool[read_pages]  # [S, bound, KV, page_size, D]
+            return pages.transpose(0, 2, 1, 3, 4).reshape(slots, pool.shape[1], bound * pool.shape[2],
+                                                          pool.shape[3]).astype(model.dtype)
+
+        new_k = pool_k.at[write_page, :, write_offset, :].set(k[:, :, 0, :].astype(pool_k.dtype))
+        new_v = pool_v.at[write_page, :, write_offset, :].set(v[:, :, 0, :].astype(pool_v.dtype))
+        return gather(new_k), gather(new_v), new_k, new_v
+
+    def store(k, v):
+        args = (pool_k, pool_v, k, v, write_page, write_offset, read_pages)
+        if model.mesh is None or model.mesh.size == 1:
+            keys, values, new_k, new_v = local(*args)
+        else:
+            batch, heads = _axes(model, k.shape[0], k.shape[1])
+            four = PartitionSpec(batch, heads, None, None)
+            specs = (four, four, four, four, PartitionSpec(batch), PartitionSpec(batch), PartitionSpec(batch, None))
+            keys, values, new_k, new_v = jax.shard_map(local, mesh=model.mesh, in_specs=specs,
+                                                       out_specs=(four, four, four, four), check_vma=False)(*args)
+        return keys, values, (new_k, new_v)
+
+    return store
+
+
+def decode_step(model: Decoder, layer_weights, pool_k, pool_v, tokens, *, positions, write_page, write_offset,
+                read_pages, valid):
+    """One decode step of every slot: feed ``tokens [S]`` at RoPE ``positions [S]``, writing their keys/values
+    at ``(write_page, write_offset)``; attention reads ``read_pages [S, bound]`` where ``valid [S, bound x
+    page_size]``. Returns next-token logits ``[S, V]`` and the pools."""
+    slots = tokens.shape[0]
+    attend = functools.partial(attention, q_segment_ids=jnp.ones((slots, 1), jnp.int32),
+                               kv_segment_ids=valid.astype(jnp.int32), q_offset=valid.shape[1] - 1,
+                               implementation="dense", platform=model.platform)
+    x = model.embed_tokens(tokens[:, None])
+    layer = model.layer_fn(positions[:, None], attend)
+    new_k, new_v = [], []
+    for w, layer_k, layer_v in zip(layer_weights, pool_k, pool_v):
+        store = paged_store(model, layer_k, layer_v, write_page, write_offset, read_pages)
+        x, (layer_k, layer_v) = layer(x, w, cache_kv=store)
+        x = model.constrain(x)
+        new_k.append(layer_k)
+        new_v.append(layer_v)
+    return model.logits(model.final_hidden(x))[:, 0], tuple(new_k), tuple(new_v)
+
+
+def _needs_page(active, gen_base, count, page_size):
+    """Slots whose pending token opens a page of their own (its cache index is at a page start)."""
+    return active & ((gen_base + count - 1) % page_size == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "bound", "temperature", "top_k", "top_p",
+                                             "eos_ids", "pad_id"),
+                   donate_argnames=("pool_k", "pool_v"))
+def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, free_pages, free_count, prompt_len,
+                  gen_base, count, tokens, limits, active, sample_ids, key, refill_at, *, chunk, bound, temperature,
+                  top_k, top_p, eos_ids, pad_id):
+    """Up to ``chunk`` decode steps of every ``active`` slot; stops early once ``refill_at`` slots have ended,
+    or before a step whose new pages the free pages cannot cover.
+
+    Per slot: ``tokens`` the pending token (generated, not yet in the cache), ``count`` the tokens
+    generated so far (the pending one included), ``prompt_len``, ``gen_base`` (the cache index of its
+    first generated token), ``limits`` its token limit, ``page_table [S, pages]`` its pages (the first
+    ``bound`` are read; ids local to the slot's data-parallel shard). A slot takes a page when its pending
+    token opens one, from the top of its shard's stack ``free_pages[shard, :free_count[shard]]`` (slots
+    split evenly over ``free_pages.shape[0]`` shards, in order). Returns the pools, the page table, the free
+    counts, the ``[S, chunk]`` tokens and log-probs drawn, the new ``count``/``tokens``/``active`` and the steps
+    run.
+    """
+    model = nnx.merge(graphdef, params)
+    weights = per_layer_weights(model, layer_weights)
+    slots = tokens.shape[0]
+    page_size = pool_k[0].shape[2]
+    index = jnp.arange(bound * page_size, dtype=jnp.int32)[None, :]
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    keys = sample_keys(key, sample_ids)
+
+    shards = free_pages.shape[0]
+
+    def per_shard(opens):
+        return opens.reshape(shards, slots // shards).astype(jnp.int32)
+
+    def cond(carry):
+        step, ended, _, _, table, free_count, count, active, _, _, _ = carry
+        needed = jnp.sum(per_shard(_needs_page(active, gen_base, count, page_size)), axis=1)
+        return (step < chunk) & jnp.any(active) & (ended < refill_at) & jnp.all(needed <= free_count)
+
+    def body(carry):
+        step, ended, pool_k, pool_v, table, free_count, count, active, tokens, out_tokens, out_logprobs = carry
+        slot = gen_base + count - 1  # cache index of the pending token
+        opens = _needs_page(active, gen_base, count, page_size)
+        rank = jnp.cumsum(per_shard(opens), axis=1) - 1  # [shards, slots per shard]
+        top = jnp.clip(free_count[:, None] - 1 - rank, 0, free_pages.shape[1] - 1)
+        taken = jnp.take_along_axis(free_pages, top, axis=1).reshape(slots)
+        column = slot // page_size
+        current = jnp.take_along_axis(table, column[:, None], axis=1)[:, 0]
+        table = table.at[jnp.arange(slots), column].set(jnp.where(opens, taken, current))
+        free_count = free_count - jnp.sum(per_shard(opens), axis=1)
+        write_page = jnp.where(active, jnp.where(opens, taken, current), SCRATCH_PAGE)
+        valid = (index < prompt_len[:, None]) | ((index >= gen_base[:, None]) & (index <= slot[:, None]))
+        logits, pool_k, pool_v = decode_step(model, weights, pool_k, pool_v, tokens,
+                                             positions=prompt_len + count - 1, write_page=write_page,
+                                             write_offset=slot % page_size, read_pages=table[:, :bound], valid=valid)
+        token, logprob = pick(logits, keys, count, temperature, top_k, top_p)
+        out_tokens = out_tokens.at[:, step].set(jnp.where(active, token, pad_id))
+        out_logprobs = out_logprobs.at[:, step].set(jnp.where(active, logprob, 0.0))
+        count = count + active.astype(jnp.int32)
+        ends = active & (jnp.any(token[:, None] == eos[None, :], axis=-1) | (count >= limits))
+        tokens = jnp.where(active, token, tokens)
+        return (step + 1, ended + jnp.sum(ends, dtype=jnp.int32), pool_k, pool_v, table, free_count, count,
+                active & ~ends, tokens, out_tokens, out_logprobs)
+
+    carry = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), pool_k, pool_v, page_table, free_count, count,
+             active, tokens, jnp.full((slots, chunk), pad_id, jnp.int32), jnp.zeros((slots, chunk), jnp.float32))
+    (steps, _, pool_k, pool_v, page_table, free_count, count, active, tokens, out_tokens,
+     out_logprobs) = jax.lax.while_loop(cond, body, carry)
+    return pool_k, pool_v, page_table, free_count, out_tokens, out_logprobs, count, tokens, active, steps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _split_weights(graphdef, params):
+    return split_layer_weights(nnx.merge(graphdef, params))
+
+
+class _Prompt:
+    """A prompt's state in the engine: its pages on each data-parallel shard it was prefilled on, its
+    samples' first tokens, and how many of its samples have not ended (its pages go back when none is left)."""
+
+    def __init__(self, ids: Sequence[int], n: int):
+        self.ids, self.remaining = list(ids), n
+        self.pages: dict[int, list[int]] = {}  # shard -> its local page ids
+        self.first_tokens = self.first_logprobs = None
+
+
+def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limits: np.ndarray, temperature: float,
+                   top_k: int, top_p: float, eos_ids: tuple[int, ...], seed: int, n: int, pad_id: int,
+                   split_layers: bool, max_slots: int, page_size: int | None = None, num_pages: int | None = None,
+                   chunk: int = DEFAULT_CHUNK, progress: bool = False) -> tuple[list[Sample], dict]:
+    """The paged engine behind :func:`sftrl_jax.sampling.generate` (``engine="paged"``): the prompt-major
+    samples and the figures :func:`sftrl_jax.sampling.engine_stats` takes.
+
+    With several data-parallel shards, the slots and the pool's pages split evenly over them: a slot
+    reads and writes only its shard's pages, and a prompt is prefilled on each shard whose slots run
+    one of its samples (a shard is chosen where the prompt already is when it has a free slot)."""
+    page_size = DEFAULT_PAGE_SIZE if page_size is None else int(page_size)
+    longest_prompt, longest_limit = max(map(len, prompt_ids)), int(limits.max())
+    # a sample caches its prompt and all its tokens but the last (drawn, never fed back)
+    prompt_pages = _pages(longest_prompt, page_size)
+    own_pages = lambda limit: _pages(int(limit) - 1, page_size)  # noqa: E731
+    per_sequence = prompt_pages + own_pages(longest_limit)
+    mesh = model.mesh
+    shards = data_parallel_size(mesh) if mesh is not None else 1
+    check_paged_settings(max_slots, page_size, num_pages, pages_per_sequence=per_sequence, shards=shards)
+    slots = -(-max_slots // shards) * shards  # slots split evenly over the data-parallel shards
+    shard_slots = slots // shards
+    shard_pages = 1 + shard_slots * per_sequence if num_pages is None else num_pages // shards
+    num_pages = shard_pages * shards
+    config = model.config
+    page_bytes = page_size * kv_bytes_per_token(model)
+    graphdef, params = nnx.split(model)
+    pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
+    layer_pool = pool_sharding(model, slots, pool_shape)
+    local = layer_pool.shard_shape(pool_shape) if layer_pool is not None else pool_shape
+    per_device = local[0] * page_bytes * local[1] // config.num_kv_heads
+    devices = list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
+    limit_bytes, what = memory_limit(devices)
+    if per_device * len(devices) > limit_bytes:
+        raise ValueError(f"sampling.num_pages ({num_pages}): a pool of {num_pages} pages of {page_size} tokens needs "
+                         f"{per_device / 2**30:.1f} GiB on each of {len(devices)} devices, more than {what} "
+                         f"({limit_bytes / 2**30:.1f} GiB); lower sampling.num_pages or sampling.max_slots")
+    layer_weights = _split_weights(graphdef, params) if split_layers else None
+
+    # made on the devices (every process of a multi-host mesh runs the same program)
+    zeros = jax.jit(lambda: tuple(jnp.zeros(pool_shape, model.dtype) for _ in range(config.num_layers)),
+                    out_shardings=None if layer_pool is None else (layer_pool,) * config.num_layers)
+    pool_k, pool_v = zeros(), zeros()
+    pools = [PagePool(shard_pages) for _ in range(shards)]  # local page ids; 0 is each shard's scratch page
+    peak = 0
+    key = jax.random.key(seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+
+    prompts = [_Prompt(p, n) for p in prompt_ids]
+    queue = collections.deque(range(len(prompt_ids) * n))  # sample ids, prompt-major
+    tokens_of: list[list[int]] = [[] for _ in range(len(prompt_ids) * n)]
+    logprobs_of: list[list[float]] = [[] for _ in range(len(prompt_ids) * n)]
+    max_pages = prompt_pages + own_pages(longest_limit)
+    table = np.zeros((slots, max_pages), np.int32)
+    slot_sample = np.full(slots, -1, np.int64)
+    slot_shard = np.arange(slots) // shard_slots
+    admitted = np.zeros(slots, np.int64)  # admission order (the latest is preempted first)
+    prompt_len = np.zeros(slots, np.int32)
+    gen_base = np.zeros(slots, np.int32)
+    count = np.zeros(slots, np.int32)
+    pending = np.zeros(slots, np.int32)
+    slot_limit = np.ones(slots, np.int32)
+    decode_steps = admissions = preemptions = 0
+    kv_bytes = 0.0
+    bar = tqdm(total=len(queue), desc="generate", disable=not progress, dynamic_ncols=True)
+
+    def note_peak() -> None:
+        nonlocal peak
+        peak = max(peak, sum(pool.in_use for pool in pools))
+
+    def end_sample(sample: int) -> None:
+        prompt = prompts[sample // n]
+        prompt.remaining -= 1
+        if prompt.remaining == 0:
+            for shard, pages in prompt.pages.items():
+                pools[shard].give_back(pages)
+            prompt.pages = {}
+        bar.update(1)
+
+    def free_slot(slot: int) -> None:
+        own = table[slot, gen_base[slot] // page_size:]
+        pools[slot_shard[slot]].give_back(own[own != SCRATCH_PAGE].tolist())
+        table[slot] = SCRATCH_PAGE
+        slot_sample[slot] = -1
+
+    def free_slots_of(shard: int) -> int:
+        return int(np.sum((slot_sample < 0) & (slot_shard == shard)))
+
+    def prefill(shard: int) -> None:
+        """Prefill on ``shard`` the prompts not there yet of the queued samples that could take its free slots
+        now, as many as its free pages hold with a first page for one sample of each."""
+        chosen, pages_left = [], len(pools[shard].free)
+        for sample in list(queue)[:max(free_slots_of(shard), 1)]:
+            index = sample // n
+            prompt = prompts[index]
+            if shard in prompt.pages or index in chosen:
+                continue
+            need = _pages(len(prompt.ids), page_size)
+            if need + 1 > pages_left:
+                break
+            chosen.append(index)
+            pages_left -= need
+        if not chosen:
+            return
+        rows = bucket_length(len(chosen), maximum=max(slots, 1), minimum=1)
+        rows = -(-rows // shards) * shards
+        length = -(-bucket_length(max(len(prompts[i].ids) for i in chosen), maximum=1 << 30, minimum=16)
+                   // page_size) * page_size
+        ids = np.full((rows, length), pad_id, np.int32)
+        mask = np.zeros((rows, length), np.int32)
+        mask[:, 0] = 1  # padding rows: one token, written to the scratch page
+        page_ids = np.full((rows, length // page_size), shard * shard_pages + SCRATCH_PAGE, np.int32)
+        first_sample = np.zeros(rows, np.int32)
+        for row, index in enumerate(chosen):
+            prompt = prompts[index]
+            ids[row, :len(prompt.ids)] = prompt.ids
+            mask[row, :len(prompt.ids)] = 1
+            prompt.pages[shard] = pools[shard].take(_pages(len(prompt.ids), page_size))
+            page_ids[row, :len(prompt.pages[shard])] = np.asarray(prompt.pages[shard]) + shard * shard_pages
+            first_sample[row] = index * n
+        note_peak()
+        args = (ids, mask, page_ids, first_sample)
+        if mesh is not None:
+            args = tuple(place(a, rows_sharding(mesh, a.ndim)) for a in args)
+        nonlocal pool_k, pool_v
+        pool_k, pool_v, first_tokens, first_logprobs = _prefill(graphdef, params, pool_k, pool_v, *args[:3], key,
+                                                                args[3], n=n, **sampling)
+        first_tokens, first_logprobs = to_host(first_tokens), to_host(first_logprobs)
+        for row, index in enumerate(chosen):
+            prompts[index].first_tokens = first_tokens[row]
+            prompts[index].first_logprobs = first_logprobs[row]
+
+    def admit() -> None:
+        """Fill free slots from the queue, in order, while a first page for each is free on the slot's shard
+        (beyond a reserve of one page per two busy slots there, for the pages the busy slots will open)."""
+        nonlocal admissions
+        while queue and np.any(slot_sample < 0):
+            sample = queue[0]
+            index, j = divmod(sample, n)
+            prompt = prompts[index]
+            open_shards = [d for d in range(shards) if free_slots_of(d)]
+            resident = [d for d in open_shards if d in prompt.pages]
+            shard = resident[0] if resident else max(open_shards, key=lambda d: len(pools[d].free))
+            if shard not in prompt.pages:
+                prefill(shard)
+                if shard not in prompt.pages:
+                    return  # not enough free pages for the prompt yet
+            token, logprob = int(prompt.first_tokens[j]), float(prompt.first_logprobs[j])
+            if token in eos_ids or limits[index] == 1:  # ended at its first token: no slot needed
+                queue.popleft()
+                tokens_of[sample], logprobs_of[sample] = [token], [logprob]
+                end_sample(sample)
+                continue
+            busy_here = int(np.sum((slot_sample >= 0) & (slot_shard == shard)))
+            if len(pools[shard].free) < 1 + busy_here // 2:
+                return
+            queue.popleft()
+            tokens_of[sample], logprobs_of[sample] = [token], [logprob]
+            slot = int(np.flatnonzero((slot_sample < 0) & (slot_shard == shard))[0])
+            slot_sample[slot] = sample
+            admitted[slot] = admissions = admissions + 1
+            table[slot] = SCRATCH_PAGE
+            table[slot, :len(prompt.pages[shard])] = prompt.pages[shard]
+            prompt_len[slot] = len(prompt.ids)
+            gen_base[slot] = len(prompt.pages[shard]) * page_size
+            count[slot] = 1
+            pending[slot] = token
+            slot_limit[slot] = limits[index]
+
+    def evict_idle_prompt(shard: int) -> bool:
+        """Give back a prompt's pages on ``shard`` where no running sequence reads them (it is prefilled again
+        when one of its samples is admitted there); False when there is none."""
+        here = (slot_sample >= 0) & (slot_shard == shard)
+        running = {int(sample) // n for sample in slot_sample[here]}
+        idle = [p for i, p in enumerate(prompts) if shard in p.pages and i not in running]
+        if not idle:
+            return False
+        pools[shard].give_back(idle[-1].pages.pop(shard))
+        return True
+
+    def pages_wanted() -> np.ndarray:
+        """Pages the busy slots' next step opens, per shard."""
+        opens = (slot_sample >= 0) & ((gen_base + count - 1) % page_size == 0)
+        return np.bincount(slot_shard[opens], minlength=shards)
+
+    while True:
+        admit()
+        if not np.any(slot_sample >= 0) and queue:  # nothing runs: the pages of idle prompts go back, then retry
+            for shard in range(shards):
+                while evict_idle_prompt(shard):
+                    pass
+            admit()
+        for shard in range(shards):
+            while pages_wanted()[shard] > len(pools[shard].free):
+                busy = np.flatnonzero((slot_sample >= 0) & (slot_shard == shard))
+                if evict_idle_prompt(shard):
+                    continue
+                if len(busy) > 1:  # preempt the latest admitted sequence; it starts again from the queue
+                    slot = int(busy[np.argmax(admitted[busy])])
+                    queue.appendleft(int(slot_sample[slot]))
+                    free_slot(slot)
+                    preemptions += 1
+                else:
+                    raise ValueError(f"sampling.num_pages ({num_pages}) is too small for one sequence to grow")
+        busy = slot_sample >= 0
+        if not busy.any():
+            if queue:
+                raise ValueError(f"sampling.num_pages ({num_pages}) is too small: no page left for the next "
+                                 "sample with every slot idle")
+            break
+        # the pages every busy slot may read during the chunk, as a power of two
+        reach = np.where(busy, gen_base + np.minimum(count - 1 + chunk, slot_limit - 1), 0)
+        bound = min(bucket_length(_pages(int(reach.max()), page_size), maximum=max_pages, minimum=1), max_pages)
+        refill_at = min(max(1, slots // 16), len(queue)) if queue else slots + 1
+        per_slot = (table, prompt_len, gen_base, count, pending, slot_limit, busy,
+                    np.where(busy, slot_sample, 0).astype(np.int32))
+        if mesh is not None:
+            per_slot = tuple(place(a, rows_sharding(mesh, a.ndim)) for a in per_slot)
+        table_arg, rest = per_slot[0], per_slot[1:]
+        stacks = np.stack([pool.stack() for pool in pools])
+        free_counts = np.asarray([len(pool.free) for pool in pools], np.int32)
+        (pool_k, pool_v, new_table, free_count, out_tokens, out_logprobs, new_count, new_pending, still,
+         steps) = _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, table_arg, stacks, free_counts,
+                                *rest, key, jnp.int32(refill_at), chunk=chunk, bound=bound, eos_ids=eos_ids,
+                                pad_id=pad_id, **sampling)
+        out_tokens, out_logprobs = to_host(out_tokens), to_host(out_logprobs)
+        new_count, new_pending, still, steps = to_host(new_count), to_host(new_pending), to_host(still), int(steps)
+        table[:] = to_host(new_table)
+        for pool, left in zip(pools, to_host(free_count)):
+            pool.taken_down_to(int(left))
+        note_peak()
+        decode_steps += steps
+        kv_bytes += steps * slots * bound * page_bytes
+        for slot in np.flatnonzero(busy):
+            sample = int(slot_sample[slot])
+            drawn = int(new_count[slot] - count[slot])
+            tokens_of[sample].extend(out_tokens[slot, :drawn].tolist())
+            logprobs_of[sample].extend(out_logprobs[slot, :drawn].tolist())
+            if not still[slot]:
+                free_slot(slot)
+                end_sample(sample)
+        count[:], pending[:] = new_count, new_pending
+    bar.close()
+    if any(pool.in_use for pool in pools):
+        raise RuntimeError(f"paged engine: {sum(pool.in_use for pool in pools)} pages still in use after the last "
+                           "sample")
+    samples = [finish_sample(sample // n, np.asarray(tokens_of[sample], np.int32),
+                             np.asarray(logprobs_of[sample], np.float32), int(limits[sample // n]), eos_ids)
+               for sample in range(len(tokens_of))]
+    return samples, {"decode_steps": decode_steps, "slot_steps": decode_steps * slots,
+                     "max_pages_in_use": peak, "kv_bytes_read": kv_bytes, "preemptions": preemptions}

@@ -1,0 +1,126 @@
+"""The paged engine (continuous batching over a paged KV cache) against the static sampler, the reference:
+greedy parity with transformers, the same sampled tokens and log-probs whatever the slots, page size,
+batch size and device count, per-request limits, stop reasons, pages given back, bad settings."""
+
+import jax
+import numpy as np
+import pytest
+from test_sampling import PROMPTS, hf_greedy, hf_logprobs
+
+from hf_checkpoints import load_hf
+from sftrl_jax import paged
+from sftrl_jax.config import SamplingOptions
+from sftrl_jax.models import load_pretrained
+from sftrl_jax.sampling import generate
+from sftrl_jax.sharding import make_mesh
+
+# prompts of several page counts (page size 4: 2, 5, 1 and 1 pages)
+LONG_PROMPTS = PROMPTS + [[7]] + [[60 + i for i in range(19)]]
+LIMITS = [7, 13, 3, 9, 5]
+
+
+def model_on(hf_checkpoint, devices: int, family: str = "qwen2_untied"):
+    mesh = make_mesh({"fsdp": devices}, devices=jax.devices()[:devices])
+    return load_pretrained(str(hf_checkpoint(family)), mesh=mesh)[0]
+
+
+def same_samples(a, b, atol=2e-5):
+    assert [s.prompt_index for s in a] == [s.prompt_index for s in b]
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    assert [s.stop_reason for s in a] == [s.stop_reason for s in b]
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=atol)
+
+
+@pytest.mark.slow
+def test_paged_greedy_matches_transformers(hf_checkpoint):
+    directory = hf_checkpoint("qwen2_tied")
+    model = model_on(hf_checkpoint, 8, "qwen2_tied")
+    reference = load_hf(directory)
+    eos = hf_greedy(reference, PROMPTS, 10, [])[0][4]  # a token the first prompt emits: it must stop there
+    stats = {}
+    samples = generate(model, PROMPTS, max_new_tokens=10, temperature=0, eos_token_id=eos, engine="paged",
+                       max_slots=2, page_size=4, stats=stats)
+    expected = hf_greedy(reference, PROMPTS, 10, eos)
+    assert samples[0].stop_reason == "eos" and samples[0].tokens[-1] == eos and len(samples[0].tokens) <= 5
+    for prompt, sample, theirs in zip(PROMPTS, samples, expected):
+        assert sample.tokens == theirs[:len(sample.tokens)]
+        assert len(sample.tokens) == 10 or sample.stop_reason == "eos"
+        np.testing.assert_allclose(sample.logprobs, hf_logprobs(reference, prompt, sample.tokens), atol=1e-4)
+    assert stats["useful_tokens"] == sum(len(s.tokens) for s in samples) and stats["max_pages_in_use"] > 0
+    assert 0 < stats["slot_utilisation"] <= 1
+
+
+@pytest.mark.slow
+def test_paged_samples_what_static_samples(hf_checkpoint, tokenizer, monkeypatch):
+    """float32: the same tokens (and log-probs within rounding) from both engines whatever the slots, page
+    size and pool size; per-request limits and stop ids end sequences; every page is back at the end; the
+    sampler of RL, evaluation and the probe reads the engine settings."""
+    pools = []
+    real = paged.PagePool
+
+    def recording(num_pages):
+        pools.append(real(num_pages))
+        return pools[-1]
+
+    monkeypatch.setattr(paged, "PagePool", recording)
+    model = model_on(hf_checkpoint, 1)
+    free = generate(model, LONG_PROMPTS, max_new_tokens=LIMITS, temperature=1.0, eos_token_id=[], n=2, seed=4)
+    assert [len(s.tokens) for s in free] == list(np.repeat(LIMITS, 2))
+    assert all(s.stop_reason == "length" for s in free) and free[2].tokens != free[3].tokens
+    stop = free[2].tokens[3]  # a token sample 0 of prompt 1 draws at index 3
+    kwargs = dict(max_new_tokens=LIMITS, temperature=1.0, eos_token_id=[stop, 95], n=2, seed=4)
+    static = generate(model, LONG_PROMPTS, batch_size=2, **kwargs)
+    assert static[2].stop_reason == "eos" and static[2].tokens[-1] == stop and len(static[2].tokens) <= 4
+    for sample, limit in zip(static, np.repeat(LIMITS, 2)):
+        assert len(sample.tokens) <= limit
+        assert (sample.stop_reason == "length") == (len(sample.tokens) == limit and sample.tokens[-1] not in (stop, 95))
+    stats = {}
+    # a pool of 11 pages holds one sequence of the longest prompt and limit (5 + 3 pages) at a time
+    same_samples(static, generate(model, LONG_PROMPTS, engine="paged", max_slots=3, page_size=4, num_pages=12,
+                                  stats=stats, **kwargs))
+    assert len(pools) == 1 and pools[0].in_use == 0 and 0 < pools[0].peak <= 11
+    assert stats["max_pages_in_use"] == pools[0].peak
+    same_samples(static, generate(model, LONG_PROMPTS, engine="paged", max_slots=8, page_size=16, **kwargs))
+    assert pools[1].in_use == 0
+    # three slots growing in a pool of six pages: sequences are preempted and recomputed, with the same tokens
+    short = dict(kwargs, max_new_tokens=[13, 13, 13])
+    stats = {}
+    same_samples(generate(model, PROMPTS, **short), generate(model, PROMPTS, engine="paged", max_slots=3, page_size=4,
+                                                             num_pages=7, stats=stats, **short))
+    assert stats["preemptions"] > 0 and pools[2].in_use == 0
+
+    from sftrl_jax.sampling import TextSampler
+
+    options = SamplingOptions(n=2, max_new_tokens=6, temperature=1.0, engine="paged", max_slots=3, page_size=4)
+    sampler = TextSampler(model, tokenizer, options)
+    samples, texts = sampler.sample(PROMPTS, seed=3)
+    same_samples(generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, n=2, seed=3,
+                          eos_token_id=sampler.stop_ids), samples)
+    assert len(texts) == 6 and sampler.stats["useful_tokens"] == sum(len(s.tokens) for s in samples)
+    assert sampler.stats["max_pages_in_use"] > 0
+
+
+@pytest.mark.slow
+def test_samples_identical_across_batch_sizes_and_devices(hf_checkpoint):
+    """float32: the static engine's samples do not depend on the batch size, and neither engine's on the
+    device count (the reference: one device, batch size 1)."""
+    kwargs = dict(max_new_tokens=LIMITS, temperature=1.0, eos_token_id=[], n=2, seed=5)
+    reference = generate(model_on(hf_checkpoint, 1), LONG_PROMPTS, batch_size=1, **kwargs)
+    for devices in (2, 8):
+        model = model_on(hf_checkpoint, devices)
+        same_samples(reference, generate(model, LONG_PROMPTS, batch_size=4, **kwargs))
+        same_samples(reference, generate(model, LONG_PROMPTS, engine="paged", max_slots=5, page_size=8, **kwargs))
+
+
+def test_bad_engine_settings_name_the_setting(hf_checkpoint):
+    model = model_on(hf_checkpoint, 1)
+    run = lambda **kw: generate(model, [[1, 2, 3]], max_new_tokens=40, engine="paged", **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"^sampling.page_size must be a power of two.*got 24$"):
+        run(page_size=24)
+    with pytest.raises(ValueError, match=r"^sampling.max_slots must be >= 1, got 0$"):
+        run(max_slots=0)
+    with pytest.raises(ValueError, match=r"^sampling.num_pages \(3\) cannot hold one sequence"):
+        run(page_size=16, num_pages=3)
+    with pytest.raises(ValueError, match=r"^sampling.engine: expected one of static \| paged, got 'fast'$"):
+        generate(model, [[1, 2, 3]], max_new_tokens=4, engine="fast")
