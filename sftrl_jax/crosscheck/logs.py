@@ -156,19 +156,17 @@ class ReplaySFT(FixedExamplesSFT):
         return state, metrics
 
 
-def replay(config_path: str, overrides, *, layout: tuple[int, int, int], steps: int, out: Path,
-           order: list[int] | None = None, semantics=tuple(SEMANTICS)) -> dict[str, list[dict]]:
+def replay(config_path: str, overrides, *, layout: tuple[int, int, int], steps: int, out: Path, examples: list,
+           ordered: bool = False, semantics=tuple(SEMANTICS)) -> dict[str, list[dict]]:
     """``{semantics: [{"step", "loss", "grad_norm"}]}``: ``steps`` SFT steps of the config under each
-    accumulation semantics on ``layout`` (``(ranks, micro_steps, micro_batch_size)``), the examples in
-    file order or in ``order`` (row indices). ``loss`` is what that semantics' stack logs."""
+    accumulation semantics on ``layout`` (``(ranks, micro_steps, micro_batch_size)``) over ``examples`` in
+    their order (``ordered``: the order of ``--order``, else the file's). ``loss`` is what that semantics'
+    stack logs."""
     ranks, micros, micro = layout
     size = ranks * micros * micro
     base = crosscheck_config(config_path, overrides, [f"train.global_batch_size={size}", f"train.max_steps={steps}"])
-    examples = load_train_examples(base, load_tokenizer(base.model.path), every_row=order is not None)
-    if order is not None:
-        examples = [examples[i] for i in order]
     if steps * size > len(examples):
-        where = "--order lists" if order is not None else "data.train_files has"
+        where = "--order lists" if ordered else "data.train_files has"
         raise ValueError(f"{where} {len(examples)} examples, fewer than the {steps} steps x {size} sequences the "
                          "replay needs (the replay does not go past one epoch)")
     shards = data_parallel_size(make_mesh(base.mesh))
@@ -257,11 +255,11 @@ def run_logs(config_path: str, reference_path: str, *, layout: str | None = None
     config = crosscheck_config(config_path, overrides)
     ranks, micros, micro = resolve_layout(layout, config, config_path)
     last = reference[-1]["step"]
-    order = None
+    examples = load_train_examples(config, load_tokenizer(config.model.path), every_row=order_path is not None)
     if order_path is not None:
-        rows = len(load_train_examples(config, load_tokenizer(config.model.path), every_row=True))
-        order = read_order(order_path, rows, last * ranks * micros * micro)
-    curves = replay(config_path, overrides, layout=(ranks, micros, micro), steps=last, out=out, order=order)
+        examples = [examples[i] for i in read_order(order_path, len(examples), last * ranks * micros * micro)]
+    curves = replay(config_path, overrides, layout=(ranks, micros, micro), steps=last, out=out, examples=examples,
+                    ordered=order_path is not None)
     result = compare(reference, curves, tolerance=tolerance, micro_steps=micros)
     result.update({"reference_file": str(reference_path), "layout": {"ranks": ranks, "micro_steps": micros,
                                                                       "micro_batch_size": micro},

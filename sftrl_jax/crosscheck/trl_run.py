@@ -95,8 +95,8 @@ def run_trl(config, examples: list, steps: int, out: Path) -> dict:
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=not cuda, train_sampling_strategy="sequential",
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False, padding_free=False,
         seed=train.seed, bf16=False, fp16=False, disable_tqdm=True, dataloader_num_workers=0, **{recompute: False})
-    model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, trust_remote_code=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=False)
     dataset = datasets.Dataset.from_list([{"input_ids": e.input_ids.astype(np.int64).tolist(), "labels": _labels(e)}
                                           for e in examples])
     normalisers: list[float | None] = []
