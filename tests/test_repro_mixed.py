@@ -39,7 +39,7 @@ def test_repro_mixed_quick_compares_the_methods_at_matched_flops(tmp_path, capsy
         "emulate_bug"] == "both"
     for verdict in report["verdicts"].values():
         assert {"holds", "margin", "spread"} <= set(verdict)
-    # the pretrained base was made once, from the plain-text corpus, and is reused by a second run
+    # the pretrained base was made once and its inputs recorded (the key a later run reuses it by)
     assert (out / "pretrain" / "inputs.json").exists()
     assert (out / "accuracy_vs_flops.png").stat().st_size > 0
     for line in report["findings"]:
