@@ -1,11 +1,11 @@
 """The paged engine: continuous batching over a paged KV cache (``sampling.engine: paged``).
 
-Keys and values live in a pool of fixed-size pages, one pool per layer (``[pages, kv_heads, page_size,
-head_dim]``); each sequence reads them through its row of a page table. A prompt is prefilled once into
-pages of its own, which its ``n`` samples share read-only; each sample writes its generated tokens into
-pages it holds alone, starting at the page boundary after the prompt (the gap at the end of the prompt's
-last page is masked), so nothing is copied. Page 0 is a scratch page: unused table entries point there
-and idle slots write there.
+Keys and values live in a pool of fixed-size pages, one pool per layer (``[kv_heads, pages, page_size,
+head_dim]``, the layout of JAX's TPU paged-attention kernel); each sequence reads them through its row of a
+page table, its positions contiguous from 0. A prompt is prefilled once into pages of its own; its ``n``
+samples share its full pages read-only, and each sample starts from a copy of the prompt's partly filled
+last page (when there is one) and writes its generated tokens into pages it holds alone. Page 0 is a
+scratch page: unused table entries point there and idle slots write there.
 
 A host-side scheduler keeps ``max_slots`` decode slots busy: a sequence that ends (a stop id or its own
 token limit) gives back its pages and its slot, which the next queued sample takes (its prompt prefilled
@@ -17,9 +17,13 @@ when its next token opens one (from a stack of free pages passed into the chunk)
 pages it fills; when the free pages cannot cover the next step, the latest admitted sequence is
 preempted: its pages go back and it starts again from the queue, which gives the same tokens (its
 randomness is its own, :func:`sftrl_jax.sampling.pick`); before that, prompts whose queued samples are
-not running yet give their pages back (they are prefilled again when admitted). Each decode step
-attends over the pages a slot holds up to a bound on the live lengths (a power of two of pages, so few
-shapes compile), masked to the slot's prompt and generated tokens.
+not running yet give their pages back (they are prefilled again when admitted).
+
+Each decode step attends over the slot's own tokens, chosen once from the platform like
+``model.attention`` (``sampling.paged_attention``): ``pallas`` (TPU) runs JAX's Pallas TPU paged-attention
+kernel, which reads each slot's live pages only (keys and values in bfloat16, its compute dtype);
+``gather`` (CPU, GPU) gathers every slot's pages up to a bound on the live lengths (a power of two of
+pages, so few shapes compile) and masks them to the slot's length.
 
 The model's own layers, RoPE and attention run every step (:meth:`Decoder.layer_fn`, with the page
 pool as the layer's cache store), and tokens are drawn as the static engine draws them
@@ -48,6 +52,20 @@ from .sharding import data_parallel_size, logical_to_pspec, place, rows_sharding
 DEFAULT_PAGE_SIZE = 16
 SCRATCH_PAGE = 0
 DEFAULT_CHUNK = 32  # decode steps per device call at most
+PAGED_ATTENTION = ("gather", "pallas")
+KERNEL_BLOCK_PAGES = 8  # pages per compute block of the Pallas kernel (128 tokens at the default page size)
+
+
+def resolve_paged_attention(name: str, platform: str) -> str:
+    """The decode attention of the paged engine for ``sampling.paged_attention`` = ``name`` on ``platform``:
+    ``auto`` is ``pallas`` on TPU (JAX's Pallas TPU paged-attention kernel, reading live pages only) and
+    ``gather`` elsewhere (portable XLA: gather pages up to a bound, mask). ``pallas`` off TPU runs the
+    kernel in Pallas's TPU interpret mode (slow; for tests)."""
+    if name == "auto":
+        return "pallas" if platform == "tpu" else "gather"
+    if name not in PAGED_ATTENTION:
+        raise ValueError(f"sampling.paged_attention: expected auto | {' | '.join(PAGED_ATTENTION)}, got {name!r}")
+    return name
 
 
 def check_paged_settings(max_slots: int, page_size: int, num_pages: int | None, *, pages_per_sequence: int,
@@ -112,12 +130,12 @@ def _axes(model: Decoder, slots: int, kv_heads: int):
 
 
 def pool_sharding(model: Decoder, slots: int, shape):
-    """A layer's page pool ``[pages, KV, page_size, D]``: pages split over the data-parallel shards (each
+    """A layer's page pool ``[KV, pages, page_size, D]``: pages split over the data-parallel shards (each
     shard's slots use its own block of pages), kv heads over ``tensor`` as the model's are."""
     if model.mesh is None:
         return None
-    batch, heads = _axes(model, slots, shape[1])
-    return NamedSharding(model.mesh, PartitionSpec(batch, heads, None, None))
+    batch, heads = _axes(model, slots, shape[0])
+    return NamedSharding(model.mesh, PartitionSpec(heads, batch, None, None))
 
 
 def per_layer_weights(model: Decoder, layer_weights):
@@ -143,59 +161,135 @@ def _prefill(graphdef, params, pool_k, pool_v, prompt_ids, prompt_mask, page_ids
     last = jnp.sum(prompt_mask, axis=1) - 1
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
 
-    def to_pages(layer_cache):  # [rows, KV, length, D] -> [rows, length / page_size, KV, page_size, D]
+    def to_pages(layer_cache):  # [rows, KV, length, D] -> [KV, rows, length / page_size, page_size, D]
         kv, dim = layer_cache.shape[1], layer_cache.shape[3]
         paged = layer_cache.reshape(rows, kv, length // page_size, page_size, dim)
-        return paged.transpose(0, 2, 1, 3, 4)
+        return paged.transpose(1, 0, 2, 3, 4)
 
-    pool_k = tuple(p.at[page_ids].set(to_pages(c)) for p, c in zip(pool_k, cache.k))
-    pool_v = tuple(p.at[page_ids].set(to_pages(c)) for p, c in zip(pool_v, cache.v))
+    pool_k = tuple(p.at[:, page_ids].set(to_pages(c)) for p, c in zip(pool_k, cache.k))
+    pool_v = tuple(p.at[:, page_ids].set(to_pages(c)) for p, c in zip(pool_v, cache.v))
     keys = sample_keys(key, (first_sample[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]).reshape(-1))
     token, logprob = pick(jnp.repeat(logits, n, axis=0), keys, 0, temperature, top_k, top_p)
     return pool_k, pool_v, token.reshape(rows, n), logprob.reshape(rows, n)
 
 
-def paged_store(model: Decoder, pool_k, pool_v, write_page, write_offset, read_pages):
-    """The KV-cache step of a decoder layer over one layer's page pool ``[pages, KV, page_size, D]``: write
+POOL = ("heads", "batch", None, None)  # a layer's pool [KV, pages, page_size, D]
+SLOTS = ("batch",)  # a value per slot [S]
+TABLE = ("batch", None)  # the slots' page-table rows [S, pages]
+SLOT_KV = ("batch", "heads", None, None)  # per-slot keys/values [S, KV, T, D]
+SLOT_Q = ("batch", None, "heads", None)  # per-slot queries or attention outputs [S, T, H, D]
+
+
+def _per_shard(model: Decoder, local, slots: int, kv_heads: int, in_roles, out_roles):
+    """``local`` run on each data-parallel shard's slots and pages (and each ``tensor`` shard's heads), whose
+    page ids are local to that shard (``shard_map``); unchanged without a mesh of several devices. Roles name
+    each argument's axes: ``batch`` (slots, or a pool's pages), ``heads`` (kv heads, or the query heads in
+    the same blocks), None."""
+    if model.mesh is None or model.mesh.size == 1:
+        return local
+    batch, heads = _axes(model, slots, kv_heads)
+    axis = {"batch": batch, "heads": heads, None: None}
+    spec = lambda roles: PartitionSpec(*(axis[r] for r in roles))  # noqa: E731
+    return jax.shard_map(local, mesh=model.mesh, in_specs=tuple(spec(r) for r in in_roles),
+                         out_specs=tuple(spec(r) for r in out_roles), check_vma=False)
+
+
+def copy_pages(model: Decoder, pool_k, pool_v, copy_from, copy_to):
+    """Copy page ``copy_from[s]`` to page ``copy_to[s]`` in every layer's pools, for each slot ``s`` (page ids
+    local to the slot's shard; scratch to scratch where a slot has nothing to copy)."""
+
+    def local(pool_k, pool_v, source, target):
+        def copy(pool):
+            return pool.at[:, target].set(pool[:, source])
+
+        return tuple(map(copy, pool_k)), tuple(map(copy, pool_v))
+
+    run = _per_shard(model, local, copy_from.shape[0], pool_k[0].shape[0], (POOL, POOL, SLOTS, SLOTS), (POOL, POOL))
+    return run(pool_k, pool_v, copy_from, copy_to)
+
+
+def _write(pool, new, page, offset):
+    """Each slot's new key or value ``[S, KV, 1, D]`` into the pool ``[KV, pages, page_size, D]`` at its
+    ``(page, offset)``."""
+    return pool.at[:, page, offset, :].set(new[:, :, 0, :].transpose(1, 0, 2).astype(pool.dtype))
+
+
+def _gather(pool, pages, dtype):
+    """Each slot's ``pages [S, bound]`` of the pool as contiguous keys or values ``[S, KV, bound x page_size, D]``."""
+    kv, _, page_size, dim = pool.shape
+    slots, bound = pages.shape
+    return pool[:, pages].transpose(1, 0, 2, 3, 4).reshape(slots, kv, bound * page_size, dim).astype(dtype)
+
+
+def paged_store(model: Decoder, pool_k, pool_v, write_page, write_offset, read_pages=None):
+    """The KV-cache step of a decoder layer over one layer's page pool ``[KV, pages, page_size, D]``: write
     each slot's new key/value ``[S, KV, 1, D]`` at ``(write_page, write_offset)``, then gather each slot's
-    ``read_pages [S, bound]`` as ``[S, KV, bound x page_size, D]``. Page ids are local to the slot's
-    data-parallel shard, whose block of the pool it reads and writes on its own devices (``shard_map``)."""
+    ``read_pages [S, bound]`` as the keys/values to attend (``read_pages`` None: attention reads the updated
+    pools themselves, the kernel path). Page ids are local to the slot's data-parallel shard, whose block of
+    the pool it reads and writes on its own devices."""
 
-    def local(pool_k, pool_v, k, v, write_page, write_offset, read_pages):
-        def gather(pool):
-            slots, bound = read_pages.shape
-            pages = pool[read_pages]  # [S, bound, KV, page_size, D]
-            return pages.transpose(0, 2, 1, 3, 4).reshape(slots, pool.shape[1], bound * pool.shape[2],
-                                                          pool.shape[3]).astype(model.dtype)
+    def written(pool_k, pool_v, k, v, page, offset):
+        return _write(pool_k, k, page, offset), _write(pool_v, v, page, offset)
 
-        new_k = pool_k.at[write_page, :, write_offset, :].set(k[:, :, 0, :].astype(pool_k.dtype))
-        new_v = pool_v.at[write_page, :, write_offset, :].set(v[:, :, 0, :].astype(pool_v.dtype))
-        return gather(new_k), gather(new_v), new_k, new_v
+    def gathered(pool_k, pool_v, k, v, page, offset, pages):
+        pool_k, pool_v = written(pool_k, pool_v, k, v, page, offset)
+        return _gather(pool_k, pages, model.dtype), _gather(pool_v, pages, model.dtype), pool_k, pool_v
 
     def store(k, v):
-        args = (pool_k, pool_v, k, v, write_page, write_offset, read_pages)
-        if model.mesh is None or model.mesh.size == 1:
-            keys, values, new_k, new_v = local(*args)
-        else:
-            batch, heads = _axes(model, k.shape[0], k.shape[1])
-            four = PartitionSpec(batch, heads, None, None)
-            specs = (four, four, four, four, PartitionSpec(batch), PartitionSpec(batch), PartitionSpec(batch, None))
-            keys, values, new_k, new_v = jax.shard_map(local, mesh=model.mesh, in_specs=specs,
-                                                       out_specs=(four, four, four, four), check_vma=False)(*args)
+        roles = (POOL, POOL, SLOT_KV, SLOT_KV, SLOTS, SLOTS)
+        if read_pages is None:
+            new_k, new_v = _per_shard(model, written, k.shape[0], k.shape[1], roles, (POOL, POOL))(
+                pool_k, pool_v, k, v, write_page, write_offset)
+            return new_k, new_v, (new_k, new_v)
+        keys, values, new_k, new_v = _per_shard(model, gathered, k.shape[0], k.shape[1], roles + (TABLE,),
+                                                (SLOT_KV, SLOT_KV, POOL, POOL))(
+            pool_k, pool_v, k, v, write_page, write_offset, read_pages)
         return keys, values, (new_k, new_v)
 
     return store
 
 
+def kernel_attention(model: Decoder, lengths, page_table):
+    """``attend(q, pool_k, pool_v)`` for one decode step: JAX's Pallas TPU paged-attention kernel over each
+    slot's ``page_table [S, pages]`` rows, its first ``lengths [S]`` tokens (it reads those pages only, with
+    keys and values in bfloat16). q ``[S, 1, H, D]``; off TPU the kernel runs in TPU interpret mode."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    block = np.gcd(page_table.shape[1], KERNEL_BLOCK_PAGES)
+
+    def local(q, pool_k, pool_v, lengths, table):
+        scaled = q[:, 0].astype(jnp.float32) * (1.0 / np.sqrt(q.shape[-1]))  # the scale dense attention applies
+        run = functools.partial(paged_attention, pages_per_compute_block=int(block))
+        if model.platform == "tpu":
+            out = run(scaled, pool_k, pool_v, lengths, table)
+        else:
+            with pltpu.force_tpu_interpret_mode():
+                out = run(scaled, pool_k, pool_v, lengths, table)
+        return out[:, None].astype(model.dtype)
+
+    def attend(q, pool_k, pool_v):
+        return _per_shard(model, local, q.shape[0], pool_k.shape[0], (SLOT_Q, POOL, POOL, SLOTS, TABLE),
+                          (SLOT_Q,))(q, pool_k, pool_v, lengths, page_table)
+
+    return attend
+
+
 def decode_step(model: Decoder, layer_weights, pool_k, pool_v, tokens, *, positions, write_page, write_offset,
-                read_pages, valid):
+                page_table, lengths, implementation: str = "gather"):
     """One decode step of every slot: feed ``tokens [S]`` at RoPE ``positions [S]``, writing their keys/values
-    at ``(write_page, write_offset)``; attention reads ``read_pages [S, bound]`` where ``valid [S, bound x
-    page_size]``. Returns next-token logits ``[S, V]`` and the pools."""
+    at ``(write_page, write_offset)``; attention reads each slot's first ``lengths [S]`` tokens (this one
+    included) through its row of ``page_table [S, bound]``, with ``implementation`` (``gather`` or
+    ``pallas``, :func:`resolve_paged_attention`). Returns next-token logits ``[S, V]`` and the pools."""
     slots = tokens.shape[0]
-    attend = functools.partial(attention, q_segment_ids=jnp.ones((slots, 1), jnp.int32),
-                               kv_segment_ids=valid.astype(jnp.int32), q_offset=valid.shape[1] - 1,
-                               implementation="dense", platform=model.platform)
+    if implementation == "pallas":
+        attend, read_pages = kernel_attention(model, lengths, page_table), None
+    else:
+        valid = jnp.arange(page_table.shape[1] * pool_k[0].shape[2], dtype=jnp.int32)[None, :] < lengths[:, None]
+        attend = functools.partial(attention, q_segment_ids=jnp.ones((slots, 1), jnp.int32),
+                                   kv_segment_ids=valid.astype(jnp.int32), q_offset=valid.shape[1] - 1,
+                                   implementation="dense", platform=model.platform)
+        read_pages = page_table
     x = model.embed_tokens(tokens[:, None])
     layer = model.layer_fn(positions[:, None], attend)
     new_k, new_v = [], []
@@ -208,36 +302,37 @@ def decode_step(model: Decoder, layer_weights, pool_k, pool_v, tokens, *, positi
     return model.logits(model.final_hidden(x))[:, 0], tuple(new_k), tuple(new_v)
 
 
-def _needs_page(active, gen_base, count, page_size):
+def _needs_page(active, prompt_len, count, page_size):
     """Slots whose pending token opens a page of their own (its cache index is at a page start)."""
-    return active & ((gen_base + count - 1) % page_size == 0)
+    return active & ((prompt_len + count - 1) % page_size == 0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "bound", "temperature", "top_k", "top_p",
-                                             "eos_ids", "pad_id"),
+                                             "eos_ids", "pad_id", "implementation"),
                    donate_argnames=("pool_k", "pool_v"))
-def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, free_pages, free_count, prompt_len,
-                  gen_base, count, tokens, limits, active, sample_ids, key, refill_at, *, chunk, bound, temperature,
-                  top_k, top_p, eos_ids, pad_id):
+def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, free_pages, free_count, copy_from,
+                  copy_to, prompt_len, count, tokens, limits, active, sample_ids, key, refill_at, *, chunk, bound,
+                  temperature, top_k, top_p, eos_ids, pad_id, implementation):
     """Up to ``chunk`` decode steps of every ``active`` slot; stops early once ``refill_at`` slots have ended,
     or before a step whose new pages the free pages cannot cover.
 
-    Per slot: ``tokens`` the pending token (generated, not yet in the cache), ``count`` the tokens
-    generated so far (the pending one included), ``prompt_len``, ``gen_base`` (the cache index of its
-    first generated token), ``limits`` its token limit, ``page_table [S, pages]`` its pages (the first
-    ``bound`` are read; ids local to the slot's data-parallel shard). A slot takes a page when its pending
-    token opens one, from the top of its shard's stack ``free_pages[shard, :free_count[shard]]`` (slots
-    split evenly over ``free_pages.shape[0]`` shards, in order). Returns the pools, the page table, the free
-    counts, the ``[S, chunk]`` tokens and log-probs drawn, the new ``count``/``tokens``/``active`` and the steps
-    run.
+    First each slot's page ``copy_from`` is copied to ``copy_to`` (a newly admitted sample's copy of its
+    prompt's partly filled last page). Per slot: ``tokens`` the pending token (generated, not yet in the
+    cache), ``count`` the tokens generated so far (the pending one included), ``prompt_len`` (the cache
+    index of its first generated token), ``limits`` its token limit, ``page_table [S, pages]`` its pages
+    (the first ``bound`` are read; ids local to the slot's data-parallel shard). A slot takes a page when its
+    pending token opens one, from the top of its shard's stack ``free_pages[shard, :free_count[shard]]``
+    (slots split evenly over ``free_pages.shape[0]`` shards, in order). Returns the pools, the page table, the
+    free counts, the ``[S, chunk]`` tokens and log-probs drawn, the new ``count``/``tokens``/``active``, the
+    steps run and the live pages the steps attended over.
     """
     model = nnx.merge(graphdef, params)
     weights = per_layer_weights(model, layer_weights)
     slots = tokens.shape[0]
     page_size = pool_k[0].shape[2]
-    index = jnp.arange(bound * page_size, dtype=jnp.int32)[None, :]
     eos = jnp.asarray(eos_ids, jnp.int32)
     keys = sample_keys(key, sample_ids)
+    pool_k, pool_v = copy_pages(model, pool_k, pool_v, copy_from, copy_to)
 
     shards = free_pages.shape[0]
 
@@ -245,14 +340,15 @@ def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, f
         return opens.reshape(shards, slots // shards).astype(jnp.int32)
 
     def cond(carry):
-        step, ended, _, _, table, free_count, count, active, _, _, _ = carry
-        needed = jnp.sum(per_shard(_needs_page(active, gen_base, count, page_size)), axis=1)
+        step, ended, _, _, table, free_count, count, active, _, _, _, _ = carry
+        needed = jnp.sum(per_shard(_needs_page(active, prompt_len, count, page_size)), axis=1)
         return (step < chunk) & jnp.any(active) & (ended < refill_at) & jnp.all(needed <= free_count)
 
     def body(carry):
-        step, ended, pool_k, pool_v, table, free_count, count, active, tokens, out_tokens, out_logprobs = carry
-        slot = gen_base + count - 1  # cache index of the pending token
-        opens = _needs_page(active, gen_base, count, page_size)
+        (step, ended, pool_k, pool_v, table, free_count, count, active, tokens, out_tokens, out_logprobs,
+         live_pages) = carry
+        slot = prompt_len + count - 1  # cache index of the pending token
+        opens = _needs_page(active, prompt_len, count, page_size)
         rank = jnp.cumsum(per_shard(opens), axis=1) - 1  # [shards, slots per shard]
         top = jnp.clip(free_count[:, None] - 1 - rank, 0, free_pages.shape[1] - 1)
         taken = jnp.take_along_axis(free_pages, top, axis=1).reshape(slots)
@@ -261,10 +357,13 @@ def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, f
         table = table.at[jnp.arange(slots), column].set(jnp.where(opens, taken, current))
         free_count = free_count - jnp.sum(per_shard(opens), axis=1)
         write_page = jnp.where(active, jnp.where(opens, taken, current), SCRATCH_PAGE)
-        valid = (index < prompt_len[:, None]) | ((index >= gen_base[:, None]) & (index <= slot[:, None]))
+        lengths = jnp.where(active, slot + 1, 1)  # an idle slot reads its scratch page
         logits, pool_k, pool_v = decode_step(model, weights, pool_k, pool_v, tokens,
                                              positions=prompt_len + count - 1, write_page=write_page,
-                                             write_offset=slot % page_size, read_pages=table[:, :bound], valid=valid)
+                                             write_offset=jnp.where(active, slot % page_size, 0),
+                                             page_table=table[:, :bound], lengths=lengths,
+                                             implementation=implementation)
+        live_pages = live_pages + jnp.sum(jnp.where(active, (lengths + page_size - 1) // page_size, 0))
         token, logprob = pick(logits, keys, count, temperature, top_k, top_p)
         out_tokens = out_tokens.at[:, step].set(jnp.where(active, token, pad_id))
         out_logprobs = out_logprobs.at[:, step].set(jnp.where(active, logprob, 0.0))
@@ -272,13 +371,15 @@ def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, f
         ends = active & (jnp.any(token[:, None] == eos[None, :], axis=-1) | (count >= limits))
         tokens = jnp.where(active, token, tokens)
         return (step + 1, ended + jnp.sum(ends, dtype=jnp.int32), pool_k, pool_v, table, free_count, count,
-                active & ~ends, tokens, out_tokens, out_logprobs)
+                active & ~ends, tokens, out_tokens, out_logprobs, live_pages)
 
     carry = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), pool_k, pool_v, page_table, free_count, count,
-             active, tokens, jnp.full((slots, chunk), pad_id, jnp.int32), jnp.zeros((slots, chunk), jnp.float32))
-    (steps, _, pool_k, pool_v, page_table, free_count, count, active, tokens, out_tokens,
-     out_logprobs) = jax.lax.while_loop(cond, body, carry)
-    return pool_k, pool_v, page_table, free_count, out_tokens, out_logprobs, count, tokens, active, steps
+             active, tokens, jnp.full((slots, chunk), pad_id, jnp.int32), jnp.zeros((slots, chunk), jnp.float32),
+             jnp.zeros((), jnp.int32))
+    (steps, _, pool_k, pool_v, page_table, free_count, count, active, tokens, out_tokens, out_logprobs,
+     live_pages) = jax.lax.while_loop(cond, body, carry)
+    return (pool_k, pool_v, page_table, free_count, out_tokens, out_logprobs, count, tokens, active, steps,
+            live_pages)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -299,7 +400,8 @@ class _Prompt:
 def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limits: np.ndarray, temperature: float,
                    top_k: int, top_p: float, eos_ids: tuple[int, ...], seed: int, n: int, pad_id: int,
                    split_layers: bool, max_slots: int, page_size: int | None = None, num_pages: int | None = None,
-                   chunk: int = DEFAULT_CHUNK, progress: bool = False) -> tuple[list[Sample], dict]:
+                   attention: str = "auto", chunk: int = DEFAULT_CHUNK, progress: bool = False
+                   ) -> tuple[list[Sample], dict]:
     """The paged engine behind :func:`sftrl_jax.sampling.generate` (``engine="paged"``): the prompt-major
     samples and the figures :func:`sftrl_jax.sampling.engine_stats` takes.
 
@@ -308,10 +410,11 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
     one of its samples (a shard is chosen where the prompt already is when it has a free slot)."""
     page_size = DEFAULT_PAGE_SIZE if page_size is None else int(page_size)
     longest_prompt, longest_limit = max(map(len, prompt_ids)), int(limits.max())
-    # a sample caches its prompt and all its tokens but the last (drawn, never fed back)
-    prompt_pages = _pages(longest_prompt, page_size)
-    own_pages = lambda limit: _pages(int(limit) - 1, page_size)  # noqa: E731
-    per_sequence = prompt_pages + own_pages(longest_limit)
+    # a sample caches its prompt and all its tokens but the last (drawn, never fed back): the prompt's pages,
+    # shared, and its own from the prompt's last full page on (a copy of the partly filled one, then new ones)
+    per_sequence = max(_pages(length, page_size) + _pages(length + int(limit) - 1, page_size) - length // page_size
+                       for length, limit in set(zip(map(len, prompt_ids), limits.tolist())))
+    implementation = resolve_paged_attention(attention, model.platform)
     mesh = model.mesh
     shards = data_parallel_size(mesh) if mesh is not None else 1
     check_paged_settings(max_slots, page_size, num_pages, pages_per_sequence=per_sequence, shards=shards)
@@ -322,10 +425,10 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
     config = model.config
     page_bytes = page_size * kv_bytes_per_token(model)
     graphdef, params = nnx.split(model)
-    pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
+    pool_shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
     layer_pool = pool_sharding(model, slots, pool_shape)
     local = layer_pool.shard_shape(pool_shape) if layer_pool is not None else pool_shape
-    per_device = local[0] * page_bytes * local[1] // config.num_kv_heads
+    per_device = local[1] * page_bytes * local[0] // config.num_kv_heads
     devices = list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
     limit_bytes, what = memory_limit(devices)
     if per_device * len(devices) > limit_bytes:
@@ -347,13 +450,14 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
     queue = collections.deque(range(len(prompt_ids) * n))  # sample ids, prompt-major
     tokens_of: list[list[int]] = [[] for _ in range(len(prompt_ids) * n)]
     logprobs_of: list[list[float]] = [[] for _ in range(len(prompt_ids) * n)]
-    max_pages = prompt_pages + own_pages(longest_limit)
+    max_pages = _pages(longest_prompt + longest_limit - 1, page_size)
     table = np.zeros((slots, max_pages), np.int32)
     slot_sample = np.full(slots, -1, np.int64)
     slot_shard = np.arange(slots) // shard_slots
     admitted = np.zeros(slots, np.int64)  # admission order (the latest is preempted first)
     prompt_len = np.zeros(slots, np.int32)
-    gen_base = np.zeros(slots, np.int32)
+    copy_from = np.zeros(slots, np.int32)  # a newly admitted slot's copy of its prompt's partly filled page
+    copy_to = np.zeros(slots, np.int32)
     count = np.zeros(slots, np.int32)
     pending = np.zeros(slots, np.int32)
     slot_limit = np.ones(slots, np.int32)
@@ -375,9 +479,10 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
         bar.update(1)
 
     def free_slot(slot: int) -> None:
-        own = table[slot, gen_base[slot] // page_size:]
+        own = table[slot, prompt_len[slot] // page_size:]
         pools[slot_shard[slot]].give_back(own[own != SCRATCH_PAGE].tolist())
         table[slot] = SCRATCH_PAGE
+        copy_from[slot] = copy_to[slot] = SCRATCH_PAGE
         slot_sample[slot] = -1
 
     def free_slots_of(shard: int) -> int:
@@ -457,9 +562,12 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
             slot_sample[slot] = sample
             admitted[slot] = admissions = admissions + 1
             table[slot] = SCRATCH_PAGE
-            table[slot, :len(prompt.pages[shard])] = prompt.pages[shard]
+            full = len(prompt.ids) // page_size
+            table[slot, :full] = prompt.pages[shard][:full]
+            if full < len(prompt.pages[shard]):  # its own copy of the prompt's partly filled last page
+                copy_from[slot] = prompt.pages[shard][full]
+                copy_to[slot] = table[slot, full] = pools[shard].take(1)[0]
             prompt_len[slot] = len(prompt.ids)
-            gen_base[slot] = len(prompt.pages[shard]) * page_size
             count[slot] = 1
             pending[slot] = token
             slot_limit[slot] = limits[index]
@@ -477,7 +585,7 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
 
     def pages_wanted() -> np.ndarray:
         """Pages the busy slots' next step opens, per shard."""
-        opens = (slot_sample >= 0) & ((gen_base + count - 1) % page_size == 0)
+        opens = (slot_sample >= 0) & ((prompt_len + count - 1) % page_size == 0)
         return np.bincount(slot_shard[opens], minlength=shards)
 
     while True:
@@ -506,28 +614,30 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
                                  "sample with every slot idle")
             break
         # the pages every busy slot may read during the chunk, as a power of two
-        reach = np.where(busy, gen_base + np.minimum(count - 1 + chunk, slot_limit - 1), 0)
+        reach = np.where(busy, prompt_len + np.minimum(count - 1 + chunk, slot_limit - 1), 0)
         bound = min(bucket_length(_pages(int(reach.max()), page_size), maximum=max_pages, minimum=1), max_pages)
         refill_at = min(max(1, slots // 16), len(queue)) if queue else slots + 1
-        per_slot = (table, prompt_len, gen_base, count, pending, slot_limit, busy,
+        per_slot = (table, copy_from, copy_to, prompt_len, count, pending, slot_limit, busy,
                     np.where(busy, slot_sample, 0).astype(np.int32))
         if mesh is not None:
             per_slot = tuple(place(a, rows_sharding(mesh, a.ndim)) for a in per_slot)
         table_arg, rest = per_slot[0], per_slot[1:]
         stacks = np.stack([pool.stack() for pool in pools])
         free_counts = np.asarray([len(pool.free) for pool in pools], np.int32)
-        (pool_k, pool_v, new_table, free_count, out_tokens, out_logprobs, new_count, new_pending, still,
-         steps) = _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, table_arg, stacks, free_counts,
-                                *rest, key, jnp.int32(refill_at), chunk=chunk, bound=bound, eos_ids=eos_ids,
-                                pad_id=pad_id, **sampling)
+        (pool_k, pool_v, new_table, free_count, out_tokens, out_logprobs, new_count, new_pending, still, steps,
+         live_pages) = _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, table_arg, stacks, free_counts,
+                                     *rest, key, jnp.int32(refill_at), chunk=chunk, bound=bound, eos_ids=eos_ids,
+                                     pad_id=pad_id, implementation=implementation, **sampling)
         out_tokens, out_logprobs = to_host(out_tokens), to_host(out_logprobs)
         new_count, new_pending, still, steps = to_host(new_count), to_host(new_pending), to_host(still), int(steps)
+        copy_from[:] = copy_to[:] = SCRATCH_PAGE  # done (and not before: the call may read these arrays in place)
         table[:] = to_host(new_table)
         for pool, left in zip(pools, to_host(free_count)):
             pool.taken_down_to(int(left))
         note_peak()
         decode_steps += steps
-        kv_bytes += steps * slots * bound * page_bytes
+        # the gather path reads every slot's first ``bound`` pages, the kernel each busy slot's live ones
+        kv_bytes += (steps * slots * bound if implementation == "gather" else int(live_pages)) * page_bytes
         for slot in np.flatnonzero(busy):
             sample = int(slot_sample[slot])
             drawn = int(new_count[slot] - count[slot])

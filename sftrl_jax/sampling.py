@@ -250,6 +250,7 @@ def generate(
     max_slots: int | None = None,
     page_size: int | None = None,
     num_pages: int | None = None,
+    paged_attention: str = "auto",
     stats: dict | None = None,
 ) -> list[Sample]:
     """Sample ``n`` continuations of each prompt.
@@ -263,7 +264,9 @@ def generate(
     (:mod:`sftrl_jax.paged`): ``max_slots`` decode slots (default: the static engine's rows, its
     batch of prompts x ``n``) refilled from the queue as sequences end, keys/values in a pool of
     ``num_pages`` pages of ``page_size`` tokens (defaults :data:`sftrl_jax.paged.DEFAULT_PAGE_SIZE`;
-    enough pages for every slot's longest sequence, the static engine's cache). Both give the same samples.
+    enough pages for every slot's longest sequence, the static engine's cache), its decode attention
+    ``paged_attention`` (:func:`sftrl_jax.paged.resolve_paged_attention`: ``auto`` is JAX's Pallas TPU
+    paged-attention kernel on TPU, an XLA gather elsewhere). Both give the same samples.
     ``split_layer_weights`` decodes from per-layer copies of the layer weights made once per batch
     (:func:`split_layer_weights`; same tokens and log-probs, one extra copy of the layer
     weights in memory); default: on a CPU mesh only, where slicing the stacked weights copies
@@ -293,7 +296,7 @@ def generate(
             eos_ids=eos_ids, seed=seed, n=n, pad_id=pad_token_id, split_layers=bool(split_layer_weights),
             max_slots=max_slots if max_slots is not None else static_rows(model, batch_size, len(prompt_ids)) * n,
             page_size=page_size,
-            num_pages=num_pages, progress=progress)
+            num_pages=num_pages, attention=paged_attention, progress=progress)
     else:
         samples, figures = _generate_static(
             model, prompt_ids, limits=limits, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
@@ -453,7 +456,7 @@ class TextSampler:
                            top_p=o.top_p, top_k=o.top_k, eos_token_id=self.stop_ids, seed=seed,
                            n=o.n if n is None else n, batch_size=o.batch_size, pad_token_id=self.pad_id,
                            progress=self.progress, engine=o.engine, max_slots=o.max_slots, page_size=o.page_size,
-                           num_pages=o.num_pages, stats=stats)
+                           num_pages=o.num_pages, paged_attention=o.paged_attention, stats=stats)
         self.stats = add_stats(self.stats, stats)
         bodies = [s.tokens[:-1] if s.stop_reason == "eos" else s.tokens for s in samples]
         return samples, self.tokenizer.batch_decode(bodies, skip_special_tokens=False)

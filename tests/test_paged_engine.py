@@ -14,7 +14,7 @@ from sftrl_jax.models import load_pretrained
 from sftrl_jax.sampling import generate
 from sftrl_jax.sharding import make_mesh
 
-# prompts of several page counts (page size 4: 2, 5, 1 and 1 pages)
+# prompts of several page counts (page size 4: 2, 3, 1, 1 and 5 pages; all but one end mid-page)
 LONG_PROMPTS = PROMPTS + [[7]] + [[60 + i for i in range(19)]]
 LIMITS = [7, 13, 3, 9, 5]
 
@@ -76,18 +76,20 @@ def test_paged_samples_what_static_samples(hf_checkpoint, tokenizer, monkeypatch
         assert len(sample.tokens) <= limit
         assert (sample.stop_reason == "length") == (len(sample.tokens) == limit and sample.tokens[-1] not in (stop, 95))
     stats = {}
-    # a pool of 11 pages holds one sequence of the longest prompt and limit (5 + 3 pages) at a time
+    # a pool of 11 free pages: the largest sequence takes 7 (the 11-token prompt's 3 pages, its own copy of the
+    # last one and 3 more for its 13 tokens), so not every slot can run at once
     same_samples(static, generate(model, LONG_PROMPTS, engine="paged", max_slots=3, page_size=4, num_pages=12,
                                   stats=stats, **kwargs))
     assert len(pools) == 1 and pools[0].in_use == 0 and 0 < pools[0].peak <= 11
     assert stats["max_pages_in_use"] == pools[0].peak
     same_samples(static, generate(model, LONG_PROMPTS, engine="paged", max_slots=8, page_size=16, **kwargs))
     assert pools[1].in_use == 0
-    # three slots growing in a pool of six pages: sequences are preempted and recomputed, with the same tokens
+    # three slots growing in a pool of seven free pages: sequences are preempted and recomputed, with the same
+    # tokens
     short = dict(kwargs, max_new_tokens=[13, 13, 13])
     stats = {}
     same_samples(generate(model, PROMPTS, **short), generate(model, PROMPTS, engine="paged", max_slots=3, page_size=4,
-                                                             num_pages=7, stats=stats, **short))
+                                                             num_pages=8, stats=stats, **short))
     assert stats["preemptions"] > 0 and pools[2].in_use == 0
 
     from sftrl_jax.sampling import TextSampler
