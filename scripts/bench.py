@@ -672,18 +672,6 @@ def accel_bench(args, results: dict) -> None:
             + (f", MFU {rec['run']['mfu']:.1%}" if "mfu" in rec.get("run", {}) else ""))
 
 
-def lognormal_lengths(count: int, cap: int, rng) -> np.ndarray:
-    """``count`` response lengths from a log-normal (sigma 1) capped at ``cap``, its location chosen so the
-    capped mean is about ``cap / 3`` (the long tail of RL responses: most short, some at the cap)."""
-    draws = rng.standard_normal(count)
-    lo, hi = -5.0, np.log(cap)
-    for _ in range(60):  # bisect the location for a capped mean of cap / 3
-        mu = (lo + hi) / 2
-        mean = np.minimum(np.exp(mu + draws), cap).mean()
-        lo, hi = (mu, hi) if mean < cap / 3 else (lo, mu)
-    return np.clip(np.round(np.exp(mu + draws)), 1, cap).astype(np.int64)
-
-
 def cpu_rollout(args, model) -> dict:
     """Both engines on the same prompts and per-request lengths, at the same KV memory budget.
 
@@ -692,6 +680,7 @@ def cpu_rollout(args, model) -> dict:
     engine's cache (``--rollout-batch`` rows of prompt + cap positions); the paged engine gets a pool of
     that many tokens and ``--rollout-slots`` slots.
     """
+    from sftrl_jax.aot.rollout import LENGTH_SEED, lognormal_lengths
     from sftrl_jax.paged import DEFAULT_PAGE_SIZE
     from sftrl_jax.sampling import generate, kv_bytes_per_token
 
@@ -699,7 +688,7 @@ def cpu_rollout(args, model) -> dict:
     requests, prompt_len, cap = (6, 8, 16) if smoke else (args.rollout_requests, args.rollout_prompt, args.rollout_cap)
     batch, slots = (2, 4) if smoke else (args.rollout_batch, args.rollout_slots)
     page_size = args.rollout_page_size or DEFAULT_PAGE_SIZE
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(LENGTH_SEED)
     lengths = lognormal_lengths(requests, cap, rng)
     prompts = [list(map(int, p)) for p in rng.integers(1, model.config.vocab_size, (requests, prompt_len))]
     budget_tokens = batch * (prompt_len + cap)  # the static engine's cache

@@ -266,11 +266,11 @@ def kernel_attention(model: Decoder, lengths, page_table):
         else:
             with pltpu.force_tpu_interpret_mode():
                 out = run(scaled, pool_k, pool_v, lengths, table)
-        return out[:, None].astype(model.dtype)
+        return (out[:, None].astype(model.dtype),)
 
     def attend(q, pool_k, pool_v):
         return _per_shard(model, local, q.shape[0], pool_k.shape[0], (SLOT_Q, POOL, POOL, SLOTS, TABLE),
-                          (SLOT_Q,))(q, pool_k, pool_v, lengths, page_table)
+                          (SLOT_Q,))(q, pool_k, pool_v, lengths, page_table)[0]
 
     return attend
 

@@ -3,6 +3,7 @@ greedy parity with transformers, the same sampled tokens and log-probs whatever 
 batch size and device count, per-request limits, stop reasons, pages given back, bad settings."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_sampling import PROMPTS, hf_greedy, hf_logprobs
@@ -126,3 +127,58 @@ def test_bad_engine_settings_name_the_setting(hf_checkpoint):
         run(page_size=16, num_pages=3)
     with pytest.raises(ValueError, match=r"^sampling.engine: expected one of static \| paged, got 'fast'$"):
         generate(model, [[1, 2, 3]], max_new_tokens=4, engine="fast")
+
+
+def _random_pools(seed: int, kv_heads: int = 2, pages: int = 48, page_size: int = 4, dim: int = 16):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    return tuple(jax.random.normal(k, (kv_heads, pages, page_size, dim)).astype(jnp.bfloat16) for k in keys)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_tpu_kernel_attention_matches_the_gather_path(hf_checkpoint, devices):
+    """JAX's Pallas TPU paged-attention kernel (Pallas TPU interpret mode here) against the portable gather path
+    on the same pages: each slot's first ``lengths`` tokens through its page-table row, GQA (4 query heads over
+    2 kv heads), keys and values bfloat16 (the kernel's compute dtype), on one device and with slots and pages
+    split over 8 data-parallel shards."""
+    from sftrl_jax.models.attention import attention
+
+    model = model_on(hf_checkpoint, devices)
+    slots, bound, page_size = 8, 4, 4
+    pool_k, pool_v = _random_pools(0)
+    shard_pages = pool_k.shape[1] // devices
+    # each slot's pages from its own shard's block (ids local to the shard), in a scrambled order
+    table = np.stack([np.random.default_rng(s).permutation(np.arange(1, shard_pages))[:bound] % shard_pages
+                      for s in range(slots)]).astype(np.int32)
+    lengths = np.array([1, 3, 4, 5, 8, 13, 16, 9], np.int32)
+    q = jax.random.normal(jax.random.key(1), (slots, 1, 4, 16), jnp.float32)
+    if devices > 1:
+        pool_k, pool_v = (jax.device_put(p, paged.pool_sharding(model, slots, p.shape)) for p in (pool_k, pool_v))
+    out = jax.jit(lambda q, k, v, n, t: paged.kernel_attention(model, n, t)(q, k, v))(q, pool_k, pool_v,
+                                                                                          lengths, table)
+    # the reference: the gather path's keys/values, per shard, and dense attention masked to each slot's length
+    per_shard = slots // devices
+    expected = []
+    for s in range(slots):
+        block = slice((s // per_shard) * shard_pages, (s // per_shard + 1) * shard_pages)
+        k, v = (np.asarray(p[:, block].astype(jnp.float32))[:, table[s]].reshape(2, bound * page_size, 16)
+                for p in (pool_k, pool_v))
+        valid = (np.arange(bound * page_size) < lengths[s]).astype(np.int32)[None]
+        expected.append(attention(q[s:s + 1], jnp.asarray(k)[None], jnp.asarray(v)[None],
+                                  q_segment_ids=np.ones((1, 1), np.int32), kv_segment_ids=valid,
+                                  q_offset=bound * page_size - 1))
+    np.testing.assert_allclose(np.asarray(out), np.concatenate(expected), atol=2e-6)
+
+
+@pytest.mark.slow
+def test_paged_engine_samples_the_same_with_the_tpu_kernel(hf_checkpoint):
+    """The engine with ``paged_attention="pallas"`` (interpret mode) and with ``"gather"`` on a bfloat16 model,
+    slots and pages over two data-parallel shards: the same tokens and stop reasons, log-probs within
+    float32 rounding (both attend over the same bfloat16 keys and values in float32)."""
+    from sftrl_jax.models.options import ModelOptions
+
+    kwargs = dict(max_new_tokens=[6, 9, 4], temperature=1.0, eos_token_id=[], n=2, seed=6, engine="paged",
+                  max_slots=4, page_size=4)
+    mesh = make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
+    model = load_pretrained(ModelOptions(path=str(hf_checkpoint("qwen2_untied")), dtype="bfloat16"), mesh=mesh)[0]
+    gather = generate(model, PROMPTS, paged_attention="gather", **kwargs)
+    same_samples(gather, generate(model, PROMPTS, paged_attention="pallas", **kwargs), atol=1e-4)

@@ -80,7 +80,8 @@ def compile_rl(compiler: Compiler, config, mesh, *, prefix: str = "rl/"):
     compile_sampler(compiler, ctx, model, prefix=prefix, prompts=cfg.prompts_per_step, batch_size=sampling.batch_size,
                     n=sampling.n, prompt_length=config.data.max_prompt_length, max_new_tokens=sampling.max_new_tokens,
                     temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                    resident={"state": state, "ref": state["params"] if cfg.kl_coef > 0 else None})
+                    resident={"state": state, "ref": state["params"] if cfg.kl_coef > 0 else None},
+                    model_rollout=True)
     return ctx, model
 
 
@@ -105,9 +106,11 @@ def sampling_params(ctx, model):
 
 def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int, batch_size: int, n: int,
                     prompt_length: int, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                    resident=None) -> None:
+                    resident=None, model_rollout: bool = False) -> None:
     """The sampler's jitted functions: the whole ``_generate_batch`` (its memory is the truth: prefill,
-    repeated cache, decode loop), and one prefill and one decode step for their FLOPs and bytes."""
+    repeated cache, decode loop), and one prefill and one decode step for their FLOPs and bytes.
+    ``model_rollout``: also model both engines' generation time for ``prompts`` x ``n`` responses
+    (:mod:`sftrl_jax.aot.rollout`, into ``compiler.rollouts``)."""
     import jax
     import jax.numpy as jnp
 
@@ -144,7 +147,8 @@ def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int
                     "count) once on GPU and up to max_new_tokens times on TPU, so no MFU here (see "
                     "prefill/decode_step)")
     _compile_prefill_and_decode(compiler, ctx, params, ids, mask, prefix=prefix, n=n, max_new_tokens=max_new_tokens,
-                                cache_dtype=cache_dtype, resident=resident, relaid=relaid)
+                                cache_dtype=cache_dtype, resident=resident, relaid=relaid,
+                                sequences=prompts * n if model_rollout else None)
 
 
 def _compile_relayout(compiler: Compiler, ctx, *, prefix: str, resident: dict) -> dict:
@@ -165,7 +169,8 @@ def _compile_relayout(compiler: Compiler, ctx, *, prefix: str, resident: dict) -
 
 
 def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, prefix: str, n: int,
-                                max_new_tokens: int, cache_dtype: str, resident: dict, relaid: bool) -> None:
+                                max_new_tokens: int, cache_dtype: str, resident: dict, relaid: bool,
+                                sequences: int | None) -> None:
     """One prefill of the ``ids``/``mask`` prompts and one decode step (also from the training layout if
     ``relaid``), for their FLOPs and bytes."""
     import jax
@@ -207,7 +212,8 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
                      model_flops=decode_flops, resident=resident,
                      note=f"{total_rows} rows, one token against a {max_len}-slot cache (cache donated)")
     _compile_paged_decode(compiler, ctx, params, prefix=prefix, slots=total_rows, prompt_length=length,
-                          max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, resident=resident)
+                          max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, resident=resident,
+                          sequences=sequences)
     if relaid:  # the same step from the training layout: what the decode layout saves per token
         compiler.compile(f"{prefix}decode_step[train_layout]",
                          lambda: jax.jit(decode, donate_argnums=2).lower(ctx.abstract_state["params"], tokens,
@@ -217,52 +223,69 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
 
 
 def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots: int, prompt_length: int,
-                          max_new_tokens: int, cache_dtype: str, resident: dict) -> None:
-    """One decode step of the paged engine (``sampling.engine: paged``, its XLA gather path) with as many slots
-    as the static engine has rows and its default pool (the static cache's size, its pages split over the
-    data-parallel shards): reading every slot's pages up to the
-    longest sequence (``paged_decode_step``), and up to the prompt and a third of ``max_new_tokens``
-    (``paged_decode_step[live]``: the pages a slot holds on average when response lengths average a third of
-    the cap, what a kernel reading live pages only reads)."""
+                          max_new_tokens: int, cache_dtype: str, resident: dict, sequences: int | None) -> None:
+    """One decode step of the paged engine (``sampling.engine: paged``) with as many slots as the static engine
+    has rows and its default pool (the static cache's size, its pages split over the data-parallel shards),
+    with the decode attention ``sampling.paged_attention: auto`` picks for the platform (TPU: JAX's Pallas TPU
+    paged-attention kernel; GPU: the XLA gather path): page tables as wide as the longest sequence
+    (``paged_decode_step``), and as the prompt and a third of ``max_new_tokens`` (``paged_decode_step[live]``:
+    the pages a slot holds on average when response lengths average a third of the cap, what the gather path
+    reads then; the kernel reads each slot's live pages whatever the table's width). ``sequences``: also model
+    both engines' generation time for that many responses (static rows = slots)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from .. import paged
     from ..flops import generation_flops
     from ..jitted import sds
-    from ..paged import DEFAULT_PAGE_SIZE, decode_step, per_layer_weights, pool_sharding
     from ..sharding import data_parallel_size, named_sharding
+    from .report import device_bytes
+    from .rollout import modelled_rollout
 
     mesh, config = ctx.mesh, ctx.model_config
-    page_size = DEFAULT_PAGE_SIZE
+    page_size = paged.DEFAULT_PAGE_SIZE
     per_sequence = -(-prompt_length // page_size) + -(-max_new_tokens // page_size)
     shards = data_parallel_size(mesh)
     num_pages = shards * (1 + slots // shards * per_sequence)  # the engine's default pool
-    pool_shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
-    layer_pool = pool_sharding(nnx.merge(ctx.graphdef, ctx.abstract_state["params"]), slots, pool_shape)
+    pool_shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
+    abstract_model = nnx.merge(ctx.graphdef, ctx.abstract_state["params"])
+    layer_pool = paged.pool_sharding(abstract_model, slots, pool_shape)
+    implementation = paged.resolve_paged_attention("auto", abstract_model.platform)
     pool = tuple(sds(pool_shape, jnp.dtype(cache_dtype), layer_pool) for _ in range(config.num_layers))
     rows = named_sharding(("batch",), mesh, shape=(slots,))
     vector = sds((slots,), jnp.int32, rows)
 
-    def step(p, pool_k, pool_v, tokens, positions, write_page, write_offset, read_pages, valid):
+    def step(p, pool_k, pool_v, tokens, positions, write_page, write_offset, page_table, lengths):
         model = nnx.merge(ctx.graphdef, p)
-        return decode_step(model, per_layer_weights(model, None), pool_k, pool_v, tokens, positions=positions,
-                           write_page=write_page, write_offset=write_offset, read_pages=read_pages, valid=valid)
+        return paged.decode_step(model, paged.per_layer_weights(model, None), pool_k, pool_v, tokens,
+                                 positions=positions, write_page=write_page, write_offset=write_offset,
+                                 page_table=page_table, lengths=lengths, implementation=implementation)
 
+    reads = ("the kernel reads each slot's live pages" if implementation == "pallas" else
+             "the gather path reads every slot's table")
     for name, length in (("paged_decode_step", prompt_length + max_new_tokens),
                          ("paged_decode_step[live]", prompt_length + max_new_tokens // 3)):
         bound = -(-length // page_size)
-        read_pages = sds((slots, bound), jnp.int32, named_sharding(("batch", None), mesh, shape=(slots, bound)))
-        valid = sds((slots, bound * page_size), jnp.bool_,
-                    named_sharding(("batch", None), mesh, shape=(slots, bound * page_size)))
+        table = sds((slots, bound), jnp.int32, named_sharding(("batch", None), mesh, shape=(slots, bound)))
         compiler.compile(
             f"{prefix}{name}",
-            lambda read_pages=read_pages, valid=valid: jax.jit(step, donate_argnums=(1, 2)).lower(
-                params, pool, pool, vector, vector, vector, vector, read_pages, valid),
+            lambda table=table: jax.jit(step, donate_argnums=(1, 2)).lower(
+                params, pool, pool, vector, vector, vector, vector, table, vector),
             model_flops=slots * generation_flops(config, length, 1, prefill=False), resident=resident,
-            note=f"{slots} slots, one token each, reading {bound} pages of {page_size} per slot ({length} positions); "
-                 f"pool of {num_pages} pages over {shards} data-parallel shards (the static cache's size, pools "
-                 "donated)")
+            note=f"{slots} slots, one token each, page tables of {bound} pages of {page_size} ({length} positions; "
+                 f"{reads}); pool of {num_pages} pages over {shards} data-parallel shards (the static cache's "
+                 f"size, pools donated); decode attention: {implementation}")
+    if sequences:
+        local = layer_pool.shard_shape(pool_shape)  # [kv heads, pages, page_size, head_dim] on one device
+        chip = compiler.topology.chip
+        compiler.rollouts[prefix.rstrip("/") or "rl"] = modelled_rollout(
+            sequences=sequences, cap=max_new_tokens, prompt=prompt_length, rows=slots, slots=slots, shards=shards,
+            page_size=page_size, chunk=paged.DEFAULT_CHUNK, kernel=implementation == "pallas",
+            weight_bytes=float(device_bytes(params)),
+            kv_bytes_per_position=2.0 * config.num_layers * local[0] * local[3] * jnp.dtype(cache_dtype).itemsize,
+            step_flops_per_row=generation_flops(config, prompt_length + max_new_tokens // 3, 1, prefill=False)
+            / (mesh.size // shards), hbm_bandwidth=chip.hbm_bandwidth, peak_flops=chip.peak_flops)
 
 
 # ------------------------------------------------------------------------------------------ pipeline

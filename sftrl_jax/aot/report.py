@@ -119,6 +119,7 @@ class Compiler:
     def __init__(self, topology: Topology, devices: list, *, log: Callable[[str], None] | None = None):
         self.topology, self.devices, self.log = topology, devices, log
         self.reports: list[FunctionReport] = []
+        self.rollouts: dict[str, dict] = {}  # per sampler (its prefix): the engines' modelled generation time
 
     def compile(self, name: str, lower: Callable[[], Any], *, model_flops: float | None = None,
                 resident: Any = None, note: str = "") -> FunctionReport:
@@ -250,7 +251,8 @@ def compile_run(config_path, topology_name: str, overrides=(), *, kind: str | No
             "chip": {"name": chip.name, "hbm_bytes": chip.hbm_bytes, "peak_flops": chip.peak_flops,
                      "hbm_bandwidth": chip.hbm_bandwidth, "usable_fraction": chip.usable_fraction},
             "mesh": dict(mesh.shape), "seconds": round(time.perf_counter() - start, 1),
-            "functions": [r.to_json() for r in compiler.reports]}
+            "functions": [r.to_json() for r in compiler.reports],
+            **({"rollouts": compiler.rollouts} if compiler.rollouts else {})}
 
 
 def format_table(result: dict) -> str:

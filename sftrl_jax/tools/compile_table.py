@@ -163,3 +163,22 @@ def render_table(results: Path) -> str:
                 f"{f.get('time_bound_s', 0):.3g} s | {_percent(mfu)} | "
                 f"{'–' if estimate is None else f'{estimate:.3g} s'} | {_percent(mfu_estimate)} |")
     return "\n".join(rows) + "\n"
+
+
+def render_rollouts(results: Path) -> str:
+    """The modelled generation time per RL step of both sampling engines (:mod:`sftrl_jax.aot.rollout`), from the
+    ``rollouts`` of the compiled RL runs, in :data:`RUNS`'s order."""
+    rows = ["| run | responses (mean length, at the cap) | static: calls × rows, decode steps, time | "
+            "paged: slots, attention, decode steps, time | static ÷ paged |",
+            "|---|---|---|---|---|"]
+    for name in run_names():
+        path = results / "compile" / f"{name}.json"
+        if not path.exists():
+            continue
+        for sampler, r in json.loads(path.read_text()).get("rollouts", {}).items():
+            static, paged = r["static"], r["paged"]
+            rows.append(f"| `{name}` ({sampler}) | {r['sequences']:,} × ≤ {r['cap']:,} tokens "
+                        f"({r['mean_length']:,.0f}, {r['at_cap']}) | {static['calls']} × {r['rows']}, "
+                        f"{static['decode_steps']:,}, {static['seconds']:.3g} s | {r['slots']}, {r['attention']}, "
+                        f"{paged['decode_steps']:,}, {paged['seconds']:.3g} s | **{r['speedup']:.2f}×** |")
+    return "\n".join(rows) + "\n"

@@ -21,6 +21,8 @@ pair is overwritten, so edit this module or re-import a run, never the block. Bl
 - ``compile``: the ``sftrl-jax compile`` JSON files under ``docs/results/compile/`` written by
   ``scripts/compile_configs.py`` (:mod:`sftrl_jax.tools.compile_table`, whose table this renders; the
   script renders the pages after compiling).
+- ``rollout-model``: the modelled generation time of both sampling engines that the same files hold for their
+  RL samplers (``rollouts``, :mod:`sftrl_jax.aot.rollout`).
 
 Rendering reads nothing but the result files, so it is deterministic; ``tests/test_render_docs.py``
 checks that the committed pages equal their rendering.
@@ -41,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import ROOT
-from .compile_table import render_table
+from .compile_table import render_rollouts, render_table
 
 MARKER = re.compile(r"<!-- (results:([a-z0-9-]+)|compile-table):start -->\n(.*?)<!-- \1:end -->", re.DOTALL)
 START = re.compile(r"<!-- (?:results:[a-z0-9-]+|compile-table):start -->")
@@ -221,8 +223,10 @@ def render_block(name: str, results: Path) -> str:
     """The text between the markers of block ``name`` (ends with a newline)."""
     if name == "compile":
         return render_table(results)
+    if name == "rollout-model":
+        return render_rollouts(results)
     if name not in REPORTS:
-        raise SystemExit(f"unknown results block {name!r} (known: compile, {', '.join(REPORTS)})")
+        raise SystemExit(f"unknown results block {name!r} (known: compile, rollout-model, {', '.join(REPORTS)})")
     filename, render, command = REPORTS[name]
     path = results / filename
     if not path.exists():
