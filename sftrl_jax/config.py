@@ -376,9 +376,10 @@ class SamplingOptions:
     # paged: pages in the KV pool (default: enough for every slot to hold the longest prompt and
     # max_new_tokens, the static engine's cache)
     num_pages: int | None = None
-    # paged: the decode attention over the pages; auto = JAX's Pallas TPU paged-attention kernel on TPU (reads
-    # live pages only; keys and values in bfloat16), gather elsewhere (XLA: each slot's pages up to the longest
-    # live sequence, masked); pallas off TPU runs the kernel interpreted (slow; for tests)
+    # paged: the decode attention over the pages; auto = JAX's Pallas TPU paged-attention kernel on TPU where
+    # head_dim is a multiple of 128 (reads live pages only; keys and values in bfloat16), gather otherwise (XLA:
+    # each slot's pages up to the longest live sequence, masked); pallas off TPU runs the kernel interpreted
+    # (slow; for tests)
     paged_attention: Literal["auto", "gather", "pallas"] = "auto"
 
     _ranges = {"n": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0",

@@ -56,15 +56,19 @@ PAGED_ATTENTION = ("gather", "pallas")
 KERNEL_BLOCK_PAGES = 8  # pages per compute block of the Pallas kernel (128 tokens at the default page size)
 
 
-def resolve_paged_attention(name: str, platform: str) -> str:
+def resolve_paged_attention(name: str, platform: str, head_dim: int) -> str:
     """The decode attention of the paged engine for ``sampling.paged_attention`` = ``name`` on ``platform``:
-    ``auto`` is ``pallas`` on TPU (JAX's Pallas TPU paged-attention kernel, reading live pages only) and
-    ``gather`` elsewhere (portable XLA: gather pages up to a bound, mask). ``pallas`` off TPU runs the
-    kernel in Pallas's TPU interpret mode (slow; for tests)."""
+    ``auto`` is ``pallas`` on TPU (JAX's Pallas TPU paged-attention kernel, reading live pages only) where
+    ``head_dim`` is a multiple of 128 (the kernel's TPU lowering needs whole 128-lane blocks), and ``gather``
+    otherwise (portable XLA: gather pages up to a bound, mask). ``pallas`` off TPU runs the kernel in Pallas's
+    TPU interpret mode (slow; for tests)."""
     if name == "auto":
-        return "pallas" if platform == "tpu" else "gather"
+        return "pallas" if platform == "tpu" and head_dim % 128 == 0 else "gather"
     if name not in PAGED_ATTENTION:
         raise ValueError(f"sampling.paged_attention: expected auto | {' | '.join(PAGED_ATTENTION)}, got {name!r}")
+    if name == "pallas" and platform == "tpu" and head_dim % 128:
+        raise ValueError(f"sampling.paged_attention: pallas needs a head_dim that is a multiple of 128 on TPU, the "
+                         f"model's is {head_dim}; use gather or auto")
     return name
 
 
@@ -414,7 +418,7 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
     # shared, and its own from the prompt's last full page on (a copy of the partly filled one, then new ones)
     per_sequence = max(_pages(length, page_size) + _pages(length + int(limit) - 1, page_size) - length // page_size
                        for length, limit in set(zip(map(len, prompt_ids), limits.tolist())))
-    implementation = resolve_paged_attention(attention, model.platform)
+    implementation = resolve_paged_attention(attention, model.platform, model.config.head_dim)
     mesh = model.mesh
     shards = data_parallel_size(mesh) if mesh is not None else 1
     check_paged_settings(max_slots, page_size, num_pages, pages_per_sequence=per_sequence, shards=shards)

@@ -122,6 +122,23 @@ def test_the_compiled_update_takes_the_methods_own_inputs(tiny_model, method):
 
 
 @pytest.mark.slow
+@needs_libtpu
+@pytest.mark.slow
+def test_paged_decode_step_compiles_the_tpu_kernel(tmp_path):
+    """With a head_dim of 128 the paged engine's decode step on TPU runs JAX's Pallas TPU paged-attention kernel,
+    and XLA:TPU compiles it; the compile also models both engines' generation time per RL step."""
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(dict(TINY, hidden_size=256, num_attention_heads=2,
+                                                           num_key_value_heads=1)))
+    result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", _overrides(str(directory)))
+    step = _by_name(result)["rl/paged_decode_step"]
+    assert step["fits"] and step["note"].endswith("decode attention: pallas")
+    rollout = result["rollouts"]["rl"]
+    assert rollout["attention"] == "pallas" and rollout["paged"]["seconds"] > 0
+    assert rollout["static"]["decode_steps"] >= rollout["paged"]["decode_steps"]
+
+
 @needs_cuda_plugin
 def test_sft_and_rl_compile_for_a_gpu(tiny_model):
     sft = _by_name(aot.compile_run(ROOT / "configs/tiny_sft.yaml", "1xh100", _overrides(tiny_model)))

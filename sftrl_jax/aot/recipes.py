@@ -251,7 +251,7 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
     pool_shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
     abstract_model = nnx.merge(ctx.graphdef, ctx.abstract_state["params"])
     layer_pool = paged.pool_sharding(abstract_model, slots, pool_shape)
-    implementation = paged.resolve_paged_attention("auto", abstract_model.platform)
+    implementation = paged.resolve_paged_attention("auto", abstract_model.platform, config.head_dim)
     pool = tuple(sds(pool_shape, jnp.dtype(cache_dtype), layer_pool) for _ in range(config.num_layers))
     rows = named_sharding(("batch",), mesh, shape=(slots,))
     vector = sds((slots,), jnp.int32, rows)
