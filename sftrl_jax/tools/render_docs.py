@@ -23,6 +23,8 @@ pair is overwritten, so edit this module or re-import a run, never the block. Bl
   script renders the pages after compiling).
 - ``rollout-model``: the modelled generation time of both sampling engines that the same files hold for their
   RL samplers (``rollouts``, :mod:`sftrl_jax.aot.rollout`).
+- ``bench-rollout``: the rollout benchmark's ``docs/results/bench_rollout_cpu.json`` (``scripts/bench.py
+  --sections rollout --json``).
 
 Rendering reads nothing but the result files, so it is deterministic; ``tests/test_render_docs.py``
 checks that the committed pages equal their rendering.
@@ -219,14 +221,64 @@ DEFAULT_OUT = {"demo": "runs/demo", "repro-bugs": "runs/repro_bugs", "repro-coup
                "repro-mixed-random-base": "runs/repro_mixed"}
 
 
+BENCH_ROLLOUT = "bench_rollout_cpu.json"
+BENCH_ROLLOUT_COMMAND = ("python scripts/bench.py --device cpu --sections rollout --gen-repeats 1 "
+                         f"--json docs/results/{BENCH_ROLLOUT}")
+
+
+def render_bench_rollout(result: dict) -> str:
+    """The rollout benchmark's set-up and table (``scripts/bench.py --sections rollout``)."""
+    env, model, r = result["environment"], result["cpu_model"], result["rollout"]
+    static, paged = r["static"], r["paged"]
+    load = r.get("load_1min") or []
+    lines = [
+        f"Machine: {env['cpu_count']} cores ({env['cpu_model']}), Python {env['python']}, jax {env['jax']}, "
+        f"{env['date']}; 1-minute load average {env['load'][0]} at the start"
+        + (f", {', '.join(map(str, load))} after each round" if load else "") + ".",
+        f"Model: {model['model_type']} shape, vocab {model['vocab_size']}, hidden {model['hidden_size']}, "
+        f"{model['num_hidden_layers']} layers, float32. Work: {r['requests']} requests of {r['prompt']} prompt tokens, "
+        f"one sample each, temperature 1, response lengths from a log-normal capped at {r['cap']} tokens (mean "
+        f"{r['mean_length']:.1f}), fixed per request through per-request limits on a model without a stop id, so "
+        f"both engines generate the same {r['useful_tokens']} tokens. Same KV memory: the static engine's cache of "
+        f"{r['static_batch']} rows × ({r['prompt']} + {r['cap']}) positions = {r['kv_budget_tokens']} tokens; the "
+        f"paged engine's pool of {r['num_pages'] - 1} pages of {r['page_size']} (plus the scratch page) for "
+        f"{r['paged_slots']} slots. One timed run of each after a warm-up.",
+        "",
+        "| engine | useful tokens/s | slot utilisation | decode steps | time per step (prefill included) | "
+        "KV bytes read per useful token | peak pages in use |",
+        "|---|---|---|---|---|---|---|",
+        f"| static (`sampling.engine: static`, batch {r['static_batch']}) | {static['useful_tokens_per_s']:.1f} | "
+        f"{static['slot_utilisation']:.1%} | {static['decode_steps']} | "
+        f"{1e3 * static['seconds'] / static['decode_steps']:.1f} ms | "
+        f"{static['kv_bytes_read_per_useful_token'] / 1e6:.2f} MB | – |",
+        f"| paged (`sampling.engine: paged`, {r['paged_slots']} slots) | {paged['useful_tokens_per_s']:.1f} | "
+        f"{paged['slot_utilisation']:.1%} | {paged['decode_steps']} | "
+        f"{1e3 * paged['seconds'] / paged['decode_steps']:.1f} ms | "
+        f"{paged['kv_bytes_read_per_useful_token'] / 1e6:.2f} MB | {paged['max_pages_in_use']} of "
+        f"{r['num_pages'] - 1} |",
+        f"| **paged / static** | **{r['speedup']:.2f}×** (target ≥ 2.5×) | **{r['utilisation_ratio']:.2f}×** "
+        f"(paged ≥ 90 % targeted) | | | **{r['kv_bytes_ratio']:.2f}× fewer** | |",
+        "",
+        f"The two engines' samples are identical ({r['identical_samples']:.0%} of the {r['requests']} responses "
+        "token for token).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def render_block(name: str, results: Path) -> str:
     """The text between the markers of block ``name`` (ends with a newline)."""
     if name == "compile":
         return render_table(results)
     if name == "rollout-model":
         return render_rollouts(results)
+    if name == "bench-rollout":
+        path = results / BENCH_ROLLOUT
+        if not path.exists():
+            return f"*Not yet measured with this version: run `{BENCH_ROLLOUT_COMMAND}`.*\n"
+        return render_bench_rollout(json.loads(path.read_text()))
     if name not in REPORTS:
-        raise SystemExit(f"unknown results block {name!r} (known: compile, rollout-model, {', '.join(REPORTS)})")
+        raise SystemExit(f"unknown results block {name!r} (known: compile, rollout-model, bench-rollout, "
+                         f"{', '.join(REPORTS)})")
     filename, render, command = REPORTS[name]
     path = results / filename
     if not path.exists():
