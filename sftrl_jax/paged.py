@@ -20,9 +20,10 @@ randomness is its own, :func:`sftrl_jax.sampling.pick`); before that, prompts wh
 not running yet give their pages back (they are prefilled again when admitted).
 
 Each decode step attends over the slot's own tokens, chosen once from the platform like
-``model.attention`` (``sampling.paged_attention``): ``pallas`` (TPU) runs JAX's Pallas TPU paged-attention
-kernel, which reads each slot's live pages only (keys and values in bfloat16, its compute dtype);
-``gather`` (CPU, GPU) gathers every slot's pages up to a bound on the live lengths (a power of two of
+``model.attention`` (``sampling.paged_attention``): on TPU ``pallas_tpu``, JAX's Pallas TPU paged-attention
+kernel (keys and values in bfloat16, its compute dtype), on GPU ``pallas_gpu``, JAX's Pallas GPU (Triton)
+paged-attention kernel, both reading each slot's live pages only; ``gather`` (CPU, and where a kernel's
+shapes do not apply) gathers every slot's pages up to a bound on the live lengths (a power of two of
 pages, so few shapes compile) and masks them to the slot's length.
 
 The model's own layers, RoPE and attention run every step (:meth:`Decoder.layer_fn`, with the page
@@ -52,23 +53,32 @@ from .sharding import data_parallel_size, logical_to_pspec, place, rows_sharding
 DEFAULT_PAGE_SIZE = 16
 SCRATCH_PAGE = 0
 DEFAULT_CHUNK = 32  # decode steps per device call at most
-PAGED_ATTENTION = ("gather", "pallas")
-KERNEL_BLOCK_PAGES = 8  # pages per compute block of the Pallas kernel (128 tokens at the default page size)
+PAGED_ATTENTION = ("gather", "pallas_tpu", "pallas_gpu")
+KERNEL_BLOCK_PAGES = 8  # pages per compute block of the Pallas kernels (128 tokens at the default page size)
+KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+# what each kernel's lowering for its platform needs of head_dim: whole 128-lane blocks on TPU, Triton dot
+# operands of at least 16 on GPU
+KERNEL_HEAD_DIM = {"pallas_tpu": 128, "pallas_gpu": 16}
 
 
 def resolve_paged_attention(name: str, platform: str, head_dim: int) -> str:
     """The decode attention of the paged engine for ``sampling.paged_attention`` = ``name`` on ``platform``:
-    ``auto`` is ``pallas`` on TPU (JAX's Pallas TPU paged-attention kernel, reading live pages only) where
-    ``head_dim`` is a multiple of 128 (the kernel's TPU lowering needs whole 128-lane blocks), and ``gather``
-    otherwise (portable XLA: gather pages up to a bound, mask). ``pallas`` off TPU runs the kernel in Pallas's
-    TPU interpret mode (slow; for tests)."""
+    ``auto`` is the platform's Pallas kernel (``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU; each reads
+    live pages only) where ``head_dim`` suits it, and ``gather`` otherwise (portable XLA: gather pages up
+    to a bound, mask). A kernel named off its platform runs in Pallas's interpret mode on CPU (slow; for
+    tests), and is refused on the other accelerator."""
     if name == "auto":
-        return "pallas" if platform == "tpu" and head_dim % 128 == 0 else "gather"
+        kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform)
+        return kernel if kernel and head_dim % KERNEL_HEAD_DIM[kernel] == 0 else "gather"
     if name not in PAGED_ATTENTION:
         raise ValueError(f"sampling.paged_attention: expected auto | {' | '.join(PAGED_ATTENTION)}, got {name!r}")
-    if name == "pallas" and platform == "tpu" and head_dim % 128:
-        raise ValueError(f"sampling.paged_attention: pallas needs a head_dim that is a multiple of 128 on TPU, the "
-                         f"model's is {head_dim}; use gather or auto")
+    if name in KERNEL_PLATFORM and platform != "cpu":
+        if platform != KERNEL_PLATFORM[name]:
+            raise ValueError(f"sampling.paged_attention: {name} runs on {KERNEL_PLATFORM[name].upper()} (or "
+                             f"interpreted on CPU), not on {platform.upper()}; use auto")
+        if head_dim % KERNEL_HEAD_DIM[name]:
+            raise ValueError(f"sampling.paged_attention: {name} needs a head_dim that is a multiple of "
+                             f"{KERNEL_HEAD_DIM[name]}, the model's is {head_dim}; use gather or auto")
     return name
 
 
@@ -253,23 +263,37 @@ def paged_store(model: Decoder, pool_k, pool_v, write_page, write_offset, read_p
     return store
 
 
-def kernel_attention(model: Decoder, lengths, page_table):
-    """``attend(q, pool_k, pool_v)`` for one decode step: JAX's Pallas TPU paged-attention kernel over each
-    slot's ``page_table [S, pages]`` rows, its first ``lengths [S]`` tokens (it reads those pages only, with
-    keys and values in bfloat16). q ``[S, 1, H, D]``; off TPU the kernel runs in TPU interpret mode."""
-    from jax.experimental.pallas import tpu as pltpu
-    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+def kernel_attention(model: Decoder, lengths, page_table, kernel: str):
+    """``attend(q, pool_k, pool_v)`` for one decode step: JAX's Pallas paged-attention ``kernel`` (``pallas_tpu``
+    or ``pallas_gpu``) over each slot's ``page_table [S, pages]`` row, its first ``lengths [S]`` tokens (the
+    kernels read those pages only). q ``[S, 1, H, D]``. Off its platform the kernel runs interpreted. The TPU
+    kernel loads keys and values as bfloat16 and computes in float32; the GPU kernel computes in the pool's
+    dtype with float32 accumulation."""
+    pages = page_table.shape[1]
+    native = model.platform == KERNEL_PLATFORM[kernel]
 
-    block = np.gcd(page_table.shape[1], KERNEL_BLOCK_PAGES)
+    def tpu(q, pool_k, pool_v, lengths, table):
+        from jax.experimental.pallas import tpu as pltpu
+        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+        run = functools.partial(paged_attention, q.astype(jnp.float32), pool_k, pool_v, lengths, table,
+                                pages_per_compute_block=int(np.gcd(pages, KERNEL_BLOCK_PAGES)))
+        if native:
+            return run()
+        with pltpu.force_tpu_interpret_mode():
+            return run()
+
+    def gpu(q, pool_k, pool_v, lengths, table):
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+        splits = int(np.gcd(pages, 16))  # the sequence's pages split over this many partitions, in parallel
+        return paged_attention(q.astype(pool_k.dtype), pool_k, pool_v, table, lengths,
+                               pages_per_compute_block=int(np.gcd(pages // splits, KERNEL_BLOCK_PAGES)),
+                               k_splits=splits, interpret=not native)
 
     def local(q, pool_k, pool_v, lengths, table):
-        scaled = q[:, 0].astype(jnp.float32) * (1.0 / np.sqrt(q.shape[-1]))  # the scale dense attention applies
-        run = functools.partial(paged_attention, pages_per_compute_block=int(block))
-        if model.platform == "tpu":
-            out = run(scaled, pool_k, pool_v, lengths, table)
-        else:
-            with pltpu.force_tpu_interpret_mode():
-                out = run(scaled, pool_k, pool_v, lengths, table)
+        scaled = q[:, 0] * (1.0 / np.sqrt(q.shape[-1]))  # the scale dense attention applies
+        out = (tpu if kernel == "pallas_tpu" else gpu)(scaled, pool_k, pool_v, lengths, table)
         return (out[:, None].astype(model.dtype),)
 
     def attend(q, pool_k, pool_v):
@@ -283,11 +307,12 @@ def decode_step(model: Decoder, layer_weights, pool_k, pool_v, tokens, *, positi
                 page_table, lengths, implementation: str = "gather"):
     """One decode step of every slot: feed ``tokens [S]`` at RoPE ``positions [S]``, writing their keys/values
     at ``(write_page, write_offset)``; attention reads each slot's first ``lengths [S]`` tokens (this one
-    included) through its row of ``page_table [S, bound]``, with ``implementation`` (``gather`` or
-    ``pallas``, :func:`resolve_paged_attention`). Returns next-token logits ``[S, V]`` and the pools."""
+    included) through its row of ``page_table [S, bound]``, with ``implementation`` (``gather``,
+    ``pallas_tpu`` or ``pallas_gpu``, :func:`resolve_paged_attention`). Returns next-token logits ``[S, V]``
+    and the pools."""
     slots = tokens.shape[0]
-    if implementation == "pallas":
-        attend, read_pages = kernel_attention(model, lengths, page_table), None
+    if implementation in KERNEL_PLATFORM:
+        attend, read_pages = kernel_attention(model, lengths, page_table, implementation), None
     else:
         valid = jnp.arange(page_table.shape[1] * pool_k[0].shape[2], dtype=jnp.int32)[None, :] < lengths[:, None]
         attend = functools.partial(attention, q_segment_ids=jnp.ones((slots, 1), jnp.int32),

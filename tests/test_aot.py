@@ -133,9 +133,9 @@ def test_paged_decode_step_compiles_the_tpu_kernel(tmp_path):
                                                            num_key_value_heads=1)))
     result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", _overrides(str(directory)))
     step = _by_name(result)["rl/paged_decode_step"]
-    assert step["fits"] and step["note"].endswith("decode attention: pallas")
+    assert step["fits"] and step["note"].endswith("decode attention: pallas_tpu")
     rollout = result["rollouts"]["rl"]
-    assert rollout["attention"] == "pallas" and rollout["paged"]["seconds"] > 0
+    assert rollout["attention"] == "pallas_tpu" and rollout["paged"]["seconds"] > 0
     assert rollout["static"]["decode_steps"] >= rollout["paged"]["decode_steps"]
 
 

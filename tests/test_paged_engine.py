@@ -134,12 +134,13 @@ def _random_pools(seed: int, kv_heads: int = 2, pages: int = 48, page_size: int 
     return tuple(jax.random.normal(k, (kv_heads, pages, page_size, dim)).astype(jnp.bfloat16) for k in keys)
 
 
-@pytest.mark.parametrize("devices", [1, 8])
-def test_tpu_kernel_attention_matches_the_gather_path(hf_checkpoint, devices):
-    """JAX's Pallas TPU paged-attention kernel (Pallas TPU interpret mode here) against the portable gather path
-    on the same pages: each slot's first ``lengths`` tokens through its page-table row, GQA (4 query heads over
-    2 kv heads), keys and values bfloat16 (the kernel's compute dtype), on one device and with slots and pages
-    split over 8 data-parallel shards."""
+@pytest.mark.parametrize("kernel,devices", [("pallas_tpu", 1), ("pallas_tpu", 8), ("pallas_gpu", 1),
+                                            ("pallas_gpu", 8)])
+def test_kernel_attention_matches_the_gather_path(hf_checkpoint, kernel, devices):
+    """JAX's Pallas TPU and GPU paged-attention kernels (interpret mode here) against the portable gather path on
+    the same pages: each slot's first ``lengths`` tokens through its page-table row, GQA (4 query heads over 2
+    kv heads), keys and values bfloat16 (the TPU kernel's compute dtype), on one device and with slots and
+    pages split over 8 data-parallel shards."""
     from sftrl_jax.models.attention import attention
 
     model = model_on(hf_checkpoint, devices)
@@ -153,8 +154,8 @@ def test_tpu_kernel_attention_matches_the_gather_path(hf_checkpoint, devices):
     q = jax.random.normal(jax.random.key(1), (slots, 1, 4, 16), jnp.float32)
     if devices > 1:
         pool_k, pool_v = (jax.device_put(p, paged.pool_sharding(model, slots, p.shape)) for p in (pool_k, pool_v))
-    out = jax.jit(lambda q, k, v, n, t: paged.kernel_attention(model, n, t)(q, k, v))(q, pool_k, pool_v,
-                                                                                          lengths, table)
+    out = jax.jit(lambda q, k, v, n, t: paged.kernel_attention(model, n, t, kernel)(q, k, v))(q, pool_k, pool_v,
+                                                                                                  lengths, table)
     # the reference: the gather path's keys/values, per shard, and dense attention masked to each slot's length
     per_shard = slots // devices
     expected = []
@@ -166,14 +167,17 @@ def test_tpu_kernel_attention_matches_the_gather_path(hf_checkpoint, devices):
         expected.append(attention(q[s:s + 1], jnp.asarray(k)[None], jnp.asarray(v)[None],
                                   q_segment_ids=np.ones((1, 1), np.int32), kv_segment_ids=valid,
                                   q_offset=bound * page_size - 1))
-    np.testing.assert_allclose(np.asarray(out), np.concatenate(expected), atol=2e-6)
+    # the GPU kernel computes in the pools' dtype: bfloat16 queries and probabilities
+    np.testing.assert_allclose(np.asarray(out), np.concatenate(expected), atol=2e-6 if kernel == "pallas_tpu" else 2e-2)
 
 
 @pytest.mark.slow
-def test_paged_engine_samples_the_same_with_the_tpu_kernel(hf_checkpoint):
-    """The engine with ``paged_attention="pallas"`` (interpret mode) and with ``"gather"`` on a bfloat16 model,
-    slots and pages over two data-parallel shards: the same tokens and stop reasons, log-probs within
-    float32 rounding (both attend over the same bfloat16 keys and values in float32)."""
+@pytest.mark.parametrize("kernel", ["pallas_tpu", "pallas_gpu"])
+def test_paged_engine_samples_the_same_with_a_kernel(hf_checkpoint, kernel):
+    """The engine with a Pallas kernel (interpret mode) and with the gather path on a bfloat16 model, slots and
+    pages over two data-parallel shards: the same tokens and stop reasons, and log-probs within float32
+    rounding (TPU kernel: both attend over the same bfloat16 keys and values in float32) or bfloat16
+    rounding (GPU kernel: bfloat16 queries and probabilities)."""
     from sftrl_jax.models.options import ModelOptions
 
     kwargs = dict(max_new_tokens=[6, 9, 4], temperature=1.0, eos_token_id=[], n=2, seed=6, engine="paged",
@@ -181,4 +185,20 @@ def test_paged_engine_samples_the_same_with_the_tpu_kernel(hf_checkpoint):
     mesh = make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
     model = load_pretrained(ModelOptions(path=str(hf_checkpoint("qwen2_untied")), dtype="bfloat16"), mesh=mesh)[0]
     gather = generate(model, PROMPTS, paged_attention="gather", **kwargs)
-    same_samples(gather, generate(model, PROMPTS, paged_attention="pallas", **kwargs), atol=1e-4)
+    same_samples(gather, generate(model, PROMPTS, paged_attention=kernel, **kwargs),
+                 atol=1e-4 if kernel == "pallas_tpu" else 5e-2)
+
+
+def test_paged_attention_setting_is_checked():
+    assert paged.resolve_paged_attention("auto", "tpu", 128) == "pallas_tpu"
+    assert paged.resolve_paged_attention("auto", "tpu", 64) == "gather"  # the TPU lowering needs 128-lane blocks
+    assert paged.resolve_paged_attention("auto", "gpu", 128) == "pallas_gpu"
+    assert paged.resolve_paged_attention("auto", "cpu", 128) == "gather"
+    assert paged.resolve_paged_attention("pallas_gpu", "cpu", 24) == "pallas_gpu"  # interpreted
+    with pytest.raises(ValueError, match=r"^sampling.paged_attention: pallas_tpu runs on TPU .* not on GPU"):
+        paged.resolve_paged_attention("pallas_tpu", "gpu", 128)
+    with pytest.raises(ValueError, match=r"^sampling.paged_attention: pallas_tpu needs a head_dim that is a "
+                                         r"multiple of 128, the model's is 64"):
+        paged.resolve_paged_attention("pallas_tpu", "tpu", 64)
+    with pytest.raises(ValueError, match=r"^sampling.paged_attention: expected auto \| gather \| pallas_tpu"):
+        paged.resolve_paged_attention("flash", "cpu", 64)

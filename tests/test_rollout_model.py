@@ -32,13 +32,13 @@ def test_paged_engine_refills_slots_and_reads_live_pages():
 def test_time_is_the_bytes_read_over_the_bandwidth():
     common = dict(sequences=64, cap=32, prompt=8, rows=16, slots=16, shards=1, page_size=4, chunk=4,
                   step_flops_per_row=0.0, hbm_bandwidth=1.0, peak_flops=1.0)
-    weights_only = modelled_rollout(**common, kernel=True, weight_bytes=1.0, kv_bytes_per_position=0.0)
+    weights_only = modelled_rollout(**common, attention="pallas_tpu", weight_bytes=1.0, kv_bytes_per_position=0.0)
     # with nothing but the weights to read, a step costs one second and the gain is the steps saved
     assert weights_only["static"]["seconds"] == weights_only["static"]["decode_steps"]
     assert weights_only["speedup"] == pytest.approx(weights_only["static"]["decode_steps"]
                                                     / weights_only["paged"]["decode_steps"])
     assert weights_only["paged"]["decode_steps"] < weights_only["static"]["decode_steps"]
-    kv_only = modelled_rollout(**common, kernel=True, weight_bytes=0.0, kv_bytes_per_position=1.0)
+    kv_only = modelled_rollout(**common, attention="pallas_tpu", weight_bytes=0.0, kv_bytes_per_position=1.0)
     lengths = lognormal_lengths(64, 32, np.random.default_rng(2))
     steps, _ = static_engine(lengths, 16, 40)
     assert kv_only["static"]["seconds"] == pytest.approx(sum(s * 16 * 40 for s in steps))

@@ -226,8 +226,8 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
                           max_new_tokens: int, cache_dtype: str, resident: dict, sequences: int | None) -> None:
     """One decode step of the paged engine (``sampling.engine: paged``) with as many slots as the static engine
     has rows and its default pool (the static cache's size, its pages split over the data-parallel shards),
-    with the decode attention ``sampling.paged_attention: auto`` picks for the platform (TPU: JAX's Pallas TPU
-    paged-attention kernel; GPU: the XLA gather path): page tables as wide as the longest sequence
+    with the decode attention ``sampling.paged_attention: auto`` picks for the platform (JAX's Pallas TPU or
+    GPU paged-attention kernel): page tables as wide as the longest sequence
     (``paged_decode_step``), and as the prompt and a third of ``max_new_tokens`` (``paged_decode_step[live]``:
     the pages a slot holds on average when response lengths average a third of the cap, what the gather path
     reads then; the kernel reads each slot's live pages whatever the table's width). ``sequences``: also model
@@ -262,7 +262,7 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
                                  positions=positions, write_page=write_page, write_offset=write_offset,
                                  page_table=page_table, lengths=lengths, implementation=implementation)
 
-    reads = ("the kernel reads each slot's live pages" if implementation == "pallas" else
+    reads = ("the kernel reads each slot's live pages" if implementation != "gather" else
              "the gather path reads every slot's table")
     for name, length in (("paged_decode_step", prompt_length + max_new_tokens),
                          ("paged_decode_step[live]", prompt_length + max_new_tokens // 3)):
@@ -281,7 +281,7 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
         chip = compiler.topology.chip
         compiler.rollouts[prefix.rstrip("/") or "rl"] = modelled_rollout(
             sequences=sequences, cap=max_new_tokens, prompt=prompt_length, rows=slots, slots=slots, shards=shards,
-            page_size=page_size, chunk=paged.DEFAULT_CHUNK, kernel=implementation == "pallas",
+            page_size=page_size, chunk=paged.DEFAULT_CHUNK, attention=implementation,
             weight_bytes=float(device_bytes(params)),
             kv_bytes_per_position=2.0 * config.num_layers * local[0] * local[3] * jnp.dtype(cache_dtype).itemsize,
             step_flops_per_row=generation_flops(config, prompt_length + max_new_tokens // 3, 1, prefill=False)

@@ -8,7 +8,7 @@ divides by the chip's HBM bandwidth (or its peak FLOP/s, where that is slower):
 - ``static``: batches of ``rows`` sequences, one after the other; a batch runs until its longest response
   ends, and every step reads the weights and the batch's whole cache (prompt + cap positions per row).
 - ``paged``: ``slots`` decode slots refilled as soon as a sequence ends; every step reads the weights
-  and, with the ``pallas`` kernel, each busy slot's live pages, with the ``gather`` path every slot's
+  and, with a Pallas kernel, each busy slot's live pages, with the ``gather`` path every slot's
   pages up to a power of two of pages covering the longest live sequence and the next
   :data:`sftrl_jax.paged.DEFAULT_CHUNK` steps.
 
@@ -75,12 +75,13 @@ def paged_engine(lengths: np.ndarray, slots: int, prompt: int, page_size: int, m
 
 
 def modelled_rollout(*, sequences: int, cap: int, prompt: int, rows: int, slots: int, shards: int, page_size: int,
-                     chunk: int, kernel: bool, weight_bytes: float, kv_bytes_per_position: float,
+                     chunk: int, attention: str, weight_bytes: float, kv_bytes_per_position: float,
                      step_flops_per_row: float, hbm_bandwidth: float, peak_flops: float) -> dict:
     """Both engines' decode steps and seconds for ``sequences`` responses of :func:`lognormal_lengths` (capped at
     ``cap``) after ``prompt``-token prompts, on one device: ``rows`` (static) and ``slots`` (paged) over
     ``shards`` data-parallel shards, ``weight_bytes`` of weights and ``kv_bytes_per_position`` of keys/values
-    per cached position on the device, ``step_flops_per_row`` per row and decode step."""
+    per cached position on the device, ``step_flops_per_row`` per row and decode step; ``attention`` the paged
+    engine's (``gather``, or a kernel reading live pages only)."""
     lengths = lognormal_lengths(sequences, cap, np.random.default_rng(LENGTH_SEED))
 
     def seconds(step_count: float, positions: float, rows_per_step: int) -> float:
@@ -91,11 +92,12 @@ def modelled_rollout(*, sequences: int, cap: int, prompt: int, rows: int, slots:
     static_steps, static_positions = static_engine(lengths, rows, prompt + cap)
     static_seconds = sum(seconds(s, s * p, rows) for s, p in zip(static_steps, static_positions))
     max_pages = -(-(prompt + cap) // page_size)
-    paged_steps, paged_positions = paged_engine(lengths, slots, prompt, page_size, max_pages, chunk, kernel)
+    paged_steps, paged_positions = paged_engine(lengths, slots, prompt, page_size, max_pages, chunk,
+                                                kernel=attention != "gather")
     paged_seconds = seconds(paged_steps, paged_positions, slots)
     return {"sequences": sequences, "cap": cap, "prompt": prompt, "mean_length": float(lengths.mean()),
             "at_cap": int(np.sum(lengths == cap)), "rows": rows, "slots": slots, "shards": shards,
-            "page_size": page_size, "attention": "pallas" if kernel else "gather", "weight_bytes": weight_bytes,
+            "page_size": page_size, "attention": attention, "weight_bytes": weight_bytes,
             "kv_bytes_per_position": kv_bytes_per_position,
             "static": {"calls": len(static_steps), "decode_steps": int(sum(static_steps)),
                        "seconds": static_seconds},
