@@ -276,7 +276,7 @@ def kernel_attention(model: Decoder, lengths, page_table, kernel: str):
         from jax.experimental.pallas import tpu as pltpu
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-        run = functools.partial(paged_attention, q.astype(jnp.float32), pool_k, pool_v, lengths, table,
+        run = functools.partial(paged_attention, q, pool_k, pool_v, lengths, table,
                                 pages_per_compute_block=int(np.gcd(pages, KERNEL_BLOCK_PAGES)))
         if native:
             return run()
@@ -292,7 +292,7 @@ def kernel_attention(model: Decoder, lengths, page_table, kernel: str):
                                k_splits=splits, interpret=not native)
 
     def local(q, pool_k, pool_v, lengths, table):
-        scaled = q[:, 0] * (1.0 / np.sqrt(q.shape[-1]))  # the scale dense attention applies
+        scaled = q[:, 0].astype(jnp.float32) * (1.0 / np.sqrt(q.shape[-1]))  # the scale dense attention applies
         out = (tpu if kernel == "pallas_tpu" else gpu)(scaled, pool_k, pool_v, lengths, table)
         return (out[:, None].astype(model.dtype),)
 
