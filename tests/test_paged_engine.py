@@ -134,6 +134,7 @@ def _random_pools(seed: int, kv_heads: int = 2, pages: int = 48, page_size: int 
     return tuple(jax.random.normal(k, (kv_heads, pages, page_size, dim)).astype(jnp.bfloat16) for k in keys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel,devices", [("pallas_tpu", 1), ("pallas_tpu", 8), ("pallas_gpu", 1),
                                             ("pallas_gpu", 8)])
 def test_kernel_attention_matches_the_gather_path(hf_checkpoint, kernel, devices):
