@@ -51,3 +51,13 @@ def tokenizer(tmp_path_factory):
     from hf_checkpoints import make_tokenizer
 
     return transformers.AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path_factory.mktemp("tok"))))
+
+
+@pytest.fixture(scope="module")
+def module_xla_cache(tmp_path_factory):
+    """JAX's persistent cache for the module's tests: a run that builds a program an earlier run of the module
+    compiled (each ``run_sft`` / ``run_rl`` jits its own functions) loads it instead of compiling it again."""
+    from sftrl_jax.jitted import compilation_cache
+
+    with compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
