@@ -55,9 +55,10 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def module_xla_cache(tmp_path_factory):
-    """JAX's persistent cache for the module's tests: a run that builds a program an earlier run of the module
-    compiled (each ``run_sft`` / ``run_rl`` jits its own functions) loads it instead of compiling it again."""
+    """JAX's persistent cache while the module's tests run: a run that builds a program an earlier run compiled
+    (each ``run_sft`` / ``run_rl`` jits its own functions) loads it instead of compiling it again. The modules
+    that use it share one folder (per test process), so identical programs of several modules compile once."""
     from sftrl_jax.jitted import compilation_cache
 
-    with compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+    with compilation_cache(tmp_path_factory.getbasetemp() / "xla_cache"):
         yield
