@@ -51,3 +51,14 @@ def tokenizer(tmp_path_factory):
     from hf_checkpoints import make_tokenizer
 
     return transformers.AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path_factory.mktemp("tok"))))
+
+
+@pytest.fixture(scope="module")
+def module_xla_cache(tmp_path_factory):
+    """JAX's persistent cache while the module's tests run: a run that builds a program an earlier run compiled
+    (each ``run_sft`` / ``run_rl`` jits its own functions) loads it instead of compiling it again. The modules
+    that use it share one folder (per test process), so identical programs of several modules compile once."""
+    from sftrl_jax.jitted import compilation_cache
+
+    with compilation_cache(tmp_path_factory.getbasetemp() / "xla_cache"):
+        yield

@@ -19,6 +19,8 @@ from sftrl_jax.data.sources import load_rows
 from sftrl_jax.pipeline import PipelineConfig, run_pipeline, stage_config
 from sftrl_jax.rewards.kinds import grade, load_scorer
 
+pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
+
 ROOT = Path(__file__).resolve().parents[1]
 COLA = Path(__file__).parent / "fixtures" / "cola"
 

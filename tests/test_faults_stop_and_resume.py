@@ -22,6 +22,8 @@ from sftrl_jax.sft import SFTConfig, run_sft
 from sftrl_jax.signals import Stopped
 from sftrl_jax.training import Algorithm, run_loop
 
+pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
+
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "tiny_sft.yaml"
 

@@ -22,9 +22,17 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 
 
+# The runs share one persistent XLA cache: the first run of each kind (training, evaluation) compiles and
+# the later ones load the same programs, so the runs here differ only in where they are interrupted.
+# By the time a run is killed its programs are already in the cache (an uninterrupted run of the same
+# kind wrote them), and a damaged entry would only make JAX compile again.
+_ENV = dict(os.environ)
+
+
 @pytest.fixture(scope="module")
 def workdir(hf_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
+    _ENV.update(JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     model_dir = make_model_dir(hf_checkpoint("qwen2_tied"), root / "model")
     data = write_parquet(luffy_rows(48, seed=4), root / "train.parquet")
     return root, model_dir, data
@@ -39,7 +47,7 @@ def _sft_args(workdir, out, *extra):
 
 def _start(args, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sftrl_jax.cli", *args], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, cwd=ROOT)
+                            stderr=subprocess.STDOUT, cwd=ROOT, env=_ENV)
 
 
 def _finish(args, log: Path) -> None:

@@ -24,6 +24,8 @@ from sftrl_jax.rl import RLConfig, chord_mu, chord_sft_token_losses, luffy_token
 from sftrl_jax.rl.config import RLSection
 from sftrl_jax.rl.methods import get_method
 
+pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
+
 GAMMA = 0.1
 
 

@@ -9,6 +9,8 @@ from sft_fixtures import luffy_rows, make_model_dir, write_parquet
 from sftrl_jax.config import ConfigError, load_config
 from sftrl_jax.pipeline import PipelineConfig, run_pipeline
 
+pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
+
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 

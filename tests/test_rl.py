@@ -21,7 +21,7 @@ from sftrl_jax.rl.step import make_logprob_fn, make_policy_update, update_batch_
 from sftrl_jax.rl.verl_layout import verl_step_layout
 from sftrl_jax.sharding import make_mesh, micro_batch_sharding, place
 
-pytestmark = pytest.mark.slow  # every test trains GRPO end to end (40-140 s each on 2 cores)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_xla_cache")]  # every test trains GRPO end to end
 
 TARGET = 7  # the controlled reward: 1 when a response contains this token id
 

@@ -19,6 +19,8 @@ from sftrl_jax.evaluation import Completion, EvalConfig, run_eval
 from sftrl_jax.run_folder import RunFolderError, RunLock
 from sftrl_jax.sft import SFTConfig, run_sft
 
+pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
+
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "tiny_sft.yaml"
 

@@ -12,6 +12,8 @@ from sftrl_jax.models import ModelConfig, ModelOptions, init_model, load_pretrai
 from sftrl_jax.sampling import filter_logits, generate, sampling_layout
 from sftrl_jax.sharding import make_mesh
 
+pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
+
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [88, 3, 61]]
 
 

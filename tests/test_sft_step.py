@@ -20,6 +20,8 @@ from sftrl_jax.sft.step import (
 )
 from sftrl_jax.sharding import make_mesh, named_sharding, place
 
+pytestmark = pytest.mark.usefixtures("module_xla_cache")  # the emulated bugs of one layout share one program
+
 LR = 1.0  # plain SGD: the update is the gradient itself, so it is compared directly
 
 
@@ -67,11 +69,33 @@ def ours(directory, examples, *, devices, micro_batch_size, emulate_bug="none", 
     return _RUNS[key]
 
 
+_REFERENCE_FUNCTIONS = {}
+
+
+def _reference_functions(directory):
+    """The hand-written loss's jitted gradient and per-example nll sums, built once per model (the batch and
+    the coefficients are arguments, so the tests' references of one batch shape share one compiled program)."""
+    if directory not in _REFERENCE_FUNCTIONS:
+        graphdef, _ = _params(directory)
+
+        def nll_sums(p, ids, mask, attention):
+            logits = nnx.merge(graphdef, p)(ids, attention_mask=attention)
+            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+            picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+            return -jnp.sum(picked * mask[:, 1:], axis=1)
+
+        def loss(p, ids, mask, attention, coefficients):
+            return jnp.sum(coefficients * nll_sums(p, ids, mask, attention))
+
+        _REFERENCE_FUNCTIONS[directory] = jax.jit(jax.grad(loss)), jax.jit(nll_sums)
+    return _REFERENCE_FUNCTIONS[directory]
+
+
 def sgd_reference(directory, examples, coefficients):
     """Hand-written reference: one full batch, each example right-padded on its own row (no micro-batches,
     no packing, no weights from our code); loss = sum_k coefficients[k] * (sum of -log p over example k's
     response tokens). Returns (parameters after one SGD step, parameters before, per-example nll sums)."""
-    graphdef, params = _params(directory)
+    _, params = _params(directory)
     length = max(len(e.input_ids) for e in examples)
     ids = np.zeros((len(examples), length), np.int32)
     mask = np.zeros((len(examples), length), np.float32)
@@ -79,17 +103,11 @@ def sgd_reference(directory, examples, coefficients):
         ids[k, :len(e.input_ids)] = e.input_ids
         mask[k, :len(e.input_ids)] = e.loss_mask
     attention = (np.arange(length)[None] < np.array([len(e.input_ids) for e in examples])[:, None])
-
-    def nll_sums(p):
-        logits = nnx.merge(graphdef, p)(jnp.asarray(ids), attention_mask=jnp.asarray(attention))
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        picked = jnp.take_along_axis(logp, jnp.asarray(ids[:, 1:])[..., None], axis=-1)[..., 0]
-        return -jnp.sum(picked * mask[:, 1:], axis=1)
-
-    loss = lambda p: jnp.sum(jnp.asarray(coefficients, jnp.float32) * nll_sums(p))  # noqa: E731
-    grads = jax.jit(jax.grad(loss))(params)
+    grad_fn, nll_fn = _reference_functions(directory)
+    batch = (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(attention))
+    grads = grad_fn(params, *batch, jnp.asarray(coefficients, jnp.float32))
     after = jax.tree.map(lambda p, g: p - LR * g, params, grads)
-    return jax.device_get(after), jax.device_get(params), np.asarray(jax.jit(nll_sums)(params))
+    return jax.device_get(after), jax.device_get(params), np.asarray(nll_fn(params, *batch))
 
 
 def response_tokens(examples):

@@ -20,6 +20,8 @@ from sftrl_jax.optim import OptimizerOptions, apply_update, init_opt_state, make
 from sftrl_jax.sft import NonFiniteLossError, SFTConfig, run_sft
 from sftrl_jax.sft.trainer import load_examples
 
+pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
+
 TINY = Path(__file__).parents[1] / "configs" / "tiny_sft.yaml"
 
 

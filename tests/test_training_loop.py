@@ -15,6 +15,8 @@ from sftrl_jax.optim import apply_update
 from sftrl_jax.sft import NonFiniteLossError, SFTConfig, run_sft
 from sftrl_jax.training import Algorithm, Hook, run_loop
 
+pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
+
 TINY = Path(__file__).parents[1] / "configs" / "tiny_sft.yaml"
 
 

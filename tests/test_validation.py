@@ -13,7 +13,7 @@ from sft_fixtures import make_model_dir
 from sftrl_jax.config import ConfigError, load_config
 from sftrl_jax.rl import RLConfig, run_rl
 
-pytestmark = pytest.mark.slow  # trains GRPO end to end
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_xla_cache")]  # trains GRPO end to end
 
 
 @pytest.fixture(scope="module")
