@@ -368,7 +368,7 @@ class SamplingOptions:
     batch_size: int = 64
     # static: batches decoded until their longest response ends; paged (the default): continuous batching over
     # a paged KV cache (max_slots decode slots refilled as sequences end; the n samples of a prompt share its
-    # pages), 2.2-2.7x the static engine's useful tokens/s at the same KV memory (docs/benchmarks.md); both
+    # pages), 1.9-2.7x the static engine's useful tokens/s at the same KV memory (docs/benchmarks.md); both
     # give the same samples
     engine: Literal["static", "paged"] = "paged"
     max_slots: int | None = None  # paged: decode slots (default: the static engine's rows, batch_size x n)
