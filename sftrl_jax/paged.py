@@ -23,8 +23,8 @@ Each decode step attends over the slot's own tokens, chosen once from the platfo
 ``model.attention`` (``sampling.paged_attention``): on TPU ``pallas_tpu``, JAX's Pallas TPU paged-attention
 kernel (keys and values in bfloat16, its compute dtype), on GPU ``pallas_gpu``, JAX's Pallas GPU (Triton)
 paged-attention kernel, both reading each slot's live pages only; ``gather`` (CPU, and where a kernel's
-shapes do not apply) gathers every slot's pages up to a bound on the live lengths (a power of two of
-pages, so few shapes compile) and masks them to the slot's length.
+shapes do not apply) gathers every slot's pages up to a bound on the live lengths (a bucket of pages:
+powers of two and 1.5x those, so few shapes compile) and masks them to the slot's length.
 
 The model's own layers, RoPE and attention run every step (:meth:`Decoder.layer_fn`, with the page
 pool as the layer's cache store), and tokens are drawn as the static engine draws them
@@ -642,7 +642,7 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
                 raise ValueError(f"sampling.num_pages ({num_pages}) is too small: no page left for the next "
                                  "sample with every slot idle")
             break
-        # the pages every busy slot may read during the chunk, as a power of two
+        # the pages every busy slot may read during the chunk, as a bucket (powers of two and 1.5x those)
         reach = np.where(busy, prompt_len + np.minimum(count - 1 + chunk, slot_limit - 1), 0)
         bound = min(bucket_length(_pages(int(reach.max()), page_size), maximum=max_pages, minimum=1), max_pages)
         refill_at = min(max(1, slots // 16), len(queue)) if queue else slots + 1

@@ -197,7 +197,7 @@ def check_generation_size(model: Decoder, rows: int, prompt_len: int, max_new_to
 
 def generation_rows(batch_size: int, num_prompts: int, shards: int) -> int:
     """Prompts per compiled generation batch: ``batch_size`` (or fewer when there are fewer prompts)
-    rounded up to a power of two and to a multiple of the data-parallel ``shards``."""
+    rounded up to a bucket (powers of two and 1.5x those) and to a multiple of the data-parallel ``shards``."""
     rows = max(bucket_length(min(batch_size, num_prompts), maximum=max(batch_size, 1), minimum=1), shards)
     return -(-rows // shards) * shards
 
@@ -259,8 +259,8 @@ def generate(
     ``i * n + j`` (its sample id, which with ``seed`` fixes its randomness). ``temperature=0`` is greedy.
     ``max_new_tokens``: the new-token limit of every prompt, or one limit per prompt.
 
-    ``engine="static"``: batches of ``batch_size`` prompts (rounded to a power of two and to the
-    data-parallel size), each decoded until its longest response ends. ``engine="paged"``
+    ``engine="static"``: batches of ``batch_size`` prompts (rounded to a bucket, powers of two and 1.5x those,
+    and to the data-parallel size), each decoded until its longest response ends. ``engine="paged"``
     (:mod:`sftrl_jax.paged`): ``max_slots`` decode slots (default: the static engine's rows, its
     batch of prompts x ``n``) refilled from the queue as sequences end, keys/values in a pool of
     ``num_pages`` pages of ``page_size`` tokens (defaults :data:`sftrl_jax.paged.DEFAULT_PAGE_SIZE`;

@@ -239,6 +239,7 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
     from .. import paged
     from ..flops import generation_flops
     from ..jitted import sds
+    from ..sampling import kv_bytes_per_token
     from ..sharding import data_parallel_size, named_sharding
     from .report import device_bytes
     from .rollout import modelled_rollout
@@ -283,7 +284,7 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
             sequences=sequences, cap=max_new_tokens, prompt=prompt_length, rows=slots, slots=slots, shards=shards,
             page_size=page_size, chunk=paged.DEFAULT_CHUNK, attention=implementation,
             weight_bytes=float(device_bytes(params)),
-            kv_bytes_per_position=2.0 * config.num_layers * local[0] * local[3] * jnp.dtype(cache_dtype).itemsize,
+            kv_bytes_per_position=kv_bytes_per_token(abstract_model) * local[0] / config.num_kv_heads,
             step_flops_per_row=generation_flops(config, prompt_length + max_new_tokens // 3, 1, prefill=False)
             / (mesh.size // shards), hbm_bandwidth=chip.hbm_bandwidth, peak_flops=chip.peak_flops)
 

@@ -9,7 +9,8 @@ divides by the chip's HBM bandwidth (or its peak FLOP/s, where that is slower):
   ends, and every step reads the weights and the batch's whole cache (prompt + cap positions per row).
 - ``paged``: ``slots`` decode slots refilled as soon as a sequence ends; every step reads the weights
   and, with a Pallas kernel, each busy slot's live pages, with the ``gather`` path every slot's
-  pages up to a power of two of pages covering the longest live sequence and the next
+  pages up to the engine's bound: the bucket of pages (:func:`sftrl_jax.data.batching.bucket_length`)
+  covering the longest live sequence and the next
   :data:`sftrl_jax.paged.DEFAULT_CHUNK` steps.
 
 Both split their rows or slots evenly over the data-parallel shards, and a device reads its shard's share
@@ -21,6 +22,8 @@ default pool holds every slot's longest sequence), and collectives.
 from __future__ import annotations
 
 import numpy as np
+
+from ..data.batching import bucket_length
 
 LENGTH_SEED = 2  # the rollout benchmark's draw
 
@@ -67,7 +70,7 @@ def paged_engine(lengths: np.ndarray, slots: int, prompt: int, page_size: int, m
             positions += float(np.sum(-(-live[busy] // page_size)) * page_size)
         else:
             reach = -(-(int(live[busy].max()) + chunk - 1) // page_size)
-            bound = min(1 << (reach - 1).bit_length(), max_pages)
+            bound = min(bucket_length(reach, maximum=max_pages, minimum=1), max_pages)
             positions += float(slots * bound * page_size)
         steps += 1
         done += busy
