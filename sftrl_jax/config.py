@@ -378,9 +378,10 @@ class SamplingOptions:
     num_pages: int | None = None
     # paged: the decode attention over the pages; auto = the platform's Pallas paged-attention kernel (TPU:
     # pallas_tpu where head_dim is a multiple of 128, keys and values in bfloat16; GPU: pallas_gpu, Triton),
-    # which reads live pages only, and gather otherwise (XLA: each slot's pages up to the longest live
-    # sequence, masked); a kernel named on CPU runs interpreted (slow; for tests)
-    paged_attention: Literal["auto", "gather", "pallas_tpu", "pallas_gpu"] = "auto"
+    # which reads live pages only; on CPU pool (XLA: one pass over the whole pool, each page against the
+    # queries of the slots reading it, no copy); gather otherwise (XLA: each slot's pages up to the longest
+    # live sequence, copied, masked); a kernel named on CPU runs interpreted (slow; for tests)
+    paged_attention: Literal["auto", "pool", "gather", "pallas_tpu", "pallas_gpu"] = "auto"
 
     _ranges = {"n": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0",
                "seed": ">= 0", "batch_size": ">= 1", "max_slots": ">= 1", "page_size": ">= 1", "num_pages": ">= 2"}

@@ -22,9 +22,11 @@ not running yet give their pages back (they are prefilled again when admitted).
 Each decode step attends over the slot's own tokens, chosen once from the platform like
 ``model.attention`` (``sampling.paged_attention``): on TPU ``pallas_tpu``, JAX's Pallas TPU paged-attention
 kernel (keys and values in bfloat16, its compute dtype), on GPU ``pallas_gpu``, JAX's Pallas GPU (Triton)
-paged-attention kernel, both reading each slot's live pages only; ``gather`` (CPU, and where a kernel's
-shapes do not apply) gathers every slot's pages up to a bound on the live lengths (a bucket of pages:
-powers of two and 1.5x those, so few shapes compile) and masks them to the slot's length.
+paged-attention kernel, both reading each slot's live pages only; on CPU ``pool`` reads the whole pool
+once, each page against the queries of the slots that read it, with no copy (:func:`pool_attention`);
+``gather`` (where a kernel's shapes do not apply) gathers every slot's pages up to a bound on the live
+lengths (a bucket of pages: powers of two and 1.5x those, so few shapes compile) and masks them to the
+slot's length.
 
 The model's own layers, RoPE and attention run every step (:meth:`Decoder.layer_fn`, with the page
 pool as the layer's cache store), and tokens are drawn as the static engine draws them
@@ -53,7 +55,7 @@ from .sharding import data_parallel_size, logical_to_pspec, place, rows_sharding
 DEFAULT_PAGE_SIZE = 16
 SCRATCH_PAGE = 0
 DEFAULT_CHUNK = 32  # decode steps per device call at most
-PAGED_ATTENTION = ("gather", "pallas_tpu", "pallas_gpu")
+PAGED_ATTENTION = ("pool", "gather", "pallas_tpu", "pallas_gpu")
 KERNEL_BLOCK_PAGES = 8  # pages per compute block of the Pallas kernels (128 tokens at the default page size)
 KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 # what each kernel's lowering for its platform needs of head_dim: whole 128-lane blocks on TPU, Triton dot
@@ -64,10 +66,13 @@ KERNEL_HEAD_DIM = {"pallas_tpu": 128, "pallas_gpu": 16}
 def resolve_paged_attention(name: str, platform: str, head_dim: int) -> str:
     """The decode attention of the paged engine for ``sampling.paged_attention`` = ``name`` on ``platform``:
     ``auto`` is the platform's Pallas kernel (``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU; each reads
-    live pages only) where ``head_dim`` suits it, and ``gather`` otherwise (portable XLA: gather pages up
-    to a bound, mask). A kernel named off its platform runs in Pallas's interpret mode on CPU (slow; for
-    tests), and is refused on the other accelerator."""
+    live pages only) where ``head_dim`` suits it, ``pool`` on CPU (XLA: one pass over the whole pool, no
+    copy), and ``gather`` otherwise (XLA: gather pages up to a bound, mask). A kernel named off its
+    platform runs in Pallas's interpret mode on CPU (slow; for tests), and is refused on the other
+    accelerator."""
     if name == "auto":
+        if platform == "cpu":
+            return "pool"
         kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform)
         return kernel if kernel and head_dim % KERNEL_HEAD_DIM[kernel] == 0 else "gather"
     if name not in PAGED_ATTENTION:
@@ -303,16 +308,73 @@ def kernel_attention(model: Decoder, lengths, page_table, kernel: str):
     return attend
 
 
+def pool_attention(model: Decoder, lengths, page_table, ranks, readers: int):
+    """``attend(q, pool_k, pool_v)`` for one decode step in plain XLA, reading the pool once and copying
+    nothing: each page's keys meet the queries of the slots that read it, masked to each reader's
+    ``lengths``, and each slot's softmax is assembled from its pages' maxima, sums and weighted values
+    (scatter-max and scatter-adds over the readers). Work and bytes are the pool's size whatever the
+    slots' lengths: the choice on CPU, where a gather's copy costs more than reading free pages.
+
+    Slot ``s`` reads its first ``ceil(lengths[s] / page_size)`` pages of ``page_table [S, bound]``. A page
+    is read by one sample alone, or (a prompt's full page) by that prompt's samples, all at the same
+    column since positions run contiguous from 0; so a page has at most ``readers`` (the samples per
+    prompt) and the slots' ``ranks [S]`` (sample index within the prompt) never collide on one. Idle
+    slots read the scratch page, where colliding is harmless (their outputs are dropped). q
+    ``[S, 1, H, D]``; computed in float32, as dense attention is on CPU, and scaled after the dot as it is."""
+
+    def local(q, pool_k, pool_v, lengths, table, ranks):
+        slots, _, heads, dim = q.shape
+        kv, num_pages, page_size, _ = pool_k.shape
+        bound = table.shape[1]
+        # who reads each page, and its first position: [pages, readers] slot ids (-1 none), [pages] base
+        column = jnp.arange(bound, dtype=jnp.int32)[None, :]
+        read = column * page_size < lengths[:, None]  # [S, bound]
+        page = jnp.where(read, table, num_pages)  # out of range: dropped
+        slot = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32)[:, None], (slots, bound))
+        who = jnp.full((num_pages, readers), -1, jnp.int32).at[page, ranks[:, None]].set(slot, mode="drop")
+        base = jnp.zeros((num_pages,), jnp.int32).at[page].set(column * page_size, mode="drop")
+        safe = jnp.maximum(who, 0)
+        position = base[:, None, None] + jnp.arange(page_size, dtype=jnp.int32)[None, None, :]
+        valid = (who >= 0)[:, :, None] & (position < lengths[safe][:, :, None])  # [pages, readers, page_size]
+
+        qf = q[:, 0].astype(jnp.float32).reshape(slots, kv, heads // kv, dim)
+        qp = qf[safe].transpose(2, 0, 1, 3, 4)  # [KV, pages, readers, G, D]
+        k, v = pool_k.astype(jnp.float32), pool_v.astype(jnp.float32)
+        scores = jnp.einsum("kprgd,kpid->kprgi", qp, k, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(dim))
+        mask = valid[None, :, :, None, :]
+        scores = jnp.where(mask, scores, -jnp.inf)
+        target = jnp.where(who >= 0, who, slots)  # nobody: dropped
+        top = jnp.full((slots, kv, heads // kv), -jnp.inf).at[target].max(
+            jnp.max(scores, axis=-1).transpose(1, 2, 0, 3), mode="drop")  # [S, KV, G]
+        shift = jnp.where(jnp.isfinite(top), top, 0.0)[safe].transpose(2, 0, 1, 3)[..., None]
+        weights = jnp.where(mask, jnp.exp(scores - shift), 0.0)
+        total = jnp.zeros((slots, kv, heads // kv)).at[target].add(
+            jnp.sum(weights, axis=-1).transpose(1, 2, 0, 3), mode="drop")
+        summed = jnp.einsum("kprgi,kpid->prkgd", weights, v, preferred_element_type=jnp.float32)
+        out = jnp.zeros((slots, kv, heads // kv, dim)).at[target].add(summed, mode="drop")
+        out = out / jnp.where(total > 0, total, 1.0)[..., None]
+        return (out.reshape(slots, 1, heads, dim).astype(model.dtype),)
+
+    def attend(q, pool_k, pool_v):
+        return _per_shard(model, local, q.shape[0], pool_k.shape[0], (SLOT_Q, POOL, POOL, SLOTS, TABLE, SLOTS),
+                          (SLOT_Q,))(q, pool_k, pool_v, lengths, page_table, ranks)[0]
+
+    return attend
+
+
 def decode_step(model: Decoder, layer_weights, pool_k, pool_v, tokens, *, positions, write_page, write_offset,
-                page_table, lengths, implementation: str = "gather"):
+                page_table, lengths, implementation: str = "gather", ranks=None, readers: int = 1):
     """One decode step of every slot: feed ``tokens [S]`` at RoPE ``positions [S]``, writing their keys/values
     at ``(write_page, write_offset)``; attention reads each slot's first ``lengths [S]`` tokens (this one
-    included) through its row of ``page_table [S, bound]``, with ``implementation`` (``gather``,
-    ``pallas_tpu`` or ``pallas_gpu``, :func:`resolve_paged_attention`). Returns next-token logits ``[S, V]``
+    included) through its row of ``page_table [S, bound]``, with ``implementation`` (``pool``, ``gather``,
+    ``pallas_tpu`` or ``pallas_gpu``, :func:`resolve_paged_attention`; ``pool`` also takes each slot's
+    sample index within its prompt, ``ranks [S]``, below ``readers``). Returns next-token logits ``[S, V]``
     and the pools."""
     slots = tokens.shape[0]
     if implementation in KERNEL_PLATFORM:
         attend, read_pages = kernel_attention(model, lengths, page_table, implementation), None
+    elif implementation == "pool":
+        attend, read_pages = pool_attention(model, lengths, page_table, ranks, readers), None
     else:
         valid = jnp.arange(page_table.shape[1] * pool_k[0].shape[2], dtype=jnp.int32)[None, :] < lengths[:, None]
         attend = functools.partial(attention, q_segment_ids=jnp.ones((slots, 1), jnp.int32),
@@ -337,11 +399,11 @@ def _needs_page(active, prompt_len, count, page_size):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "bound", "temperature", "top_k", "top_p",
-                                             "eos_ids", "pad_id", "implementation"),
+                                             "eos_ids", "pad_id", "implementation", "readers"),
                    donate_argnames=("pool_k", "pool_v"))
 def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, free_pages, free_count, copy_from,
                   copy_to, prompt_len, count, tokens, limits, active, sample_ids, key, refill_at, *, chunk, bound,
-                  temperature, top_k, top_p, eos_ids, pad_id, implementation):
+                  temperature, top_k, top_p, eos_ids, pad_id, implementation, readers):
     """Up to ``chunk`` decode steps of every ``active`` slot; stops early once ``refill_at`` slots have ended,
     or before a step whose new pages the free pages cannot cover.
 
@@ -351,7 +413,8 @@ def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, f
     index of its first generated token), ``limits`` its token limit, ``page_table [S, pages]`` its pages
     (the first ``bound`` are read; ids local to the slot's data-parallel shard). A slot takes a page when its
     pending token opens one, from the top of its shard's stack ``free_pages[shard, :free_count[shard]]``
-    (slots split evenly over ``free_pages.shape[0]`` shards, in order). Returns the pools, the page table, the
+    (slots split evenly over ``free_pages.shape[0]`` shards, in order). ``readers``: the samples per prompt
+    (``sample_ids % readers`` is each slot's sample index within its prompt). Returns the pools, the page table, the
     free counts, the ``[S, chunk]`` tokens and log-probs drawn, the new ``count``/``tokens``/``active``, the
     steps run and the live pages the steps attended over.
     """
@@ -391,7 +454,8 @@ def _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, page_table, f
                                              positions=prompt_len + count - 1, write_page=write_page,
                                              write_offset=jnp.where(active, slot % page_size, 0),
                                              page_table=table[:, :bound], lengths=lengths,
-                                             implementation=implementation)
+                                             implementation=implementation, ranks=sample_ids % readers,
+                                             readers=readers)
         live_pages = live_pages + jnp.sum(jnp.where(active, (lengths + page_size - 1) // page_size, 0))
         token, logprob = pick(logits, keys, count, temperature, top_k, top_p)
         out_tokens = out_tokens.at[:, step].set(jnp.where(active, token, pad_id))
@@ -656,7 +720,8 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
         (pool_k, pool_v, new_table, free_count, out_tokens, out_logprobs, new_count, new_pending, still, steps,
          live_pages) = _decode_chunk(graphdef, params, layer_weights, pool_k, pool_v, table_arg, stacks, free_counts,
                                      *rest, key, jnp.int32(refill_at), chunk=chunk, bound=bound, eos_ids=eos_ids,
-                                     pad_id=pad_id, implementation=implementation, **sampling)
+                                     pad_id=pad_id, implementation=implementation,
+                                     readers=n if implementation == "pool" else 1, **sampling)
         out_tokens, out_logprobs = to_host(out_tokens), to_host(out_logprobs)
         new_count, new_pending, still, steps = to_host(new_count), to_host(new_pending), to_host(still), int(steps)
         copy_from[:] = copy_to[:] = SCRATCH_PAGE  # done (and not before: the call may read these arrays in place)
@@ -665,8 +730,10 @@ def generate_paged(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, limit
             pool.taken_down_to(int(left))
         note_peak()
         decode_steps += steps
-        # the gather path reads every slot's first ``bound`` pages, the kernel each busy slot's live ones
-        kv_bytes += (steps * slots * bound if implementation == "gather" else int(live_pages)) * page_bytes
+        # the gather path reads every slot's first ``bound`` pages, the pool path the whole pool, a kernel each
+        # busy slot's live ones
+        read = {"gather": steps * slots * bound, "pool": steps * num_pages}.get(implementation, int(live_pages))
+        kv_bytes += read * page_bytes
         for slot in np.flatnonzero(busy):
             sample = int(slot_sample[slot])
             drawn = int(new_count[slot] - count[slot])

@@ -266,7 +266,7 @@ def generate(
     ``num_pages`` pages of ``page_size`` tokens (defaults :data:`sftrl_jax.paged.DEFAULT_PAGE_SIZE`;
     enough pages for every slot's longest sequence, the static engine's cache), its decode attention
     ``paged_attention`` (:func:`sftrl_jax.paged.resolve_paged_attention`: ``auto`` is JAX's Pallas TPU
-    paged-attention kernel on TPU, an XLA gather elsewhere). Both give the same samples.
+    or GPU paged-attention kernel, on CPU an XLA pass over the whole pool). Both give the same samples.
     ``split_layer_weights`` decodes from per-layer copies of the layer weights made once per batch
     (:func:`split_layer_weights`; same tokens and log-probs, one extra copy of the layer
     weights in memory); default: on a CPU mesh only, where slicing the stacked weights copies

@@ -83,7 +83,9 @@ def test_paged_samples_what_static_samples(hf_checkpoint, tokenizer, monkeypatch
                                   stats=stats, **kwargs))
     assert len(pools) == 1 and pools[0].in_use == 0 and 0 < pools[0].peak <= 11
     assert stats["max_pages_in_use"] == pools[0].peak
-    same_samples(static, generate(model, LONG_PROMPTS, engine="paged", max_slots=8, page_size=16, **kwargs))
+    # the gather path (the default on CPU is the pool path)
+    same_samples(static, generate(model, LONG_PROMPTS, engine="paged", max_slots=8, page_size=16,
+                                  paged_attention="gather", **kwargs))
     assert pools[1].in_use == 0
     # three slots growing in a pool of seven free pages: sequences are preempted and recomputed, with the same
     # tokens
@@ -142,10 +144,8 @@ def test_kernel_attention_matches_the_gather_path(hf_checkpoint, kernel, devices
     the same pages: each slot's first ``lengths`` tokens through its page-table row, GQA (4 query heads over 2
     kv heads), keys and values bfloat16 (the TPU kernel's compute dtype), on one device and with slots and
     pages split over 8 data-parallel shards."""
-    from sftrl_jax.models.attention import attention
-
     model = model_on(hf_checkpoint, devices)
-    slots, bound, page_size = 8, 4, 4
+    slots, bound = 8, 4
     pool_k, pool_v = _random_pools(0)
     shard_pages = pool_k.shape[1] // devices
     # each slot's pages from its own shard's block (ids local to the shard), in a scrambled order
@@ -157,19 +157,62 @@ def test_kernel_attention_matches_the_gather_path(hf_checkpoint, kernel, devices
         pool_k, pool_v = (jax.device_put(p, paged.pool_sharding(model, slots, p.shape)) for p in (pool_k, pool_v))
     out = jax.jit(lambda q, k, v, n, t: paged.kernel_attention(model, n, t, kernel)(q, k, v))(q, pool_k, pool_v,
                                                                                                   lengths, table)
-    # the reference: the gather path's keys/values, per shard, and dense attention masked to each slot's length
-    per_shard = slots // devices
+    # the GPU kernel computes in the pools' dtype: bfloat16 queries and probabilities
+    np.testing.assert_allclose(np.asarray(out), _gathered_attention(q, pool_k, pool_v, table, lengths, devices),
+                               atol=2e-6 if kernel == "pallas_tpu" else 2e-2)
+
+
+def _gathered_attention(q, pool_k, pool_v, table, lengths, devices):
+    """The reference: each slot's pages gathered from its shard's block of the pools (the gather path's keys and
+    values), then dense attention masked to the slot's length."""
+    from sftrl_jax.models.attention import attention
+
+    slots, bound = table.shape
+    kv, pages, page_size, dim = pool_k.shape
+    per_shard, shard_pages = slots // devices, pages // devices
     expected = []
     for s in range(slots):
         block = slice((s // per_shard) * shard_pages, (s // per_shard + 1) * shard_pages)
-        k, v = (np.asarray(p[:, block].astype(jnp.float32))[:, table[s]].reshape(2, bound * page_size, 16)
+        k, v = (np.asarray(p[:, block].astype(jnp.float32))[:, table[s]].reshape(kv, bound * page_size, dim)
                 for p in (pool_k, pool_v))
         valid = (np.arange(bound * page_size) < lengths[s]).astype(np.int32)[None]
         expected.append(attention(q[s:s + 1], jnp.asarray(k)[None], jnp.asarray(v)[None],
                                   q_segment_ids=np.ones((1, 1), np.int32), kv_segment_ids=valid,
                                   q_offset=bound * page_size - 1))
-    # the GPU kernel computes in the pools' dtype: bfloat16 queries and probabilities
-    np.testing.assert_allclose(np.asarray(out), np.concatenate(expected), atol=2e-6 if kernel == "pallas_tpu" else 2e-2)
+    return np.concatenate(expected)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_pool_attention_matches_the_gather_path(hf_checkpoint, devices):
+    """The CPU path (one pass over the whole pool, a softmax assembled per slot from its pages) against the
+    gather path on the same pages: pairs of samples of one prompt share its first two pages (ranks 0 and 1)
+    and then read two pages each of their own, lengths ending inside shared and own pages, an idle slot on
+    the scratch page, a page with no reader, GQA (4 query heads over 2 kv heads), bfloat16 keys and values
+    computed in float32; on one device and with slots and pages split over 8 data-parallel shards."""
+    model = model_on(hf_checkpoint, devices)
+    slots, bound = (8 if devices == 1 else 2 * devices), 4
+    pool_k, pool_v = _random_pools(2, pages=96)
+    shard_pages, per_shard = pool_k.shape[1] // devices, slots // devices
+    table = np.zeros((slots, bound), np.int32)
+    for shard in range(devices):
+        free = np.random.default_rng(shard).permutation(np.arange(1, shard_pages))
+        for pair in range(per_shard // 2):
+            shared, (a, b) = free[:2], (free[2:4], free[4:6])
+            free = free[6:]
+            first = shard * per_shard + 2 * pair
+            table[first], table[first + 1] = np.concatenate([shared, a]), np.concatenate([shared, b])
+    ranks = np.arange(slots, dtype=np.int32) % 2
+    lengths = np.resize(np.array([1, 3, 7, 8, 9, 16, 13, 5], np.int32), slots)
+    idle = slots - 1 if devices == 1 else slots - 2  # no pair partner reads its scratch page
+    table[idle], lengths[idle], ranks[idle] = 0, 1, 0
+    q = jax.random.normal(jax.random.key(3), (slots, 1, 4, 16), jnp.float32)
+    if devices > 1:
+        pool_k, pool_v = (jax.device_put(p, paged.pool_sharding(model, slots, p.shape)) for p in (pool_k, pool_v))
+    for readers in (2, 3):  # as many readers per page as samples per prompt, or more
+        attend = jax.jit(lambda q, k, v, n, t, r: paged.pool_attention(model, n, t, r, readers)(q, k, v))  # noqa: B023
+        out = attend(q, pool_k, pool_v, lengths, table, ranks)
+        np.testing.assert_allclose(np.asarray(out), _gathered_attention(q, pool_k, pool_v, table, lengths, devices),
+                                   atol=2e-6)
 
 
 @pytest.mark.slow
@@ -194,12 +237,12 @@ def test_paged_attention_setting_is_checked():
     assert paged.resolve_paged_attention("auto", "tpu", 128) == "pallas_tpu"
     assert paged.resolve_paged_attention("auto", "tpu", 64) == "gather"  # the TPU lowering needs 128-lane blocks
     assert paged.resolve_paged_attention("auto", "gpu", 128) == "pallas_gpu"
-    assert paged.resolve_paged_attention("auto", "cpu", 128) == "gather"
+    assert paged.resolve_paged_attention("auto", "cpu", 128) == "pool"
     assert paged.resolve_paged_attention("pallas_gpu", "cpu", 24) == "pallas_gpu"  # interpreted
     with pytest.raises(ValueError, match=r"^sampling.paged_attention: pallas_tpu runs on TPU .* not on GPU"):
         paged.resolve_paged_attention("pallas_tpu", "gpu", 128)
     with pytest.raises(ValueError, match=r"^sampling.paged_attention: pallas_tpu needs a head_dim that is a "
                                          r"multiple of 128, the model's is 64"):
         paged.resolve_paged_attention("pallas_tpu", "tpu", 64)
-    with pytest.raises(ValueError, match=r"^sampling.paged_attention: expected auto \| gather \| pallas_tpu"):
+    with pytest.raises(ValueError, match=r"^sampling.paged_attention: expected auto \| pool \| gather \| pallas_tpu"):
         paged.resolve_paged_attention("flash", "cpu", 64)
