@@ -382,9 +382,16 @@ class SamplingOptions:
     # queries of the slots reading it, no copy); gather otherwise (XLA: each slot's pages up to the longest
     # live sequence, copied, masked); a kernel named on CPU runs interpreted (slow; for tests)
     paged_attention: Literal["auto", "pool", "gather", "pallas_tpu", "pallas_gpu"] = "auto"
+    # the devices each decode copy of the weights is split over (tensor parallelism while sampling; verl's
+    # rollout.tensor_model_parallel_size): the sampler decodes on the same devices with the mesh's fsdp axis
+    # folded into tensor by tensor_parallel / mesh.tensor (sharding.decode_mesh), so each device reads that
+    # share of the weights per decode step; training keeps its mesh. A multiple of mesh.tensor dividing
+    # mesh.fsdp x mesh.tensor, and the model's query and kv heads; default: mesh.tensor
+    tensor_parallel: int | None = None
 
     _ranges = {"n": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0",
-               "seed": ">= 0", "batch_size": ">= 1", "max_slots": ">= 1", "page_size": ">= 1", "num_pages": ">= 2"}
+               "seed": ">= 0", "batch_size": ">= 1", "max_slots": ">= 1", "page_size": ">= 1", "num_pages": ">= 2",
+               "tensor_parallel": ">= 1"}
 
 
 @dataclasses.dataclass

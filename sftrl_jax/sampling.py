@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .data.batching import bucket_length
 from .models.decoder import Decoder, KVCache, dense_cache_store, init_cache
 from .models.hf_io import param_shardings
-from .sharding import data_parallel_size, place, rows_sharding, sampling_rules, to_host
+from .sharding import data_parallel_size, decode_mesh, place, rows_sharding, sampling_rules, to_host
 
 _NEG_INF = -1e30
 
@@ -202,17 +202,37 @@ def generation_rows(batch_size: int, num_prompts: int, shards: int) -> int:
     return -(-rows // shards) * shards
 
 
-def sampling_layout(model: Decoder) -> Decoder:
+def on_decode_mesh(model: Decoder, tensor_parallel: int | None = None) -> Decoder:
+    """``model`` (the same arrays, not moved) with its ``mesh`` the decode mesh of ``tensor_parallel``
+    (:func:`sftrl_jax.sharding.decode_mesh`), which every function of the model and the sampler then lays
+    its work out on. A ``tensor_parallel`` that is set must divide the model's query and kv heads."""
+    if model.mesh is None:
+        return model
+    c = model.config
+    if tensor_parallel is not None and (c.num_heads % tensor_parallel or c.num_kv_heads % tensor_parallel):
+        raise ValueError(f"sampling.tensor_parallel ({tensor_parallel}): must divide the model's {c.num_heads} "
+                         f"query heads and {c.num_kv_heads} kv heads")
+    mesh = decode_mesh(model.mesh, tensor_parallel)
+    if mesh is model.mesh:
+        return model
+    moved = nnx.merge(*nnx.split(model))
+    moved.mesh = mesh  # the same devices in the same order, so the platform is the model's
+    return moved
+
+
+def sampling_layout(model: Decoder, tensor_parallel: int | None = None) -> Decoder:
     """The same model laid out for decoding; made once per rollout phase, not per token.
 
-    Parameters move to :func:`sftrl_jax.sharding.sampling_rules` (whole on every data-parallel shard,
-    still split over ``tensor``), so a decode step reads local weights instead of all-gathering the
-    FSDP shards of every layer for each token; and the weights every step casts to the compute dtype
-    are cast once here (norm weights, read in float32, keep theirs). The tokens and log-probs are
-    those of the training layout: the same values reach the same operations. The price is one more
-    copy of the weights (in the compute dtype) while sampling; ``sftrl-jax compile`` shows both the
-    copy and the bytes each decode step saves (``docs/scaling.md``).
+    Parameters move to :func:`sftrl_jax.sharding.sampling_rules` on the decode mesh (:func:`on_decode_mesh`:
+    ``tensor_parallel`` devices on its ``tensor`` axis, default the mesh's): whole on every data-parallel
+    shard, split over ``tensor``, so a decode step reads local weights instead of all-gathering the FSDP
+    shards of every layer for each token; and the weights every step casts to the compute dtype are cast
+    once here (norm weights, read in float32, keep theirs). The returned model's ``mesh`` is the decode
+    mesh. The tokens and log-probs are those of the training layout up to the rounding of sums split over
+    more devices. The price is one more copy of the weights (in the compute dtype) while sampling;
+    ``sftrl-jax compile`` shows both the copy and the bytes each decode step saves (``docs/scaling.md``).
     """
+    model = on_decode_mesh(model, tensor_parallel)
     if model.mesh is None or model.mesh.size == 1:
         return model
     graphdef, state = nnx.split(model)
@@ -436,11 +456,11 @@ def pad_token_id(tokenizer) -> int:
 
 class TextSampler:
     """The sampler as RL rollouts, evaluation and the pipeline's probe use it: a model in its decode
-    layout (made once, :func:`sampling_layout`), the stop and pad ids, and responses decoded to text
-    (the stop token left out) with ``options`` (:class:`sftrl_jax.config.SamplingOptions`)."""
+    layout (made once, :func:`sampling_layout` with ``options.tensor_parallel``), the stop and pad ids, and
+    responses decoded to text (the stop token left out) with ``options`` (:class:`sftrl_jax.config.SamplingOptions`)."""
 
     def __init__(self, model: Decoder, tokenizer, options, *, progress: bool = False):
-        self.model = sampling_layout(model)
+        self.model = sampling_layout(model, options.tensor_parallel)
         self.tokenizer, self.options, self.progress = tokenizer, options, progress
         self.stop_ids = stop_token_ids(tokenizer, model.config)
         self.pad_id = pad_token_id(tokenizer)

@@ -54,6 +54,29 @@ def sampling_rules(rules: Rules = DEFAULT_RULES) -> tuple[tuple[str, str | tuple
     return tuple((name, target if name == "batch" else without_fsdp(target)) for name, target in rules)
 
 
+def decode_mesh(mesh: Mesh, tensor_parallel: int | None) -> Mesh:
+    """The mesh the sampler decodes on: ``mesh``'s devices with ``tensor_parallel`` devices on its ``tensor`` axis.
+
+    A pure reshape of ``mesh.devices``: ``(data, fsdp, tensor)`` -> ``(data, fsdp / k, k, tensor)`` ->
+    ``(data, fsdp / k, k x tensor)`` with ``k = tensor_parallel / tensor``, so the devices keep their flat
+    order (one jit can take arrays on ``mesh`` and return them on the decode mesh) and each new tensor group
+    is ``k`` neighbouring fsdp positions of ``tensor`` devices each. None (or ``mesh``'s tensor size): ``mesh``.
+    """
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    if tensor_parallel is None or tensor_parallel == tensor:
+        return mesh
+    if tensor_parallel < 1 or tensor_parallel % tensor:
+        raise ValueError(f"sampling.tensor_parallel ({tensor_parallel}): must be a multiple of the mesh's tensor "
+                         f"size ({tensor})")
+    k = tensor_parallel // tensor
+    if fsdp % k:
+        raise ValueError(f"sampling.tensor_parallel ({tensor_parallel}): folds {k} fsdp positions into each tensor "
+                         f"group, so the mesh's fsdp size ({fsdp}) must be a multiple of {k}")
+    devices = mesh.devices.reshape(mesh.shape["data"], fsdp // k, k, tensor).reshape(mesh.shape["data"], fsdp // k,
+                                                                                     k * tensor)
+    return Mesh(devices, mesh.axis_names, axis_types=mesh.axis_types)
+
+
 def make_mesh(spec: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build a mesh from e.g. ``{"data": 1, "fsdp": -1, "tensor": 1}``.
 

@@ -10,7 +10,7 @@ from flax import nnx
 from hf_checkpoints import load_hf
 from sftrl_jax.models import ModelConfig, ModelOptions, init_model, load_pretrained
 from sftrl_jax.sampling import filter_logits, generate, sampling_layout
-from sftrl_jax.sharding import make_mesh
+from sftrl_jax.sharding import decode_mesh, make_mesh
 
 pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
 
@@ -147,6 +147,40 @@ def test_sampling_layout_drops_fsdp_and_samples_what_the_training_layout_samples
     assert [s.tokens for s in resharded] == [s.tokens for s in reference]
     np.testing.assert_allclose(np.array([s.logprobs for s in resharded]), np.array([s.logprobs for s in reference]),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["static", pytest.param("paged", marks=pytest.mark.slow)])
+def test_tensor_parallel_decode_mesh_samples_what_the_default_layout_samples(hf_checkpoint, engine):
+    """sampling.tensor_parallel=2 on a mesh of fsdp 8: the decode copy lives on the same devices reshaped to
+    fsdp 4 x tensor 2, its head weights split over that tensor axis, and greedy decoding gives the default
+    layout's tokens and log-probs (float32 rounding aside)."""
+    model, _ = load_pretrained(str(hf_checkpoint("qwen2_untied")), mesh=make_mesh({"fsdp": 8}))
+    default, parallel = sampling_layout(model), sampling_layout(model, tensor_parallel=2)
+    assert dict(parallel.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert list(parallel.mesh.devices.flat) == list(model.mesh.devices.flat)
+    q_proj = parallel.layers.q_proj[...]  # [layers, embed, heads 4, head_dim]
+    assert q_proj.sharding.mesh == parallel.mesh and q_proj.sharding.spec[2] == "tensor"
+    assert {shard.data.shape for shard in q_proj.addressable_shards} == {q_proj.shape[:2] + (2,) + q_proj.shape[3:]}
+    assert default.layers.q_proj[...].addressable_shards[0].data.shape == q_proj.shape
+    kwargs = dict(max_new_tokens=6, temperature=0.0, eos_token_id=[], engine=engine)
+    reference, split = generate(default, PROMPTS, **kwargs), generate(parallel, PROMPTS, **kwargs)
+    assert [s.tokens for s in split] == [s.tokens for s in reference]
+    np.testing.assert_allclose(np.array([s.logprobs for s in split]), np.array([s.logprobs for s in reference]),
+                               atol=1e-5)
+
+
+def test_tensor_parallel_settings_that_do_not_fit_are_refused(hf_checkpoint):
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    assert decode_mesh(mesh, None) is mesh and decode_mesh(mesh, 2) is mesh
+    assert dict(decode_mesh(mesh, 8).shape) == {"data": 1, "fsdp": 1, "tensor": 8}
+    with pytest.raises(ValueError, match=r"sampling.tensor_parallel \(3\): must be a multiple of the mesh's tensor"):
+        decode_mesh(mesh, 3)
+    with pytest.raises(ValueError, match=r"sampling.tensor_parallel \(16\).*fsdp size \(4\) must be a multiple of 8"):
+        decode_mesh(mesh, 16)
+    model, _ = load_pretrained(str(hf_checkpoint("qwen2_untied")), mesh=make_mesh({"fsdp": 8}))
+    with pytest.raises(ValueError, match=r"sampling.tensor_parallel \(4\): must divide the model's 4 query heads "
+                                         r"and 2 kv heads"):
+        sampling_layout(model, tensor_parallel=4)
 
 
 def test_filter_logits_by_hand():
