@@ -105,6 +105,27 @@ def test_rl_functions_compile_for_a_tpu_slice(tiny_model):
     assert decode["collective_bytes"] < decode_from_training_layout["collective_bytes"]
 
 
+@pytest.mark.slow
+@needs_libtpu
+def test_sampling_tensor_parallel_compiles_the_sampler_on_the_decode_mesh(tiny_model):
+    """sampling.tensor_parallel=2 on v5e-4 (mesh fsdp 4): the sampler's programs and the modelled rollout are
+    those of a (fsdp 2, tensor 2) mesh of the same chips: half the data-parallel shards, each chip reading
+    about half the weights per decode step; the training step keeps its mesh."""
+    default, parallel = (aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", [*_overrides(tiny_model), *extra])
+                         for extra in ([], ["sampling.tensor_parallel=2"]))
+    before, after = default["rollouts"]["rl"], parallel["rollouts"]["rl"]
+    assert (before["shards"], after["shards"]) == (4, 2)
+    assert after["weight_bytes"] < 0.6 * before["weight_bytes"]
+    assert after["kv_bytes_per_position"] == before["kv_bytes_per_position"] / 2  # 2 kv heads over 2 chips
+    functions = _by_name(parallel)
+    for name in ("rl/generate", "rl/decode_step", "rl/paged_decode_step", "rl/sampling_layout"):
+        assert functions[name]["fits"], name
+    assert functions["rl/policy_update"]["argument_bytes"] == _by_name(default)["rl/policy_update"]["argument_bytes"]
+    with pytest.raises(aot.AotError, match=r"sampling.tensor_parallel \(4\): must divide the model's 4 query "
+                                           r"heads and 2 kv heads"):
+        aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", [*_overrides(tiny_model), "sampling.tensor_parallel=4"])
+
+
 @needs_libtpu
 @pytest.mark.parametrize("method", ["chord", "gspo"])
 def test_the_compiled_update_takes_the_methods_own_inputs(tiny_model, method):

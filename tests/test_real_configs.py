@@ -131,7 +131,7 @@ def test_sized_recipe_resolves_to_base_plus_overrides():
 
     sized = load_config(RLConfig, ROOT / "configs/tpu/rl_qwen2.5-math-7b_v5p-64.yaml")
     base = load_config(RLConfig, ROOT / "configs/rl_qwen2.5-math-7b.yaml", [
-        "train.micro_batch_size=1", "sampling.batch_size=128", "mesh.fsdp=32",
+        "train.micro_batch_size=1", "sampling.batch_size=128", "sampling.tensor_parallel=4", "mesh.fsdp=32",
         "output_dir=runs/rl_qwen2.5-math-7b_v5p-64"])
     assert sized == base
     assert sized.mesh == {"data": 1, "fsdp": 32, "tensor": 1}  # a mapping merges key by key

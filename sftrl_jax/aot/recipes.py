@@ -81,48 +81,57 @@ def compile_rl(compiler: Compiler, config, mesh, *, prefix: str = "rl/"):
                     n=sampling.n, prompt_length=config.data.max_prompt_length, max_new_tokens=sampling.max_new_tokens,
                     temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                     resident={"state": state, "ref": state["params"] if cfg.kl_coef > 0 else None},
-                    model_rollout=True)
+                    model_rollout=True, tensor_parallel=sampling.tensor_parallel)
     return ctx, model
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def sampling_params(ctx, model):
-    """The parameters the sampler decodes from (:func:`sftrl_jax.sampling.sampling_layout`: shapes,
-    dtypes and shardings), and whether they differ from the training parameters."""
+def sampling_params(ctx, model, tensor_parallel: int | None = None):
+    """``(decoding, params, relaid)``: the abstract model the sampler decodes with (on the decode mesh of
+    ``tensor_parallel``, :func:`sftrl_jax.sampling.on_decode_mesh`), the parameters it decodes from
+    (:func:`sftrl_jax.sampling.sampling_layout`: shapes, dtypes and shardings), and whether they differ from
+    the training parameters."""
     import jax
     from flax import nnx
 
     from ..jitted import placed
     from ..models.hf_io import param_shardings
-    from ..sampling import sampling_layout
+    from ..sampling import on_decode_mesh, sampling_layout
     from ..sharding import sampling_rules
 
-    if ctx.mesh.size == 1:
-        return ctx.abstract_state["params"], False
-    shapes = jax.eval_shape(lambda p: nnx.to_pure_dict(nnx.state(sampling_layout(nnx.merge(ctx.graphdef, p)))),
-                            ctx.abstract_state["params"])
-    return placed(shapes, param_shardings(model, sampling_rules(model.rules))), True
+    try:
+        decoding = on_decode_mesh(model, tensor_parallel)
+    except ValueError as err:  # a sampling.tensor_parallel the mesh or the model cannot take
+        raise AotError(str(err)) from None
+    if decoding.mesh.size == 1:
+        return decoding, ctx.abstract_state["params"], False
+    shapes = jax.eval_shape(
+        lambda p: nnx.to_pure_dict(nnx.state(sampling_layout(nnx.merge(ctx.graphdef, p), tensor_parallel))),
+        ctx.abstract_state["params"])
+    return decoding, placed(shapes, param_shardings(decoding, sampling_rules(model.rules))), True
 
 
 def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int, batch_size: int, n: int,
                     prompt_length: int, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                    resident=None, model_rollout: bool = False) -> None:
+                    resident=None, model_rollout: bool = False, tensor_parallel: int | None = None) -> None:
     """The sampler's jitted functions: the whole ``_generate_batch`` (its memory is the truth: prefill,
-    repeated cache, decode loop), and one prefill and one decode step for their FLOPs and bytes.
+    repeated cache, decode loop), and one prefill and one decode step for their FLOPs and bytes, all on the
+    decode mesh of ``tensor_parallel`` (``sampling.tensor_parallel``).
     ``model_rollout``: also model both engines' generation time for ``prompts`` x ``n`` responses
     (:mod:`sftrl_jax.aot.rollout`, into ``compiler.rollouts``)."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     from ..data.batching import bucket_length
     from ..jitted import sds
     from ..sampling import _generate_batch, generation_rows
-    from ..sharding import named_sharding
+    from ..sharding import data_parallel_size, named_sharding
 
-    mesh, config = ctx.mesh, ctx.model_config
-    rows = generation_rows(batch_size, prompts, ctx.shards)
+    decoding, params, relaid = sampling_params(ctx, model, tensor_parallel)
+    graphdef, mesh, config = nnx.graphdef(decoding), decoding.mesh, ctx.model_config
+    rows = generation_rows(batch_size, prompts, data_parallel_size(mesh))
     length = bucket_length(prompt_length, maximum=1 << 30, minimum=16)
-    params, relaid = sampling_params(ctx, model)
     cache_dtype = jnp.dtype(model.dtype).name
     eos_ids = tuple(int(e) for e in config.eos_token_ids) or (-1,)
     rows_sharding = named_sharding(("batch", "length"), mesh)
@@ -134,11 +143,11 @@ def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int
     first_sample = sds((), jnp.int32, named_sharding((), mesh))
     resident = resident if resident is not None else {}
     if relaid:
-        resident = _compile_relayout(compiler, ctx, prefix=prefix, resident=resident)
+        resident = _compile_relayout(compiler, ctx, prefix=prefix, resident=resident, tensor_parallel=tensor_parallel)
     note = f"{rows} prompts x {n} samples, prompt {length} + {max_new_tokens} new tokens"
     compiler.compile(
         f"{prefix}generate",
-        lambda: _generate_batch.lower(ctx.graphdef, params, ids, mask, limits, key, first_sample, n=n,
+        lambda: _generate_batch.lower(graphdef, params, ids, mask, limits, key, first_sample, n=n,
                                       max_new_tokens=max_new_tokens,
                                       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                                       eos_ids=eos_ids, pad_id=0, cache_dtype=cache_dtype, split_layers=False),
@@ -146,13 +155,14 @@ def compile_sampler(compiler: Compiler, ctx, model, *, prefix: str, prompts: int
         note=note + "; memory is the whole generation's; FLOPs/bytes count the decode while_loop (no known trip "
                     "count) once on GPU and up to max_new_tokens times on TPU, so no MFU here (see "
                     "prefill/decode_step)")
-    _compile_prefill_and_decode(compiler, ctx, params, ids, mask, prefix=prefix, n=n, max_new_tokens=max_new_tokens,
-                                cache_dtype=cache_dtype, resident=resident, relaid=relaid,
-                                sequences=prompts * n if model_rollout else None)
+    _compile_prefill_and_decode(compiler, ctx, graphdef, params, ids, mask, prefix=prefix, n=n,
+                                max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, resident=resident,
+                                relaid=relaid, sequences=prompts * n if model_rollout else None)
 
 
-def _compile_relayout(compiler: Compiler, ctx, *, prefix: str, resident: dict) -> dict:
-    """Compile the training -> decode parameter relayout; return what is resident while sampling after it."""
+def _compile_relayout(compiler: Compiler, ctx, *, prefix: str, resident: dict, tensor_parallel: int | None) -> dict:
+    """Compile the training -> decode parameter relayout (onto the decode mesh of ``tensor_parallel``); return
+    what is resident while sampling after it."""
     import jax
     from flax import nnx
 
@@ -160,7 +170,7 @@ def _compile_relayout(compiler: Compiler, ctx, *, prefix: str, resident: dict) -
 
     # the relayout itself (once per rollout phase): training params in, sampling copy out
     def relayout_fn(p):
-        return nnx.to_pure_dict(nnx.state(sampling_layout(nnx.merge(ctx.graphdef, p))))
+        return nnx.to_pure_dict(nnx.state(sampling_layout(nnx.merge(ctx.graphdef, p), tensor_parallel)))
 
     params = ctx.abstract_state["params"]
     compiler.compile(f"{prefix}sampling_layout", lambda: jax.jit(relayout_fn).lower(params),
@@ -168,11 +178,12 @@ def _compile_relayout(compiler: Compiler, ctx, *, prefix: str, resident: dict) -
     return {"during_sampling": resident, "train_params": params}
 
 
-def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, prefix: str, n: int,
+def _compile_prefill_and_decode(compiler: Compiler, ctx, graphdef, params, ids, mask, *, prefix: str, n: int,
                                 max_new_tokens: int, cache_dtype: str, resident: dict, relaid: bool,
                                 sequences: int | None) -> None:
-    """One prefill of the ``ids``/``mask`` prompts and one decode step (also from the training layout if
-    ``relaid``), for their FLOPs and bytes."""
+    """One prefill of the ``ids``/``mask`` prompts and one decode step of the decode model (``graphdef``, on
+    its decode mesh, and ``params``); also the step from the training layout if ``relaid``; for their FLOPs and
+    bytes."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -182,13 +193,13 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
     from ..models.decoder import init_cache
     from ..sharding import named_sharding
 
-    mesh, config = ctx.mesh, ctx.model_config
+    mesh, config = ids.sharding.mesh, ctx.model_config  # the decode mesh
     rows, length = ids.shape
     total_rows = rows * n
     max_len = length + max_new_tokens
 
     def prefill(p, prompt_ids, prompt_mask):
-        model = nnx.merge(ctx.graphdef, p)
+        model = nnx.merge(graphdef, p)
         return model.prefill(prompt_ids, prompt_mask, init_cache(model.config, rows, max_len, cache_dtype))
 
     compiler.compile(f"{prefix}prefill", lambda: jax.jit(prefill).lower(params, ids, mask),
@@ -197,34 +208,43 @@ def _compile_prefill_and_decode(compiler: Compiler, ctx, params, ids, mask, *, p
 
     cache_shapes = jax.eval_shape(lambda: init_cache(config, total_rows, max_len, cache_dtype))
 
-    def cache_sharding(leaf):
-        axes = {5: ("layers", "batch", "kv_heads", "length", "head_dim"), 2: ("batch", "length")}.get(leaf.ndim)
-        return named_sharding(axes or (), mesh, shape=leaf.shape if axes else None)
+    def decode_inputs(on):
+        """The decode step's tokens and cache on mesh ``on``."""
 
-    cache = jax.tree.map(lambda leaf: sds(leaf.shape, leaf.dtype, cache_sharding(leaf)), cache_shapes)
-    tokens = sds((total_rows,), jnp.int32, named_sharding(("batch",), mesh))
+        def cache_sharding(leaf):
+            axes = {5: ("layers", "batch", "kv_heads", "length", "head_dim"), 2: ("batch", "length")}.get(leaf.ndim)
+            return named_sharding(axes or (), on, shape=leaf.shape if axes else None)
 
-    def decode(p, token, kv):
-        return nnx.merge(ctx.graphdef, p).decode(token, kv)
+        return (sds((total_rows,), jnp.int32, named_sharding(("batch",), on, shape=(total_rows,))),
+                jax.tree.map(lambda leaf: sds(leaf.shape, leaf.dtype, cache_sharding(leaf)), cache_shapes))
+
+    tokens, cache = decode_inputs(mesh)
+
+    def decoder(graph):
+        return lambda p, token, kv: nnx.merge(graph, p).decode(token, kv)
+
+    decode = decoder(graphdef)
 
     decode_flops = total_rows * generation_flops(config, max_len, 1, prefill=False)
     compiler.compile(f"{prefix}decode_step", lambda: jax.jit(decode, donate_argnums=2).lower(params, tokens, cache),
                      model_flops=decode_flops, resident=resident,
                      note=f"{total_rows} rows, one token against a {max_len}-slot cache (cache donated)")
-    _compile_paged_decode(compiler, ctx, params, prefix=prefix, slots=total_rows, prompt_length=length,
+    _compile_paged_decode(compiler, ctx, graphdef, params, prefix=prefix, slots=total_rows, prompt_length=length,
                           max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, resident=resident,
                           sequences=sequences)
-    if relaid:  # the same step from the training layout: what the decode layout saves per token
+    if relaid:  # the same step from the training layout (and mesh): what the decode layout saves per token
+        train_tokens, train_cache = decode_inputs(ctx.mesh)
         compiler.compile(f"{prefix}decode_step[train_layout]",
-                         lambda: jax.jit(decode, donate_argnums=2).lower(ctx.abstract_state["params"], tokens,
-                                                                         cache),
+                         lambda: jax.jit(decoder(ctx.graphdef), donate_argnums=2).lower(
+                             ctx.abstract_state["params"], train_tokens, train_cache),
                          model_flops=decode_flops, resident=resident["during_sampling"],
                          note="decode_step with the FSDP training parameters, for comparison")
 
 
-def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots: int, prompt_length: int,
+def _compile_paged_decode(compiler: Compiler, ctx, graphdef, params, *, prefix: str, slots: int, prompt_length: int,
                           max_new_tokens: int, cache_dtype: str, resident: dict, sequences: int | None) -> None:
-    """One decode step of the paged engine (``sampling.engine: paged``) with as many slots as the static engine
+    """One decode step of the paged engine (``sampling.engine: paged``) of the decode model (``graphdef`` on its
+    decode mesh, ``params``) with as many slots as the static engine
     has rows and its default pool (the static cache's size, its pages split over the data-parallel shards),
     with the decode attention ``sampling.paged_attention: auto`` picks for the platform (JAX's Pallas TPU or
     GPU paged-attention kernel): page tables as wide as the longest sequence
@@ -244,13 +264,13 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
     from .report import device_bytes
     from .rollout import modelled_rollout
 
-    mesh, config = ctx.mesh, ctx.model_config
+    abstract_model = nnx.merge(graphdef, params)
+    mesh, config = abstract_model.mesh, ctx.model_config
     page_size = paged.DEFAULT_PAGE_SIZE
     per_sequence = -(-prompt_length // page_size) + -(-max_new_tokens // page_size)
     shards = data_parallel_size(mesh)
     num_pages = shards * (1 + slots // shards * per_sequence)  # the engine's default pool
     pool_shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-    abstract_model = nnx.merge(ctx.graphdef, ctx.abstract_state["params"])
     layer_pool = paged.pool_sharding(abstract_model, slots, pool_shape)
     implementation = paged.resolve_paged_attention("auto", abstract_model.platform, config.head_dim)
     pool = tuple(sds(pool_shape, jnp.dtype(cache_dtype), layer_pool) for _ in range(config.num_layers))
@@ -258,7 +278,7 @@ def _compile_paged_decode(compiler: Compiler, ctx, params, *, prefix: str, slots
     vector = sds((slots,), jnp.int32, rows)
 
     def step(p, pool_k, pool_v, tokens, positions, write_page, write_offset, page_table, lengths):
-        model = nnx.merge(ctx.graphdef, p)
+        model = nnx.merge(graphdef, p)
         return paged.decode_step(model, paged.per_layer_weights(model, None), pool_k, pool_v, tokens,
                                  positions=positions, write_page=write_page, write_offset=write_offset,
                                  page_table=page_table, lengths=lengths, implementation=implementation)
@@ -325,4 +345,5 @@ def compile_pipeline(compiler: Compiler, config, mesh) -> None:
         compile_sampler(compiler, ctx, model, prefix="probe/", prompts=probe.prompt_limit,
                         batch_size=probe.sampling.batch_size, n=probe.sampling.n,
                         prompt_length=probe.max_prompt_length, max_new_tokens=probe.sampling.max_new_tokens,
-                        temperature=probe.sampling.temperature, resident=without_params(state))
+                        temperature=probe.sampling.temperature, resident=without_params(state),
+                        tensor_parallel=probe.sampling.tensor_parallel)
