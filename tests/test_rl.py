@@ -161,6 +161,14 @@ def test_grpo_raises_a_controlled_reward_and_logs_everything(workdir):
     assert (result.output_dir / "rl.png").exists() and (result.final_dir / "config.json").exists()
 
 
+def test_rollouts_decode_tensor_parallel_while_the_update_stays_fsdp(workdir):
+    """sampling.tensor_parallel=2 on the 8-device fsdp mesh: rollouts decode on (fsdp 4, tensor 2), the
+    updates on fsdp 8, and the sampler's log-probs are the trainer's (same distribution: T=1)."""
+    config = _config(workdir, "decode_tp", "train.max_steps=2", "sampling.tensor_parallel=2")
+    metrics = run_rl(config, reward_fn=contains_target, progress=False).metrics
+    assert len(metrics) == 2 and max(r["logprob_mismatch_abs"] for r in metrics) < 1e-4
+
+
 def test_kl_penalty_keeps_the_policy_near_the_reference(workdir):
     def final_kls(kl_coef, out):
         config = _config(workdir, out, "train.max_steps=10", "optimizer.learning_rate=1e-2",
