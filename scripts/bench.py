@@ -681,7 +681,7 @@ def cpu_rollout(args, model) -> dict:
     that many tokens and ``--rollout-slots`` slots.
     """
     from sftrl_jax.aot.rollout import LENGTH_SEED, lognormal_lengths
-    from sftrl_jax.paged import DEFAULT_PAGE_SIZE
+    from sftrl_jax.paged import DEFAULT_PAGE_SIZE, resolve_paged_attention
     from sftrl_jax.sampling import generate, kv_bytes_per_token
 
     smoke = args.smoke
@@ -702,7 +702,8 @@ def cpu_rollout(args, model) -> dict:
     out: dict = {"requests": requests, "prompt": prompt_len, "cap": cap, "mean_length": float(lengths.mean()),
                  "useful_tokens": int(lengths.sum()), "kv_budget_tokens": budget_tokens,
                  "kv_bytes_per_token": kv_bytes_per_token(model), "page_size": page_size, "num_pages": num_pages,
-                 "static_batch": batch, "paged_slots": slots}
+                 "static_batch": batch, "paged_slots": slots,
+                 "paged_attention": resolve_paged_attention("auto", model.platform, model.config.head_dim)}
     # warm-up (compilation) on a share of the requests, one of them at the cap (the shapes the run compiles)
     warm = min(requests, 2 * slots)
     warm_limits = [cap] + lengths[1:warm].tolist()

@@ -161,6 +161,7 @@ def test_grpo_raises_a_controlled_reward_and_logs_everything(workdir):
     assert (result.output_dir / "rl.png").exists() and (result.final_dir / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_rollouts_decode_tensor_parallel_while_the_update_stays_fsdp(workdir):
     """sampling.tensor_parallel=2 on the 8-device fsdp mesh: rollouts decode on (fsdp 4, tensor 2), the
     updates on fsdp 8, and the sampler's log-probs are the trainer's (same distribution: T=1)."""
