@@ -91,11 +91,16 @@ def test_sft_step_compiles_for_a_tpu_slice(tiny_model, tmp_path, capsys):
     assert functions["sft/train_step"]["alias_bytes"] > 0  # the train state is donated
 
 
+@pytest.fixture(scope="module")
+def tiny_rl_on_v5e_4(tiny_model):
+    """The tiny RL config compiled for v5e-4 (compiled once for the tests that read it)."""
+    return aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", _overrides(tiny_model))
+
+
 @pytest.mark.slow
 @needs_libtpu
-def test_rl_functions_compile_for_a_tpu_slice(tiny_model):
-    result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", _overrides(tiny_model))
-    functions = _by_name(result)
+def test_rl_functions_compile_for_a_tpu_slice(tiny_rl_on_v5e_4):
+    functions = _by_name(tiny_rl_on_v5e_4)
     assert {"rl/policy_update", "rl/logprobs", "rl/generate", "rl/prefill", "rl/decode_step"} <= set(functions)
     for f in functions.values():
         if f["name"] != "rl/sampling_layout":  # a relayout: copies, no FLOPs
@@ -107,12 +112,13 @@ def test_rl_functions_compile_for_a_tpu_slice(tiny_model):
 
 @pytest.mark.slow
 @needs_libtpu
-def test_sampling_tensor_parallel_compiles_the_sampler_on_the_decode_mesh(tiny_model):
+def test_sampling_tensor_parallel_compiles_the_sampler_on_the_decode_mesh(tiny_model, tiny_rl_on_v5e_4):
     """sampling.tensor_parallel=2 on v5e-4 (mesh fsdp 4): the sampler's programs and the modelled rollout are
     those of a (fsdp 2, tensor 2) mesh of the same chips: half the data-parallel shards, each chip reading
     about half the weights per decode step; the training step keeps its mesh."""
-    default, parallel = (aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", [*_overrides(tiny_model), *extra])
-                         for extra in ([], ["sampling.tensor_parallel=2"]))
+    default = tiny_rl_on_v5e_4
+    parallel = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4",
+                               [*_overrides(tiny_model), "sampling.tensor_parallel=2"])
     before, after = default["rollouts"]["rl"], parallel["rollouts"]["rl"]
     assert (before["shards"], after["shards"]) == (4, 2)
     assert after["weight_bytes"] < 0.6 * before["weight_bytes"]
