@@ -20,19 +20,6 @@ from hf_checkpoints import FAMILIES, make_hf_checkpoint  # noqa: E402
 def pytest_sessionstart(session):
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (set before jax is imported)"
 
-
-# The files that take longest (about a minute or more each on 2 cores), longest first. Collected first, they
-# start first under `-n 2 --dist loadfile`, which hands each worker the next file as it frees up, so the two
-# workers finish at about the same time instead of one running a long file alone at the end.
-LONGEST_FILES = ("test_kill.py", "test_repro_mixed.py", "test_demo_coupling.py", "test_aot.py", "test_rl.py",
-                 "test_demo.py", "test_bench.py", "test_multihost.py", "test_paged_engine.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """``hf_checkpoint(name)`` -> directory of a tiny random HF checkpoint (built once per session)."""
