@@ -20,6 +20,7 @@ from hf_checkpoints import FAMILIES, make_hf_checkpoint  # noqa: E402
 def pytest_sessionstart(session):
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (set before jax is imported)"
 
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """``hf_checkpoint(name)`` -> directory of a tiny random HF checkpoint (built once per session)."""
