@@ -132,6 +132,7 @@ def test_sampling_tensor_parallel_compiles_the_sampler_on_the_decode_mesh(tiny_m
         aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", [*_overrides(tiny_model), "sampling.tensor_parallel=4"])
 
 
+@pytest.mark.slow
 @needs_libtpu
 @pytest.mark.parametrize("method", ["chord", "gspo"])
 def test_the_compiled_update_takes_the_methods_own_inputs(tiny_model, method):
@@ -166,6 +167,7 @@ def test_paged_decode_step_compiles_the_tpu_kernel(tmp_path):
     assert rollout["static"]["decode_steps"] >= rollout["paged"]["decode_steps"]
 
 
+@pytest.mark.slow
 @needs_cuda_plugin
 def test_sft_and_rl_compile_for_a_gpu(tiny_model):
     sft = _by_name(aot.compile_run(ROOT / "configs/tiny_sft.yaml", "1xh100", _overrides(tiny_model)))
