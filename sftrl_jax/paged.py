@@ -313,7 +313,8 @@ def pool_attention(model: Decoder, lengths, page_table, ranks, readers: int):
     nothing: each page's keys meet the queries of the slots that read it, masked to each reader's
     ``lengths``, and each slot's softmax is assembled from its pages' maxima, sums and weighted values
     (scatter-max and scatter-adds over the readers). Work and bytes are the pool's size whatever the
-    slots' lengths: the choice on CPU, where a gather's copy costs more than reading free pages.
+    slots' lengths: the choice on CPU, where a gather's copy costs more than reading free pages (a
+    bfloat16 pool is still read as float32, as dense attention on CPU reads its cache).
 
     Slot ``s`` reads its first ``ceil(lengths[s] / page_size)`` pages of ``page_table [S, bound]``. A page
     is read by one sample alone, or (a prompt's full page) by that prompt's samples, all at the same

@@ -252,7 +252,7 @@ def render_bench_rollout(result: dict) -> str:
         f"{1e3 * static['seconds'] / static['decode_steps']:.1f} ms | "
         f"{static['kv_bytes_read_per_useful_token'] / 1e6:.2f} MB | – |",
         f"| paged (`sampling.engine: paged`, {r['paged_slots']} slots, "
-        f"`paged_attention: {r.get('paged_attention', 'gather')}`) | {paged['useful_tokens_per_s']:.1f} | "
+        f"`paged_attention: {r['paged_attention']}`) | {paged['useful_tokens_per_s']:.1f} | "
         f"{paged['slot_utilisation']:.1%} | {paged['decode_steps']} | "
         f"{1e3 * paged['seconds'] / paged['decode_steps']:.1f} ms | "
         f"{paged['kv_bytes_read_per_useful_token'] / 1e6:.2f} MB | {paged['max_pages_in_use']} of "
