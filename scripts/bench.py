@@ -156,8 +156,8 @@ def sft_batch(config, rows: int, length: int, seed: int = 0):
 def sft_step_spec(model, shape, *, mesh, learning_rate=1e-5):
     """The SFT trainer's own ``train_step`` declaration (:func:`sftrl_jax.sft.step.sft_functions`) for ``model``
     on ``mesh`` and batches of ``shape`` = (micro-steps, rows, length), AdamW with clipping; and its context."""
+    from sftrl_jax.config import OptimizerOptions
     from sftrl_jax.models import ModelOptions
-    from sftrl_jax.optim import OptimizerOptions
     from sftrl_jax.sft import SFTConfig
     from sftrl_jax.sft.config import SFTDataSection, SFTTrainSection
     from sftrl_jax.sft.step import sft_functions

@@ -30,7 +30,6 @@ import yaml
 from .distributed import DistributedOptions
 from .layout import layout
 from .models.options import ModelOptions  # the model: section (defined with the builders)
-from .optim import OptimizerOptions
 
 T = TypeVar("T")
 
@@ -480,6 +479,25 @@ class CheckpointOptions:
     async_save: bool = True
 
     _ranges = {"save_every": ">= 0", "keep_last": ">= 1"}
+
+
+@dataclasses.dataclass
+class OptimizerOptions:
+    """The ``optimizer:`` section: AdamW with warmup + decay schedules and global-norm clipping
+    (:mod:`sftrl_jax.optim` builds it)."""
+
+    learning_rate: float = 5e-5
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # final lr = learning_rate * min_lr_ratio (cosine / linear)
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+    _ranges = {"learning_rate": "> 0", "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": ">= 0",
+               "adam_b1": "[0, 1)", "adam_b2": "[0, 1)", "adam_eps": "> 0", "max_grad_norm": ">= 0"}
 
 
 def describe(cls, prefix: str = "", instance=None) -> list[tuple[str, str, str]]:

@@ -7,29 +7,13 @@ float32 parameters with ``compute_dtype: bfloat16`` when memory allows).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-
-@dataclasses.dataclass
-class OptimizerOptions:
-    learning_rate: float = 5e-5
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.0  # final lr = learning_rate * min_lr_ratio (cosine / linear)
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 disables clipping
-
-    _ranges = {"learning_rate": "> 0", "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": ">= 0",
-               "adam_b1": "[0, 1)", "adam_b2": "[0, 1)", "adam_eps": "> 0", "max_grad_norm": ">= 0"}
+from .config import OptimizerOptions
 
 
 def make_schedule(options: OptimizerOptions, total_steps: int) -> optax.Schedule:

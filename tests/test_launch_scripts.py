@@ -255,6 +255,16 @@ def test_launchers_take_the_command_from_the_configs_kind(fakes, tmp_path):
 
 
 @pytest.mark.slow
+def test_reading_a_config_imports_no_jax():
+    """The launchers read each config's kind with ``read_yaml`` before anything runs: that needs no JAX (nor
+    flax, optax or orbax), so it takes a fraction of a second on a TPU VM's or login node's Python."""
+    code = ("import sys\nfrom sftrl_jax.config import read_yaml\n"
+            f"assert read_yaml({TPU_CONFIG!r})['kind'] == 'rl'\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 def test_launchers_refuse_a_config_without_a_kind(fakes, tmp_path):
     env, log = fakes
     files = _kind_configs(tmp_path)

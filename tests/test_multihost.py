@@ -38,7 +38,9 @@ def _free_port() -> int:
 def _launch(root: Path, *args: Path) -> list[str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SFTRL_JAX_", "JAX_COORDINATOR"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu",
+    # the workers' device count, at the tests' XLA optimisation level (conftest.py)
+    flags = f"--xla_force_host_platform_device_count={LOCAL_DEVICES} --xla_backend_optimization_level=0"
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                SFTRL_JAX_COORDINATOR_ADDRESS=f"localhost:{port}", SFTRL_JAX_NUM_PROCESSES=str(PROCESSES))
     procs = []
     for index in range(PROCESSES):
@@ -129,8 +131,8 @@ def test_cooperative_checkpoint_restores_onto_smaller_meshes(runs):
 
 def _abstract_state(model_dir: Path, mesh):
     """ShapeDtypeStructs of a train state on ``mesh`` (the restore target)."""
-    from sftrl_jax.config import ModelOptions
-    from sftrl_jax.optim import OptimizerOptions, make_optimizer
+    from sftrl_jax.config import ModelOptions, OptimizerOptions
+    from sftrl_jax.optim import make_optimizer
     from sftrl_jax.training import init_train_state
 
     optimizer, _ = make_optimizer(OptimizerOptions(), 3)

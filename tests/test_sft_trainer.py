@@ -11,12 +11,12 @@ import pytest
 from hf_checkpoints import hf_logits, load_hf
 from sft_fixtures import luffy_rows, make_model_dir, write_parquet
 from sftrl_jax.cli import main
-from sftrl_jax.config import ConfigError, load_config
+from sftrl_jax.config import ConfigError, OptimizerOptions, load_config
 from sftrl_jax.data.batching import EpochSampler
 from sftrl_jax.flops import train_flops
 from sftrl_jax.models import ModelConfig, load_pretrained, load_tokenizer, read_config
 from sftrl_jax.models.config import require_positions
-from sftrl_jax.optim import OptimizerOptions, apply_update, init_opt_state, make_optimizer, make_schedule
+from sftrl_jax.optim import apply_update, init_opt_state, make_optimizer, make_schedule
 from sftrl_jax.sft import NonFiniteLossError, SFTConfig, run_sft
 from sftrl_jax.sft.trainer import load_examples
 

@@ -39,8 +39,8 @@ def test_logical_rules_map_to_mesh_axes():
 def test_fsdp_shards_parameters_and_optimizer_state(hf_checkpoint):
     """Per-device bytes of params + AdamW state with fsdp=8 are at most 1/7 of a replicated (data=8) layout,
     and every Adam moment is sharded exactly like its parameter."""
-    from sftrl_jax.config import ModelOptions
-    from sftrl_jax.optim import OptimizerOptions, make_optimizer
+    from sftrl_jax.config import ModelOptions, OptimizerOptions
+    from sftrl_jax.optim import make_optimizer
     from sftrl_jax.training import init_train_state
 
     optimizer, _ = make_optimizer(OptimizerOptions(weight_decay=0.1), 10)  # weight decay: a masked state too

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..config import RewardOptions, SamplingOptions, TrainingRunConfig
+from ..config import OptimizerOptions, RewardOptions, SamplingOptions, TrainingRunConfig
 from ..data.prompts import PromptDataOptions
 from ..layout import layout
-from ..optim import OptimizerOptions
 
 
 @dataclasses.dataclass
