@@ -35,7 +35,7 @@ log = logging.getLogger("sftrl_jax.demo")
 KEYS = ("probe_sft_loss", "probe_reward")
 EXTRA = {"full": {"splits": {"heldout": 256, "probe": 128}, "seeds": [0, 1], "probe_every": 10,
                   "second_sft_steps": 60, "second_sft_lr": 5e-4},
-         "quick": {"splits": {"heldout": 32, "probe": 16}, "seeds": [0], "probe_every": 2,
+         "quick": {"splits": {"heldout": 32, "probe": 16}, "seeds": [0], "probe_every": 10,
                    "first_sft_steps": 40, "second_sft_steps": 4, "second_sft_lr": 5e-4}}
 
 

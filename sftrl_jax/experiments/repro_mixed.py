@@ -74,8 +74,8 @@ PRETRAIN = {"documents": 20000,
 # minutes on 2 CPU cores).
 EXTRA = {"full": {"seeds": [0, 1, 2], "sft_steps": 300, "rl_steps": 20, "rl_prompts_per_step": 16,
                   "truncated_rl_steps": 4, "curve_every": 10, "pretrain_documents": 20000, "pretrain_steps": 1000},
-         "quick": {"seeds": [0], "sft_steps": 10, "rl_steps": 2, "rl_prompts_per_step": 4, "truncated_rl_steps": 1,
-                   "curve_every": 2, "pretrain_documents": 1000, "pretrain_steps": 30}}
+         "quick": {"seeds": [0], "sft_steps": 4, "rl_steps": 2, "rl_prompts_per_step": 4, "truncated_rl_steps": 1,
+                   "curve_every": 5, "pretrain_documents": 1000, "pretrain_steps": 30}}
 BASES = ("pretrained", "random")
 
 
