@@ -46,6 +46,11 @@ class Sample:
     stop_reason: Literal["eos", "length"]  # "length": the request's token limit was reached
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """The model's logits were NaN or infinite where a token was drawn (weights that overflow in the compute
+    dtype, or broken in memory): the token means nothing, so generation stops rather than score it."""
+
+
 def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """float32 logits of the sampling distribution (temperature, then top-k, then top-p).
 
@@ -374,10 +379,19 @@ def generation_metrics(stats: dict, prefix: str = "") -> dict:
 def finish_sample(prompt_index: int, tokens: np.ndarray, logprobs: np.ndarray, limit: int,
                   eos_ids: Sequence[int]) -> Sample:
     """The sample from a row of generated ``tokens``: up to and including its first stop id, else its
-    first ``limit`` tokens (stop reason ``length``)."""
+    first ``limit`` tokens (stop reason ``length``).
+
+    A token's log-prob is finite exactly when the logits it was drawn from are (the filters set finite
+    values), so a non-finite one raises :class:`NonFiniteLogitsError`."""
     tokens, logprobs = tokens[:limit], logprobs[:limit]
     hits = np.flatnonzero(np.isin(tokens, eos_ids))
     end = int(hits[0]) + 1 if hits.size else limit
+    broken = np.flatnonzero(~np.isfinite(logprobs[:end]))
+    if broken.size:
+        raise NonFiniteLogitsError(
+            f"sampling: the model's logits are NaN or infinite at new token {int(broken[0])} of a sample of "
+            f"prompt {prompt_index} (0-based, in this call's prompts); generation stopped. Check the weights "
+            "(model.path) and model.compute_dtype")
     return Sample(prompt_index=prompt_index, tokens=tokens[:end].tolist(), logprobs=logprobs[:end].tolist(),
                   stop_reason="eos" if hits.size else "length")
 

@@ -159,6 +159,26 @@ def test_a_nan_in_a_weight_file_stops_the_load_naming_tensor_and_file(hf_checkpo
     assert "\n" not in str(err.value) and "non-finite" in str(err.value)
 
 
+def test_logits_that_overflow_stop_the_eval_before_anything_is_graded(model_dir, tmp_path):
+    """Finite weights that overflow the activations (a final norm scaled to float32's largest value) give NaN
+    logits: the evaluation stops naming the prompt, and writes no completion and no results."""
+    from safetensors.numpy import load_file, save_file
+
+    from sftrl_jax.sampling import NonFiniteLogitsError
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"][:] = np.finfo(np.float32).max
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    config = _eval_config(model, _jsonl(tmp_path / "plain.jsonl", _plain_rows()), out, "sampling.max_new_tokens=4")
+    with pytest.raises(NonFiniteLogitsError, match="NaN or infinite at new token 0 of a sample of prompt 0 "):
+        run_eval(config, progress=False)
+    assert not (out / "results.json").exists()
+    generations = out / "generations.jsonl"
+    assert not generations.exists() or not generations.read_text().strip()
+
+
 # -------------------------------------------------------------------------------- unusable prompts
 
 

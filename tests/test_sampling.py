@@ -9,7 +9,7 @@ from flax import nnx
 
 from hf_checkpoints import load_hf
 from sftrl_jax.models import ModelConfig, ModelOptions, init_model, load_pretrained
-from sftrl_jax.sampling import filter_logits, generate, sampling_layout
+from sftrl_jax.sampling import NonFiniteLogitsError, filter_logits, generate, sampling_layout
 from sftrl_jax.sharding import decode_mesh, make_mesh
 
 pytestmark = pytest.mark.usefixtures("module_xla_cache")  # runs of one shape compile once
@@ -92,6 +92,23 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
         logprobs = np.concatenate([s.logprobs for s in samples])
         np.testing.assert_allclose(logprobs, np.log(renormalised)[np.searchsorted(sorted(allowed), emitted)],
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["static", "paged"])
+def test_non_finite_logits_stop_generation_naming_the_prompt(engine):
+    """A NaN that reaches the logits of one prompt's samples (here token 7's embedding, in memory: a weight
+    file with one is refused when it loads) stops generation, naming that prompt, instead of drawing tokens
+    from it; the same call without that prompt runs."""
+    model = controlled_model(np.array([0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1, 1e-9], np.float32))  # 7: never drawn
+    graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
+    params["embed"] = params["embed"].at[7].set(jnp.nan)
+    model = nnx.merge(graphdef, params)
+    kwargs = dict(max_new_tokens=4, temperature=1.0, eos_token_id=[], n=2, engine=engine)
+    with pytest.raises(NonFiniteLogitsError, match=r"NaN or infinite at new token 0 of a sample of prompt 1 "):
+        generate(model, [[1, 2, 3], [4, 7, 5], [6, 6]], **kwargs)
+    with pytest.raises(NonFiniteLogitsError, match="prompt 0 "):
+        generate(model, [[7]], **{**kwargs, "temperature": 0.0})  # greedy too
+    assert all(len(s.tokens) == 4 for s in generate(model, [[1, 2, 3], [6, 6]], **kwargs))
 
 
 @pytest.mark.slow
