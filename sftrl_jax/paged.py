@@ -268,24 +268,52 @@ def paged_store(model: Decoder, pool_k, pool_v, write_page, write_offset, read_p
     return store
 
 
+def tpu_megacore_mode(cores: int, slots: int, kv_heads: int) -> str | None:
+    """How JAX's TPU paged-attention kernel splits a decode step over a chip's TensorCores (its
+    ``megacore_mode``), from a device's ``cores`` and the ``slots`` and ``kv_heads`` one device holds. A
+    megacore chip (v4, v5p: two TensorCores as one JAX device) gives each core half of the kv heads where
+    their number is even (equal work), else half of the slots where theirs is; a chip of one TensorCore
+    (v5e, v6e), or neither even: None, the whole step on one core."""
+    if cores < 2:
+        return None
+    if kv_heads % 2 == 0:
+        return "kv_head"
+    return "batch" if slots % 2 == 0 else None
+
+
+def tensor_cores(model: Decoder) -> int:
+    """TensorCores per JAX device of ``model``'s mesh (``num_cores`` of a TPU device, or of an abstract mesh's
+    device; 1 elsewhere and without a mesh)."""
+    mesh = model.mesh
+    devices = getattr(mesh, "devices", None)
+    device = devices.flat[0] if devices is not None else getattr(mesh, "abstract_device", None)
+    return int(getattr(device, "num_cores", None) or 1)
+
+
 def kernel_attention(model: Decoder, lengths, page_table, kernel: str):
     """``attend(q, pool_k, pool_v)`` for one decode step: JAX's Pallas paged-attention ``kernel`` (``pallas_tpu``
     or ``pallas_gpu``) over each slot's ``page_table [S, pages]`` row, its first ``lengths [S]`` tokens (the
     kernels read those pages only). q ``[S, 1, H, D]``. Off its platform the kernel runs interpreted. The TPU
     kernel loads keys and values as bfloat16 and computes in float32; the GPU kernel computes in the pool's
-    dtype with float32 accumulation."""
+    dtype with float32 accumulation. On a megacore TPU the TPU kernel splits each step over the chip's two
+    TensorCores (:func:`tpu_megacore_mode`)."""
     pages = page_table.shape[1]
     native = model.platform == KERNEL_PLATFORM[kernel]
+    cores = tensor_cores(model)
 
     def tpu(q, pool_k, pool_v, lengths, table):
         from jax.experimental.pallas import tpu as pltpu
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
+        megacore = tpu_megacore_mode(cores, q.shape[0], pool_k.shape[0])
         run = functools.partial(paged_attention, q, pool_k, pool_v, lengths, table,
-                                pages_per_compute_block=int(np.gcd(pages, KERNEL_BLOCK_PAGES)))
+                                pages_per_compute_block=int(np.gcd(pages, KERNEL_BLOCK_PAGES)),
+                                megacore_mode=megacore)
         if native:
             return run()
-        with pltpu.force_tpu_interpret_mode():
+        # the interpreter simulates the two cores a megacore split runs on (on one it waits forever on a copy
+        # the other core's iteration starts)
+        with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(num_cores_or_threads=2 if megacore else 1)):
             return run()
 
     def gpu(q, pool_k, pool_v, lengths, table):

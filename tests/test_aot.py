@@ -151,15 +151,21 @@ def test_the_compiled_update_takes_the_methods_own_inputs(tiny_model, method):
 
 @pytest.mark.slow
 @needs_libtpu
-@pytest.mark.slow
-def test_paged_decode_step_compiles_the_tpu_kernel(tmp_path):
+@pytest.mark.parametrize("topology,megacore", [("v5e-4", {None}), ("v5p-8", {"batch"})], ids=["v5e-4", "v5p-8"])
+def test_paged_decode_step_compiles_the_tpu_kernel(tmp_path, monkeypatch, topology, megacore):
     """With a head_dim of 128 the paged engine's decode step on TPU runs JAX's Pallas TPU paged-attention kernel,
-    and XLA:TPU compiles it; the compile also models both engines' generation time per RL step."""
+    and XLA:TPU compiles it: on v5e's one TensorCore per chip, and split over the slots on v5p's two (one kv
+    head); the compile also models both engines' generation time per RL step."""
+    from sftrl_jax import paged
+
+    modes, choose = [], paged.tpu_megacore_mode
+    monkeypatch.setattr(paged, "tpu_megacore_mode", lambda *a: modes.append(choose(*a)) or modes[-1])
     directory = tmp_path / "model"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(dict(TINY, hidden_size=256, num_attention_heads=2,
                                                            num_key_value_heads=1)))
-    result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", "v5e-4", _overrides(str(directory)))
+    result = aot.compile_run(ROOT / "configs/tiny_rl.yaml", topology, _overrides(str(directory)))
+    assert set(modes) == megacore
     step = _by_name(result)["rl/paged_decode_step"]
     assert step["fits"] and step["note"].endswith("decode attention: pallas_tpu")
     rollout = result["rollouts"]["rl"]

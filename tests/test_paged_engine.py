@@ -162,6 +162,42 @@ def test_kernel_attention_matches_the_gather_path(hf_checkpoint, kernel, devices
                                atol=2e-6 if kernel == "pallas_tpu" else 2e-2)
 
 
+def test_megacore_mode_splits_the_kv_heads_or_else_the_slots():
+    assert paged.tpu_megacore_mode(1, slots=8, kv_heads=2) is None  # v5e, v6e: one TensorCore
+    assert paged.tpu_megacore_mode(2, slots=8, kv_heads=2) == "kv_head"  # v4, v5p: equal halves of the heads
+    assert paged.tpu_megacore_mode(2, slots=8, kv_heads=1) == "batch"
+    assert paged.tpu_megacore_mode(2, slots=7, kv_heads=1) is None
+    assert paged.tensor_cores(type("M", (), {"mesh": make_mesh({"fsdp": 8})})()) == 1  # CPU devices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_heads,devices,mode", [(2, 1, "kv_head"), (1, 1, "batch"), (1, 8, "batch")])
+def test_tpu_kernel_on_two_tensor_cores_matches_the_gather_path(hf_checkpoint, monkeypatch, kv_heads, devices,
+                                                                  mode):
+    """The TPU kernel split over a megacore chip's two TensorCores (v4, v5p; interpret mode here) gives the gather
+    path's attention: split over the kv heads (2), or over the slots where a device holds one kv head (16 slots
+    on 1 device, 2 per shard on 8)."""
+    model = model_on(hf_checkpoint, devices)
+    monkeypatch.setattr(paged, "tensor_cores", lambda _: 2)
+    chosen = []
+    choose = paged.tpu_megacore_mode
+    monkeypatch.setattr(paged, "tpu_megacore_mode", lambda *a: chosen.append(choose(*a)) or chosen[-1])
+    slots, bound = 16, 4
+    pool_k, pool_v = _random_pools(2, kv_heads=kv_heads)
+    shard_pages = pool_k.shape[1] // devices
+    table = np.stack([np.random.default_rng(s).permutation(np.arange(1, shard_pages))[:bound] % shard_pages
+                      for s in range(slots)]).astype(np.int32)
+    lengths = np.random.default_rng(3).integers(1, bound * 4 + 1, slots).astype(np.int32)
+    q = jax.random.normal(jax.random.key(4), (slots, 1, 4, 16), jnp.float32)
+    if devices > 1:
+        pool_k, pool_v = (jax.device_put(p, paged.pool_sharding(model, slots, p.shape)) for p in (pool_k, pool_v))
+    out = jax.jit(lambda q, k, v, n, t: paged.kernel_attention(model, n, t, "pallas_tpu")(q, k, v))(
+        q, pool_k, pool_v, lengths, table)
+    assert chosen == [mode]
+    np.testing.assert_allclose(np.asarray(out), _gathered_attention(q, pool_k, pool_v, table, lengths, devices),
+                               atol=2e-6)
+
+
 def _gathered_attention(q, pool_k, pool_v, table, lengths, devices):
     """The reference: each slot's pages gathered from its shard's block of the pools (the gather path's keys and
     values), then dense attention masked to the slot's length."""
