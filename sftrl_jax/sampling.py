@@ -381,8 +381,8 @@ def finish_sample(prompt_index: int, tokens: np.ndarray, logprobs: np.ndarray, l
     """The sample from a row of generated ``tokens``: up to and including its first stop id, else its
     first ``limit`` tokens (stop reason ``length``).
 
-    A token's log-prob is finite exactly when the logits it was drawn from are (the filters set finite
-    values), so a non-finite one raises :class:`NonFiniteLogitsError`."""
+    A token's log-prob is NaN or infinite whenever the logits it was drawn from hold a NaN or a +inf (a -inf
+    logit is only a token that cannot be drawn), so a non-finite one raises :class:`NonFiniteLogitsError`."""
     tokens, logprobs = tokens[:limit], logprobs[:limit]
     hits = np.flatnonzero(np.isin(tokens, eos_ids))
     end = int(hits[0]) + 1 if hits.size else limit
