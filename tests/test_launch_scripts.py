@@ -254,7 +254,6 @@ def test_launchers_take_the_command_from_the_configs_kind(fakes, tmp_path):
     assert words[words.index("sftrl_jax.cli") + 1] == "eval"
 
 
-@pytest.mark.slow
 def test_reading_a_config_imports_no_jax():
     """The launchers read each config's kind with ``read_yaml`` before anything runs: that needs no JAX (nor
     flax, optax or orbax), so it takes a fraction of a second on a TPU VM's or login node's Python."""
@@ -265,6 +264,7 @@ def test_reading_a_config_imports_no_jax():
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_launchers_refuse_a_config_without_a_kind(fakes, tmp_path):
     env, log = fakes
     files = _kind_configs(tmp_path)

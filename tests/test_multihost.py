@@ -38,9 +38,10 @@ def _free_port() -> int:
 def _launch(root: Path, *args: Path) -> list[str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SFTRL_JAX_", "JAX_COORDINATOR"))}
-    # the workers' device count, at the tests' XLA optimisation level (conftest.py)
-    flags = f"--xla_force_host_platform_device_count={LOCAL_DEVICES} --xla_backend_optimization_level=0"
-    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+    # the workers' device count, with the tests' other XLA flags (conftest.py)
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env.update(XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"]),
+               JAX_PLATFORMS="cpu",
                SFTRL_JAX_COORDINATOR_ADDRESS=f"localhost:{port}", SFTRL_JAX_NUM_PROCESSES=str(PROCESSES))
     procs = []
     for index in range(PROCESSES):
